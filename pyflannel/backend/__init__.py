@@ -1,0 +1,1 @@
+"""How packets cross nodes: one interface (base.Backend), one module per backend, a registry by Type."""

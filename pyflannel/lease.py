@@ -1,0 +1,145 @@
+"""A subnet lease and its wire form, byte-compatible with upstream flannel.
+
+Key:   `10.12.13.0-24` or, dual-stack, `10.12.13.0-24&fd00:12:13::-56` (under `<prefix>/subnets/`).
+Value: `{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{...}}`, the field
+order of upstream's Go struct, with BackendType/BackendData/BackendV6Data omitted when empty.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+from .config import ci_get
+
+
+class LeaseError(ValueError):
+    """A lease key or value that cannot be decoded (for example garbage written by another node)."""
+
+
+_KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$")
+_UNSET4 = IPv4Address("0.0.0.0")
+
+
+@dataclass(frozen=True)
+class LeaseAttrs:
+    public_ip: IPv4Address | None = None
+    public_ipv6: IPv6Address | None = None
+    backend_type: str = ""
+    # Decoded JSON, None when absent. Kept as plain data so that unknown fields survive a round trip.
+    backend_data: Any = None
+    backend_v6_data: Any = None
+
+    def to_json(self) -> str:
+        obj: dict[str, Any] = {
+            "PublicIP": str(self.public_ip or _UNSET4),
+            "PublicIPv6": str(self.public_ipv6) if self.public_ipv6 else None,
+        }
+        if self.backend_type:
+            obj["BackendType"] = self.backend_type
+        if self.backend_data is not None:
+            obj["BackendData"] = self.backend_data
+        if self.backend_v6_data is not None:
+            obj["BackendV6Data"] = self.backend_v6_data
+        return json.dumps(obj, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LeaseAttrs:
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LeaseError(f"lease value is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise LeaseError("lease value is not a JSON object")
+        pub = ci_get(obj, "PublicIP")
+        pub6 = ci_get(obj, "PublicIPv6")
+        btype = ci_get(obj, "BackendType", "")
+        try:
+            ip4 = IPv4Address(pub) if pub not in (None, "") else None
+            ip6 = IPv6Address(pub6) if pub6 not in (None, "") else None
+        except (ValueError, TypeError):
+            raise LeaseError(f"lease value has a bad PublicIP/PublicIPv6: {pub!r} / {pub6!r}") from None
+        if ip4 == _UNSET4:
+            ip4 = None
+        if not isinstance(btype, str):
+            raise LeaseError(f"lease value has a non-string BackendType: {btype!r}")
+        return cls(
+            public_ip=ip4,
+            public_ipv6=ip6,
+            backend_type=btype or "",
+            backend_data=ci_get(obj, "BackendData"),
+            backend_v6_data=ci_get(obj, "BackendV6Data"),
+        )
+
+
+def make_subnet_key(sn: IPv4Network | None, sn6: IPv6Network | None) -> str:
+    # Upstream writes 0.0.0.0-0 for the IPv4 half of an IPv6-only lease.
+    v4 = f"{sn.network_address}-{sn.prefixlen}" if sn is not None else "0.0.0.0-0"
+    if sn6 is None:
+        return v4
+    return f"{v4}&{sn6.network_address}-{sn6.prefixlen}"
+
+
+def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """Parse the last path element of a lease key; raises LeaseError."""
+    m = _KEY_RE.match(key)
+    if not m:
+        raise LeaseError(f"not a subnet key: {key!r}")
+    try:
+        sn: IPv4Network | None = IPv4Network(f"{m.group(1)}/{m.group(2)}")
+        sn6 = IPv6Network(f"{m.group(3)}/{m.group(4)}") if m.group(3) else None
+    except ValueError as e:
+        raise LeaseError(f"not a subnet key: {key!r}: {e}") from None
+    assert sn is not None
+    if sn.prefixlen == 0:
+        sn = None
+    if sn is None and sn6 is None:
+        raise LeaseError(f"subnet key holds no subnet: {key!r}")
+    return sn, sn6
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Network | None
+    ipv6_subnet: IPv6Network | None
+    attrs: LeaseAttrs
+    # Unix time the lease expires; None for a reservation (a key with no etcd lease) or a kube node.
+    expiration: float | None = None
+    # Store-specific handle (etcd lease id), not part of the wire form.
+    store_lease_id: int = field(default=0, compare=False)
+
+    @property
+    def key(self) -> str:
+        return make_subnet_key(self.subnet, self.ipv6_subnet)
+
+    @property
+    def is_reservation(self) -> bool:
+        return self.expiration is None
+
+
+class EventType(enum.Enum):
+    ADDED = "added"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    type: EventType
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class LeaseSnapshot:
+    """The complete set of leases, sent first and after every re-list (compaction, reconnect).
+
+    The consumer diffs it against what it holds, so a lease that vanished while the watch was down is removed.
+    """
+
+    leases: tuple[Lease, ...]
+
+
+WatchUpdate = LeaseSnapshot | list[LeaseEvent]

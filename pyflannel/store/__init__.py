@@ -1,0 +1,1 @@
+"""Where leases live: one interface (base.Store), one module per store."""

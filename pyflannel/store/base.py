@@ -1,0 +1,44 @@
+"""The store interface: network config, our own lease, and a stream of everyone's leases."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from ..config import NetConfig
+from ..lease import Lease, LeaseAttrs, WatchUpdate
+from ..subnetenv import SubnetEnv
+
+
+class StoreError(RuntimeError):
+    """A store failure worth a clear message (unreachable, permission denied, ...)."""
+
+
+class SubnetExhaustedError(StoreError):
+    """Every subnet between SubnetMin and SubnetMax is taken."""
+
+
+class LeaseRevokedError(StoreError):
+    """Our own lease vanished from the store (deleted by hand or expired)."""
+
+
+class Store(ABC):
+    @abstractmethod
+    async def get_network_config(self) -> NetConfig:
+        """The cluster's net-conf.json, waiting (bounded by the caller) while it is absent."""
+
+    @abstractmethod
+    async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
+        """Take a subnet for this node in upstream's order (own PublicIP, previous subnet.env, random free)."""
+
+    @abstractmethod
+    async def renew_lease(self, lease: Lease) -> Lease:
+        """Extend our lease; raises LeaseRevokedError if it is gone."""
+
+    @abstractmethod
+    def watch_leases(self) -> AsyncIterator[WatchUpdate]:
+        """A LeaseSnapshot first and after every re-list, then batches of LeaseEvents. Never ends by itself;
+        survives compaction and lost connections (re-lists and sends a fresh snapshot)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
