@@ -1,0 +1,352 @@
+"""flanneld: wires config, store, backend, traffic rules and subnet.env together and runs the loops.
+
+Order at start (as upstream): network config -> external interface -> backend.prepare() (its attrs go into
+the lease) -> acquire lease -> backend.start() -> traffic rules -> subnet.env (the node is now ready) ->
+follow every lease. SIGTERM stops the loops but leaves the kernel as it is, so pods keep talking while the
+agent restarts; the restart reuses the same subnet (the lease carries our PublicIP) and re-applies the same
+entries, which the backends do without removing anything that is still right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from .backend.base import Backend, BackendError, ExternalInterface
+from .backend.registry import create_backend
+from .cli import Options
+from .config import ConfigError, NetConfig
+from .health import HealthServer
+from .iface import IfaceError, IfaceRequest, external_interface
+from .lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
+from .netlink import Netlink, NetlinkError
+from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
+from .store.etcd import EtcdOptions, EtcdStore
+from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
+
+log = logging.getLogger(__name__)
+
+# Failures that are the user's or the environment's, reported as one clear line rather than a traceback.
+FATAL = (ConfigError, IfaceError, BackendError, StoreError, NetlinkError)
+
+
+@dataclass
+class AgentConfig:
+    etcd: EtcdOptions
+    subnet_file: str
+    iface: IfaceRequest
+    ip_masq: bool = False
+    ip_masq_fully_random: bool = True
+    iptables_resync: float = 5.0
+    iptables_forward_rules: bool = True
+    ip_blackhole_route: bool = False
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    reconcile_interval: float = 5.0
+    config_wait: float = 0.0  # 0 = wait for <prefix>/config forever, as upstream does
+
+
+def agent_config_from_options(opts: Options) -> AgentConfig:
+    endpoints = [e.strip() for e in str(opts["etcd-endpoints"]).split(",") if e.strip()]
+    return AgentConfig(
+        etcd=EtcdOptions(
+            endpoints=endpoints,
+            prefix=opts["etcd-prefix"],
+            keyfile=opts["etcd-keyfile"] or None,
+            certfile=opts["etcd-certfile"] or None,
+            cafile=opts["etcd-cafile"] or None,
+            username=opts["etcd-username"] or None,
+            password=opts["etcd-password"] or None,
+            renew_margin=opts["subnet-lease-renew-margin"] * 60,
+        ),
+        subnet_file=opts["subnet-file"],
+        iface=IfaceRequest(
+            ifaces=tuple(opts["iface"]),
+            iface_regexes=tuple(opts["iface-regex"]),
+            can_reach=opts["iface-can-reach"],
+            public_ip=opts["public-ip"],
+            public_ipv6=opts["public-ipv6"],
+        ),
+        ip_masq=opts["ip-masq"],
+        ip_masq_fully_random=not opts["ip-masq-fully-random-disable"],
+        iptables_resync=opts["iptables-resync"],
+        iptables_forward_rules=opts["iptables-forward-rules"],
+        ip_blackhole_route=opts["ip-blackhole-route"],
+        healthz_ip=opts["healthz-ip"],
+        healthz_port=opts["healthz-port"],
+        reconcile_interval=opts["reconcile-interval"],
+    )
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    store: Store
+    netlink: Netlink
+    own: Lease | None = None
+    net: NetConfig | None = None
+    backend: Backend | None = None
+    peers: dict[str, Lease] = field(default_factory=dict)
+    synced: bool = False
+    ready_reason: str = "starting"
+
+    def readiness(self) -> tuple[bool, str]:
+        return (self.ready_reason == "", self.ready_reason)
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0, data plane kept) or a fatal error (exit 1, one clear line)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        health: HealthServer | None = None
+        if self.cfg.healthz_port:
+            health = HealthServer(self.cfg.healthz_ip, self.cfg.healthz_port, self.readiness)
+            try:
+                await health.start()
+            except OSError as e:
+                log.error("cannot serve health checks on %s:%d: %s", self.cfg.healthz_ip, self.cfg.healthz_port, e)
+                return 1
+        main = asyncio.create_task(self._main(), name="flanneld-main")
+        stopper = asyncio.create_task(stop.wait(), name="flanneld-stop")
+        try:
+            done, _ = await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                return self._exit_code(main)
+            log.info("Exiting cleanly: the kernel keeps this node's routes and rules for the next start")
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *FATAL):
+                await main
+            return 0
+        finally:
+            stopper.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if self.backend is not None:
+                with contextlib.suppress(Exception):
+                    await self.backend.close()
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            with contextlib.suppress(Exception):
+                await self.netlink.close()
+            if health is not None:
+                await health.close()
+
+    def _exit_code(self, main: asyncio.Task[None]) -> int:
+        exc = main.exception()
+        if exc is None:
+            return 0
+        if isinstance(exc, LeaseRevokedError):
+            log.error(
+                "Lease has been revoked: %s. Shutting down flanneld so that it acquires a new one on restart", exc
+            )
+        elif isinstance(exc, SubnetExhaustedError):
+            log.error("failed to acquire a lease: %s", exc)
+        elif isinstance(exc, FATAL):
+            log.error("%s", exc)
+        else:
+            log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        return 1
+
+    async def _main(self) -> None:
+        net = await self._network_config()
+        self.net = net
+        log.info("network config: %s", _describe(net))
+        ext = await self._external_interface(net)
+        log.info(
+            "using interface %s (index %d, MTU %d), public IP %s%s",
+            ext.name, ext.index, ext.mtu, ext.public_ip,
+            f", public IPv6 {ext.public_ipv6}" if ext.public_ipv6 else "",
+        )  # fmt: skip
+        backend = create_backend(net, ext, self.netlink)
+        self.backend = backend
+        battrs = await backend.prepare()
+        attrs = LeaseAttrs(
+            public_ip=ext.public_ip,
+            public_ipv6=ext.public_ipv6,
+            backend_type=battrs.backend_type,
+            backend_data=battrs.backend_data,
+            backend_v6_data=battrs.backend_v6_data,
+        )
+        prev = read_subnet_env(self.cfg.subnet_file)
+        own = await self._acquire(net, attrs, prev)
+        self.own = own
+        log.info("acquired lease %s", _describe_lease(own))
+        await backend.start(own)
+        self.ready_reason = "waiting for the traffic rules"
+        await self._traffic_rules(net, own, prev)
+        write_subnet_env(
+            self.cfg.subnet_file,
+            SubnetEnv(
+                networks=(net.network,) if net.network else (),
+                subnet=own.subnet,
+                ipv6_networks=(net.ipv6_network,) if net.ipv6_network else (),
+                ipv6_subnet=own.ipv6_subnet,
+                mtu=battrs.mtu,
+                ipmasq=self.cfg.ip_masq,
+            ),
+        )
+        log.info("wrote %s", self.cfg.subnet_file)
+        self.ready_reason = ""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_loop(), name="watch")
+            tg.create_task(self._renew_loop(), name="renew")
+            tg.create_task(self._reconcile_loop(), name="reconcile")
+
+    async def _network_config(self) -> NetConfig:
+        if self.cfg.config_wait:
+            return await asyncio.wait_for(self.store.get_network_config(), self.cfg.config_wait)
+        return await self.store.get_network_config()
+
+    async def _external_interface(self, net: NetConfig) -> ExternalInterface:
+        req = IfaceRequest(**{**self.cfg.iface.__dict__, "need_ipv4": net.enable_ipv4, "need_ipv6": net.enable_ipv6})
+        links = await self.netlink.links_with_addrs()
+        default_index = await self.netlink.default_route_index(6 if not net.enable_ipv4 else 4)
+        reach_index = None
+        if req.can_reach:
+            try:
+                target: IPv4Address | IPv6Address = ip_address(req.can_reach)
+            except ValueError:
+                raise IfaceError(f"--iface-can-reach {req.can_reach!r} is not an IP address") from None
+            reach_index = await self.netlink.route_get_index(target)
+        return external_interface(req, links, default_index, reach_index)
+
+    async def _acquire(self, net: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
+        delay = 1.0
+        while True:
+            try:
+                return await self.store.acquire_lease(net, attrs, prev)
+            except (SubnetExhaustedError, LeaseRevokedError):
+                raise
+            except StoreError as e:
+                self.ready_reason = f"cannot acquire a lease: {e}"
+                log.warning("failed to acquire a lease, retrying in %.0fs: %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    async def _traffic_rules(self, net: NetConfig, own: Lease, prev: SubnetEnv | None) -> None:
+        """ip-masq and forward rules; filled in by the traffic module (pyflannel.traffic)."""
+        if self.cfg.ip_masq:
+            log.warning("--ip-masq is not implemented yet in this build: no masquerade rules are installed")
+
+    async def _watch_loop(self) -> None:
+        assert self.backend is not None and self.own is not None
+        async for update in self.store.watch_leases():
+            await self._apply(update)
+
+    async def _apply(self, update: WatchUpdate) -> None:
+        assert self.backend is not None and self.own is not None
+        own_key = self.own.key
+        if isinstance(update, LeaseSnapshot):
+            current = {lease.key: lease for lease in update.leases}
+            if own_key not in current:
+                raise LeaseRevokedError(f"our lease {own_key} is no longer in the store")
+            current.pop(own_key)
+            gone = [lease for key, lease in self.peers.items() if key not in current]
+            for lease in gone:
+                await self.backend.remove_peer(lease)
+                log.info("removed peer %s (gone while the watch was re-listing)", _describe_lease(lease))
+            added = [k for k in current if k not in self.peers]
+            self.peers = current
+            # One bulk pass programs every peer and sweeps entries of leases that no longer exist.
+            await self.backend.reconcile(list(current.values()))
+            self.synced = True
+            log.info("synced %d peer leases (%d new, %d gone)", len(current), len(added), len(gone))
+            return
+        for ev in update:
+            await self._apply_event(ev, own_key)
+
+    async def _apply_event(self, ev: LeaseEvent, own_key: str) -> None:
+        assert self.backend is not None
+        key = ev.lease.key
+        if key == own_key:
+            if ev.type is EventType.REMOVED:
+                raise LeaseRevokedError(f"our lease {own_key} was deleted from the store")
+            return
+        old = self.peers.get(key)
+        if ev.type is EventType.ADDED:
+            if old is not None and old.attrs == ev.lease.attrs:
+                self.peers[key] = ev.lease  # a renewal: nothing in the kernel changes
+                return
+            if old is not None:
+                await self.backend.remove_peer(old)
+            self.peers[key] = ev.lease
+            await self.backend.add_peer(ev.lease)
+            log.info("%s peer %s", "updated" if old else "added", _describe_lease(ev.lease))
+        elif old is not None:
+            del self.peers[key]
+            await self.backend.remove_peer(old)
+            log.info("removed peer %s", _describe_lease(old))
+
+    async def _renew_loop(self) -> None:
+        margin = self.cfg.etcd.renew_margin
+        while True:
+            own = self.own
+            assert own is not None
+            if own.expiration is None:
+                return  # a reservation or a store without TTLs: nothing to renew
+            await asyncio.sleep(max(own.expiration - margin - time.time(), 1.0))
+            delay = 1.0
+            while True:
+                try:
+                    self.own = await self.store.renew_lease(own)
+                    log.info("renewed lease %s", self.own.key)
+                    break
+                except LeaseRevokedError:
+                    raise
+                except StoreError as e:
+                    log.warning("failed to renew lease %s, retrying in %.0fs: %s", own.key, delay, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30)
+
+    async def _reconcile_loop(self) -> None:
+        assert self.backend is not None
+        while True:
+            await asyncio.sleep(self.cfg.reconcile_interval)
+            if not self.synced:
+                continue  # before the first snapshot we do not know the peers: sweeping would drop live routes
+            try:
+                await self.backend.reconcile(list(self.peers.values()))
+            except (BackendError, NetlinkError) as e:
+                log.warning("reconcile failed, will retry: %s", e)
+
+
+def _describe(net: NetConfig) -> str:
+    parts = []
+    if net.enable_ipv4:
+        parts.append(f"Network {net.network} SubnetLen {net.subnet_len} range {net.subnet_min}-{net.subnet_max}")
+    if net.enable_ipv6:
+        parts.append(f"IPv6Network {net.ipv6_network} IPv6SubnetLen {net.ipv6_subnet_len}")
+    parts.append(f"backend {net.backend.type}")
+    return ", ".join(parts)
+
+
+def _describe_lease(lease: Lease) -> str:
+    subnets = " ".join(str(s) for s in (lease.subnet, lease.ipv6_subnet) if s is not None)
+    return f"{subnets} (public IP {lease.attrs.public_ip}, backend {lease.attrs.backend_type or '-'})"
+
+
+def run_daemon(opts: Options) -> int:
+    if opts["kube-subnet-mgr"]:
+        log.error("--kube-subnet-mgr is not implemented yet in pyflannel; use the etcd store (--etcd-endpoints)")
+        return 1
+    cfg = agent_config_from_options(opts)
+
+    async def _run() -> int:
+        try:
+            netlink = Netlink()
+            store = EtcdStore(cfg.etcd)
+        except FATAL as e:
+            log.error("%s", e)
+            return 1
+        return await Agent(cfg=cfg, store=store, netlink=netlink).run()
+
+    try:
+        return asyncio.run(_run())
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,225 @@
+"""A multi-node flannel cluster in network namespaces: the test bed of the integration tests and the lab.
+
+    underlay ns: bridge br0 (192.168.77.1/24)
+      |-- etcd ns   eth0 192.168.77.2     (real etcd)
+      |-- node ns   eth0 192.168.77.1x    (real flanneld; cni0 bridge for its pods)
+              |-- pod ns  eth0 <subnet>.x (veth into cni0)
+
+Every name carries the RunScope's prefix and everything is removed by RunScope.close().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..subnetenv import SubnetEnv, read_subnet_env
+from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, start_etcd, veth
+
+DEFAULT_UNDERLAY = "192.168.77.0/24"
+
+
+@dataclass
+class Pod:
+    name: str
+    ns: str
+    node: str
+    ip: str
+
+
+@dataclass
+class Node:
+    name: str
+    ns: str
+    ip: str
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    pods: list[Pod] = field(default_factory=list)
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.dir / "subnet.env"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "flanneld.log"
+
+
+class Testbed:
+    def __init__(self, scope: RunScope, underlay: str = DEFAULT_UNDERLAY, prefix: str = "/coreos.com/network") -> None:
+        self.scope = scope
+        self.underlay = ipaddress.IPv4Network(underlay)
+        self.gateway = str(self.underlay.network_address + 1)
+        self.prefix = prefix
+        self.ul_ns = scope.add_ns("ul")
+        run(["ip", "-n", self.ul_ns, "link", "add", "br0", "type", "bridge"])
+        run(["ip", "-n", self.ul_ns, "addr", "add", f"{self.gateway}/{self.underlay.prefixlen}", "dev", "br0"])
+        run(["ip", "-n", self.ul_ns, "link", "set", "br0", "up"])
+        self.nodes: dict[str, Node] = {}
+        self.etcd_ns = ""
+        self.endpoint = ""
+        self._next_host = 11
+
+    # --- underlay and etcd ---------------------------------------------------------------------------
+    def _attach(self, ns: str, port: str, ip: str) -> None:
+        veth(ns, "eth0", self.ul_ns, port)
+        run(["ip", "-n", self.ul_ns, "link", "set", port, "master", "br0", "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{ip}/{self.underlay.prefixlen}", "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway])
+
+    def start_etcd(self) -> str:
+        self.etcd_ns = self.scope.add_ns("etcd")
+        ip = str(self.underlay.network_address + 2)
+        self._attach(self.etcd_ns, "etcd", ip)
+        self.endpoint = start_etcd(self.scope, self.etcd_ns, ip)
+        return self.endpoint
+
+    def stop_etcd(self) -> None:
+        kill_ns_processes(self.etcd_ns)
+
+    def restart_etcd(self) -> None:
+        """Start etcd again on the same data dir (same members, same keys)."""
+        start_etcd(self.scope, self.etcd_ns, str(self.underlay.network_address + 2))
+
+    def etcdctl(self, *args: str, input: str | None = None) -> str:
+        return etcdctl(self.etcd_ns, self.endpoint, *args, input=input)
+
+    def put_config(self, conf: dict[str, Any] | str) -> None:
+        text = conf if isinstance(conf, str) else json.dumps(conf)
+        self.etcdctl("put", f"{self.prefix}/config", "--", text)
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        out = self.etcdctl("get", "--prefix", f"{self.prefix}/subnets/", "-w", "json")
+        import base64
+
+        res: dict[str, dict[str, Any]] = {}
+        for kv in json.loads(out).get("kvs", []):
+            key = base64.b64decode(kv["key"]).decode().rsplit("/", 1)[-1]
+            with contextlib.suppress(ValueError):
+                res[key] = json.loads(base64.b64decode(kv["value"]))
+        return res
+
+    # --- nodes and agents ----------------------------------------------------------------------------
+    def add_node(self, name: str) -> Node:
+        ns = self.scope.add_ns(name)
+        ip = str(self.underlay.network_address + self._next_host)
+        self._next_host += 1
+        self._attach(ns, name, ip)
+        ns_exec(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        d = self.scope.tmpdir / name
+        d.mkdir(parents=True, exist_ok=True)
+        node = Node(name=name, ns=ns, ip=ip, dir=d)
+        self.nodes[name] = node
+        return node
+
+    def agent_cmd(self, node: Node, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "pyflannel.cli",
+            f"--etcd-endpoints={self.endpoint}",
+            f"--etcd-prefix={self.prefix}",
+            f"--subnet-file={node.subnet_file}",
+            *node.extra_args, *extra,
+        ]  # fmt: skip
+
+    def start_agent(self, node: Node, *extra: str) -> subprocess.Popen[bytes]:
+        if node.proc is not None and node.proc.poll() is None:
+            raise NetnsError(f"agent on {node.name} is already running")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        node.proc = self.scope.spawn(node.ns, self.agent_cmd(node, *extra), log=node.log_file, env=env)
+        return node.proc
+
+    def stop_agent(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        p = node.proc
+        if p is None:
+            return None
+        if p.poll() is None:
+            # `ip netns exec` execs the command, so the Popen pid is the agent itself.
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        node.proc = None
+        return p.returncode
+
+    def wait_ready(self, node: Node, timeout: float = 40, since: float = 0.0) -> SubnetEnv:
+        """Wait until the agent wrote subnet.env (after `since`, a time.time() value)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if node.subnet_file.stat().st_mtime >= since:
+                    env = read_subnet_env(node.subnet_file)
+                    if env is not None and env.subnet is not None:
+                        return env
+            except FileNotFoundError:
+                pass
+            if node.proc is not None and node.proc.poll() is not None:
+                raise NetnsError(f"flanneld on {node.name} exited with {node.proc.returncode}:\n{self.log_tail(node)}")
+            time.sleep(0.1)
+        raise NetnsError(f"flanneld on {node.name} not ready after {timeout}s:\n{self.log_tail(node)}")
+
+    def log_tail(self, node: Node, chars: int = 3000) -> str:
+        try:
+            return node.log_file.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    # --- pods ----------------------------------------------------------------------------------------
+    def ensure_bridge(self, node: Node, env: SubnetEnv) -> None:
+        """cni0 with the subnet's gateway address, as the bridge CNI plugin would set it up."""
+        assert env.subnet is not None
+        gw = f"{env.subnet.network_address + 1}/{env.subnet.prefixlen}"
+        if run(["ip", "-n", node.ns, "link", "show", "cni0"], check=False).strip() == "":
+            run(["ip", "-n", node.ns, "link", "add", "cni0", "type", "bridge"])
+            run(["ip", "-n", node.ns, "link", "set", "cni0", "mtu", str(env.mtu)])
+        run(["ip", "-n", node.ns, "addr", "replace", gw, "dev", "cni0"])
+        run(["ip", "-n", node.ns, "link", "set", "cni0", "up"])
+
+    def add_pod(self, node: Node, env: SubnetEnv | None = None) -> Pod:
+        env = env or read_subnet_env(node.subnet_file)
+        if env is None or env.subnet is None:
+            raise NetnsError(f"{node.name} has no subnet.env yet")
+        self.ensure_bridge(node, env)
+        idx = len(node.pods) + 1
+        name = f"{node.name}p{idx}"
+        ns = self.scope.add_ns(name)
+        port = f"vp{idx}"
+        veth(ns, "eth0", node.ns, port, mtu=env.mtu)
+        run(["ip", "-n", node.ns, "link", "set", port, "master", "cni0", "up"])
+        ip = str(env.subnet.network_address + 10 + idx)
+        run(["ip", "-n", ns, "addr", "add", f"{ip}/{env.subnet.prefixlen}", "dev", "eth0"])
+        run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        run(["ip", "-n", ns, "route", "add", "default", "via", str(env.subnet.network_address + 1)])
+        pod = Pod(name=name, ns=ns, node=node.name, ip=ip)
+        node.pods.append(pod)
+        return pod
+
+    def ping(self, src_ns: str, dst: str, count: int = 1, wait: float = 1.0) -> bool:
+        p = subprocess.run(
+            ["ip", "netns", "exec", src_ns, "ping", "-c", str(count), "-W", str(wait), "-i", "0.2", dst],
+            capture_output=True, timeout=count * wait + 10,
+        )  # fmt: skip
+        return p.returncode == 0
+
+    def wait_ping(self, src_ns: str, dst: str, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ping(src_ns, dst):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def all_pods(self) -> list[Pod]:
+        return [p for n in self.nodes.values() for p in n.pods]
