@@ -18,14 +18,17 @@ class ConfigError(ValueError):
 
 
 def ci_get(obj: dict[str, Any], key: str, default: Any = None) -> Any:
-    """Look a key up the way Go's encoding/json does: exact match first, then case-insensitive."""
-    if key in obj:
-        return obj[key]
+    """Look a key up the way Go's encoding/json does: case-insensitively.
+
+    Go assigns every matching key in document order, so when a file holds both `network` and `Network` the
+    last one wins; we return the same value.
+    """
     low = key.lower()
+    found = default
     for k, v in obj.items():
         if k.lower() == low:
-            return v
-    return default
+            found = v
+    return found
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,7 @@ class NetConfig:
     def ipv6_subnet_fits(self, sn: IPv6Network | None) -> bool:
         if not self.enable_ipv6:
             return sn is None
-        if (
-            sn is None
-            or self.ipv6_network is None
-            or self.ipv6_subnet_min is None
-            or self.ipv6_subnet_max is None
-        ):
+        if sn is None or self.ipv6_network is None or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
             return False
         return (
             sn.prefixlen == self.ipv6_subnet_len
@@ -97,8 +95,9 @@ def _int(raw: dict[str, Any], key: str) -> int:
     v = ci_get(raw, key, 0)
     if v is None:
         return 0
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{key}: expected an integer, got {json.dumps(v)}")
+    # Upstream decodes these into a Go uint, which rejects negative numbers.
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{key}: expected a non-negative integer, got {json.dumps(v)}")
     return v
 
 
@@ -220,16 +219,12 @@ def parse_net_config(text: str | bytes) -> NetConfig:
     smin6 = smax6 = None
     if enable6:
         if net6 is None:
-            raise ConfigError(
-                "IPv6Network: please define a correct IPv6Network parameter in the flannel config"
-            )
+            raise ConfigError("IPv6Network: please define a correct IPv6Network parameter in the flannel config")
         if len6:
             if len6 > 126:
                 raise ConfigError("IPv6SubnetLen must be less than /127")
             if len6 < net6.prefixlen + 2:
-                raise ConfigError(
-                    "IPv6SubnetLen: IPv6Network must be able to accommodate at least four subnets"
-                )
+                raise ConfigError("IPv6SubnetLen: IPv6Network must be able to accommodate at least four subnets")
         elif net6.prefixlen > 124:
             raise ConfigError("IPv6Network is too small. Minimum useful network prefix is /124")
         elif net6.prefixlen <= 62:

@@ -21,7 +21,7 @@ class LeaseError(ValueError):
     """A lease key or value that cannot be decoded (for example garbage written by another node)."""
 
 
-_KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?$")
+_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?")
 _UNSET4 = IPv4Address("0.0.0.0")
 
 
@@ -57,7 +57,12 @@ class LeaseAttrs:
             raise LeaseError("lease value is not a JSON object")
         pub = ci_get(obj, "PublicIP")
         pub6 = ci_get(obj, "PublicIPv6")
-        btype = ci_get(obj, "BackendType", "")
+        btype = ci_get(obj, "BackendType")
+        if btype is None:
+            btype = ""  # a JSON null leaves Go's string field empty
+        # Python's address classes also take integers; upstream's decoder takes only strings.
+        if not isinstance(pub, str | None) or not isinstance(pub6, str | None):
+            raise LeaseError(f"lease value has a non-string PublicIP/PublicIPv6: {pub!r} / {pub6!r}")
         try:
             ip4 = IPv4Address(pub) if pub not in (None, "") else None
             ip6 = IPv6Address(pub6) if pub6 not in (None, "") else None
@@ -86,7 +91,7 @@ def make_subnet_key(sn: IPv4Network | None, sn6: IPv6Network | None) -> str:
 
 def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
     """Parse the last path element of a lease key; raises LeaseError."""
-    m = _KEY_RE.match(key)
+    m = _KEY_RE.fullmatch(key)  # not match + $, which lets a trailing newline through
     if not m:
         raise LeaseError(f"not a subnet key: {key!r}")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
@@ -35,9 +36,7 @@ class SubnetEnv:
         if self.ipv6_networks:
             lines.append("FLANNEL_IPV6_NETWORK=" + ",".join(str(n) for n in self.ipv6_networks))
         if self.ipv6_subnet is not None:
-            lines.append(
-                f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet.network_address + 1}/{self.ipv6_subnet.prefixlen}"
-            )
+            lines.append(f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet.network_address + 1}/{self.ipv6_subnet.prefixlen}")
         lines.append(f"FLANNEL_MTU={self.mtu}")
         lines.append(f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}")
         return "\n".join(lines) + "\n"
@@ -57,11 +56,7 @@ def parse_subnet_env(text: str) -> SubnetEnv:
         nets = tuple(IPv4Network(n, strict=False) for n in _split(values.get("FLANNEL_NETWORK")))
         sub = IPv4Interface(values["FLANNEL_SUBNET"]).network if values.get("FLANNEL_SUBNET") else None
         nets6 = tuple(IPv6Network(n, strict=False) for n in _split(values.get("FLANNEL_IPV6_NETWORK")))
-        sub6 = (
-            IPv6Interface(values["FLANNEL_IPV6_SUBNET"]).network
-            if values.get("FLANNEL_IPV6_SUBNET")
-            else None
-        )
+        sub6 = IPv6Interface(values["FLANNEL_IPV6_SUBNET"]).network if values.get("FLANNEL_IPV6_SUBNET") else None
         mtu = int(values.get("FLANNEL_MTU") or 0)
     except ValueError as e:
         raise SubnetEnvError(f"subnet.env: {e}") from None
@@ -91,13 +86,17 @@ def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
     """Write atomically: the CNI plugin may read it at any moment and must never see half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    # Upstream keeps the mode of an existing file, so an administrator's chmod survives a restart.
+    mode = 0o644
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(p.stat().st_mode)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(env.render())
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
