@@ -1,0 +1,115 @@
+"""Convergence at scale: one real flanneld (vxlan) on real etcd, N synthetic peer leases.
+
+Figures printed for N in (1000, 5000) by default:
+  watch_sync_s   leases written while the agent runs -> every route, neighbour and FDB entry in the kernel
+  cold_sync_s    agent started with N leases and no vxlan device -> every entry in the kernel
+  one_peer_ms    one more lease written once synced -> its route in the kernel (median of 5)
+  rss_mb         the agent's resident memory once synced
+Goals (issue 2): 5000 peers <= 5 s, one peer <= 100 ms, RSS <= 80 MB. Not a test: nothing here asserts.
+
+usage: sudo .venv/bin/python bench/bench_convergence.py [N ...]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pyflannel.lab import netns
+from pyflannel.lab.testbed import Node, Testbed
+
+HERE = Path(__file__).resolve().parent
+
+
+def counts(ns: str) -> tuple[int, int, int]:
+    r = netns.run(["ip", "-n", ns, "route", "show", "dev", "flannel.1"], check=False).count("\n")
+    n = netns.run(["ip", "-n", ns, "neigh", "show", "dev", "flannel.1"], check=False).count("PERMANENT")
+    f = netns.run(["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"], check=False).count(" dst ")
+    return r, n, f
+
+
+def wait_counts(ns: str, want: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if min(counts(ns)) >= want:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise RuntimeError(f"not converged after {timeout}s: {counts(ns)} of {want}")
+
+
+def gen(tb: Testbed, first: int, count: int) -> None:
+    netns.ns_exec(
+        tb.etcd_ns,
+        [sys.executable, str(HERE / "_leasegen.py"), tb.endpoint, tb.prefix, str(first), str(count)],
+        timeout=120,
+    )
+
+
+def rss_mb(node: Node) -> float:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_one(n: int) -> dict[str, float]:
+    with netns.RunScope(tag=f"bench{n}") as scope:
+        tb = Testbed(scope)
+        tb.start_etcd()
+        tb.put_config({"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}})
+        node = tb.add_node("n1")
+        node.extra_args = ("--reconcile-interval=5",)
+        tb.start_agent(node)
+        tb.wait_ready(node)
+        time.sleep(1)
+        # Watch path: the agent is synced with no peers, then N leases arrive.
+        t0 = time.monotonic()
+        gen(tb, 0, n)
+        write_s = time.monotonic() - t0
+        watch_s = wait_counts(node.ns, n, 120) + write_s
+        rss = rss_mb(node)
+        # One more peer once synced.
+        singles = []
+        for k in range(5):
+            idx = n + k
+            key = f"10.{idx // 256 + 1}.{idx % 256}.0/24"
+            t1 = time.monotonic()
+            gen(tb, idx, 1)
+            while key not in netns.run(["ip", "-n", node.ns, "route", "show", key], check=False):
+                if time.monotonic() - t1 > 30:
+                    raise RuntimeError("single peer never programmed")
+                time.sleep(0.002)
+            singles.append((time.monotonic() - t1) * 1000)
+        # Cold path: restart the agent with every lease already in etcd and no device in the kernel.
+        tb.stop_agent(node)
+        netns.run(["ip", "-n", node.ns, "link", "del", "flannel.1"])
+        tb.start_agent(node)
+        cold_s = wait_counts(node.ns, n + 5, 120)
+        rss_cold = rss_mb(node)
+        tb.stop_agent(node)
+        return {
+            "peers": n,
+            "watch_sync_s": round(watch_s, 2),
+            "lease_write_s": round(write_s, 2),
+            "cold_sync_s": round(cold_s, 2),
+            "one_peer_ms": round(statistics.median(singles), 1),
+            "one_peer_ms_max": round(max(singles), 1),
+            "rss_mb": round(max(rss, rss_cold), 1),
+        }
+
+
+def main() -> None:
+    sizes = [int(a) for a in sys.argv[1:]] or [1000, 5000]
+    netns.sweep(netns.STEM_TEST)
+    for n in sizes:
+        res = run_one(n)
+        print(" ".join(f"{k}={v}" for k, v in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
