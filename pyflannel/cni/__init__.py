@@ -1,0 +1,1 @@
+"""The flannel CNI plugin (standard library only) and a small CNI runtime driver."""
