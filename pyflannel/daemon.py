@@ -28,6 +28,7 @@ from .netlink import Netlink, NetlinkError
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
 from .store.etcd import EtcdOptions, EtcdStore
 from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
+from .traffic import TrafficManager, create_traffic_manager
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,14 @@ class Agent:
     peers: dict[str, Lease] = field(default_factory=dict)
     synced: bool = False
     ready_reason: str = "starting"
+    traffic: TrafficManager | None = None
 
     def readiness(self) -> tuple[bool, str]:
-        return (self.ready_reason == "", self.ready_reason)
+        if self.ready_reason:
+            return False, self.ready_reason
+        if self.traffic is not None and not self.traffic.ready:
+            return False, f"traffic rules: {self.traffic.last_error}"
+        return True, ""
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0, data plane kept) or a fatal error (exit 1, one clear line)."""
@@ -197,6 +203,8 @@ class Agent:
             tg.create_task(self._watch_loop(), name="watch")
             tg.create_task(self._renew_loop(), name="renew")
             tg.create_task(self._reconcile_loop(), name="reconcile")
+            if self.traffic is not None:
+                tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
 
     async def _network_config(self) -> NetConfig:
         if self.cfg.config_wait:
@@ -230,9 +238,21 @@ class Agent:
                 delay = min(delay * 2, 30)
 
     async def _traffic_rules(self, net: NetConfig, own: Lease, prev: SubnetEnv | None) -> None:
-        """ip-masq and forward rules; filled in by the traffic module (pyflannel.traffic)."""
+        """ip-masq, forward rules and the blackhole route. A failure leaves /readyz at 503 with the reason and
+        is retried by the resync loop; it does not stop the agent (the overlay itself works without them)."""
+        if not (self.cfg.ip_masq or self.cfg.iptables_forward_rules or self.cfg.ip_blackhole_route):
+            return
+        tm = create_traffic_manager(net.enable_nftables)
+        self.traffic = tm
+        await tm.cleanup_other_mode()
         if self.cfg.ip_masq:
-            log.warning("--ip-masq is not implemented yet in this build: no masquerade rules are installed")
+            await tm.setup_and_ensure_masq_rules(
+                net.network, own.subnet, net.ipv6_network, own.ipv6_subnet, prev, self.cfg.ip_masq_fully_random
+            )
+        if self.cfg.iptables_forward_rules:
+            await tm.setup_and_ensure_forward_rules(net.network, net.ipv6_network)
+        if self.cfg.ip_blackhole_route:
+            await tm.set_blackhole_routes(own.subnet, own.ipv6_subnet)
 
     async def _watch_loop(self) -> None:
         assert self.backend is not None and self.own is not None

@@ -49,7 +49,7 @@ comment "chain to manage traffic masquerading by flannel" ; }
 add rule ip flannel-ipv4 postrtg meta mark 0x4000 return
 add rule ip flannel-ipv4 postrtg ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return
 add rule ip flannel-ipv4 postrtg ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return
-add rule ip flannel-ipv4 postrtg ip saddr != 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+add rule ip flannel-ipv4 postrtg ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return
 add rule ip flannel-ipv4 postrtg ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
 add rule ip flannel-ipv4 postrtg ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random
 add chain ip flannel-ipv4 forward { type filter hook forward priority filter ; \
@@ -62,7 +62,7 @@ NFT6_MASQ = [
     "meta mark 0x4000 return",
     "ip6 saddr fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return",
     "ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244:1::/64 return",
-    "ip6 saddr != fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return",
+    "ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244:1::/64 return",
     "ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade",
     "ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244::/56 masquerade",
 ]

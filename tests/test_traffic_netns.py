@@ -40,7 +40,7 @@ table ip flannel-ipv4 {
 		meta mark 0x00004000 return
 		ip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return
 		ip saddr 10.244.0.0/16 ip daddr 10.244.1.0/24 return
-		ip saddr != 10.244.1.0/24 ip daddr 10.244.0.0/16 return
+		ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return
 		ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random
 		ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random
 	}
@@ -63,7 +63,7 @@ table ip6 flannel-ipv6 {
 		meta mark 0x00004000 return
 		ip6 saddr fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return
 		ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244:1::/64 return
-		ip6 saddr != fd00:10:244:1::/64 ip6 daddr fd00:10:244::/56 return
+		ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244:1::/64 return
 		ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random
 		ip6 saddr != fd00:10:244::/56 ip6 daddr fd00:10:244::/56 masquerade fully-random
 	}

@@ -5,9 +5,10 @@ it atomically, so the kernel goes straight from the old rule set to the new one,
 an older subnet or by hand edits disappear with it. Unlike upstream, the resync reads the table back with
 `nft -j list table` and restores it when a rule, chain or the table itself has gone.
 
-The rule text is upstream's (knftables) verbatim, including its fourth masq rule `saddr != <pod> daddr <net>`,
-which differs from the iptables form `! -s <net> -d <pod>`: kept as upstream has it so the two
-implementations program the same kernel state.
+The rule text follows upstream's (knftables) except for the fourth masq rule: upstream writes
+`saddr != <pod> daddr <net> return`, which is not its own iptables rule `! -s <net> -d <pod> -j RETURN` and
+makes the last rule (host traffic into the overlay is masqueraded) dead. We write the iptables meaning,
+`saddr != <net> daddr <pod> return`, so both modes NAT the same packets.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def masq_rule_text(network: IPNetwork, subnet: IPNetwork, fully_random: bool) ->
         f"meta mark {KUBE_PROXY_MARK} return",
         f"{f} saddr {pod} {f} daddr {net} return",
         f"{f} saddr {net} {f} daddr {pod} return",
-        f"{f} saddr != {pod} {f} daddr {net} return",
+        f"{f} saddr != {net} {f} daddr {pod} return",
         f"{f} saddr {net} {f} daddr != {multicast} {masq}",
         f"{f} saddr != {net} {f} daddr {net} {masq}",
     ]
