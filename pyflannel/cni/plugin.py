@@ -361,9 +361,38 @@ def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryI
     if d is None:
         raise CNIError(ERR_INTERNAL, f"stored delegate config for container {cid} is corrupt")
     if n.prev_result is not None:
-        d["prevResult"] = n.prev_result
+        d["prevResult"] = _explicit_route_gateways(n.prev_result)
     dver = d.get("cniVersion") if isinstance(d.get("cniVersion"), str) else version
     call_delegate(env, "CHECK", d["type"], go_json(d), dver or version)
+
+
+def _explicit_route_gateways(prev: dict[str, Any]) -> dict[str, Any]:
+    """Give gateway-less routes the gateway ADD actually used.
+
+    host-local returns flannel's network routes without `gw`, and the bridge installs them via the pod's
+    gateway; the reference bridge's CHECK then looks for a route with no gateway and fails. Naming the
+    gateway makes CHECK compare what is really there.
+    """
+    ips = prev.get("ips")
+    routes = prev.get("routes")
+    if not isinstance(ips, list) or not isinstance(routes, list):
+        return prev
+    gw4 = gw6 = None
+    for ip in ips:
+        gw = ip.get("gateway") if isinstance(ip, dict) else None
+        if isinstance(gw, str):
+            if ":" in gw:
+                gw6 = gw6 or gw
+            else:
+                gw4 = gw4 or gw
+    fixed = []
+    for r in routes:
+        if isinstance(r, dict) and not r.get("gw") and isinstance(r.get("dst"), str):
+            gw = gw6 if ":" in r["dst"] else gw4
+            if gw:
+                r = {**r, "gw": gw}
+        fixed.append(r)
+    return {**prev, "routes": fixed}
 
 
 def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
