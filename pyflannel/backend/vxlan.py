@@ -1,0 +1,426 @@
+"""vxlan: the kernel's VXLAN device, programmed exactly as upstream flannel does.
+
+Device `flannel.<VNI>` (IPv6 underlay: `flannel-v6.<VNI>`) with `local <iface addr> dev <external>`, learning
+off, address `<own subnet network address>/32` (/128). Per peer lease, in upstream's order:
+  neighbour  <peer subnet address> lladdr <VtepMAC> nud permanent dev flannel.<VNI>
+  FDB        <VtepMAC> dst <peer PublicIP> self permanent dev flannel.<VNI>
+  route      <peer subnet> via <peer subnet address> dev flannel.<VNI> onlink
+With `DirectRouting`, a peer whose PublicIP is on a directly connected subnet of the external interface
+gets `<peer subnet> via <PublicIP> dev <external>` instead and no VXLAN entries.
+
+Beyond upstream: reconcile() sweeps entries of departed peers, and recreates the device (with the MAC we
+advertised, so peers' FDB/neighbour entries for us stay valid) if it was deleted under us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv6Interface
+
+from ..config import NetConfig, ci_get
+from ..lease import Lease
+from ..netlink import (
+    AF_INET,
+    AF_INET6,
+    NTF_SELF,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    RTN_UNICAST,
+    RTPROT_KERNEL,
+    Fdb,
+    IPAddress,
+    IPNetwork,
+    Link,
+    Neigh,
+    Netlink,
+    NetlinkError,
+    Op,
+    Route,
+    parse_mac,
+)
+from .base import Backend, BackendAttrs, BackendError, ExternalInterface
+from .hostgw import L2Segment, diff_routes, errors_to_exception, in_network
+from .registry import opt_bool, opt_int
+
+log = logging.getLogger(__name__)
+
+BACKEND_TYPE = "vxlan"
+DEFAULT_VNI = 1
+KERNEL_DEFAULT_PORT = 8472
+# Outer Ethernet + IP + UDP + VXLAN headers; the kernel refuses a larger MTU than lower MTU minus these.
+OVERHEAD_V4 = 50
+OVERHEAD_V6 = 70
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+def random_mac() -> str:
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def _vtep_mac(data: object) -> str | None:
+    """The VtepMAC of a lease's BackendData, normalised, or None when the data is malformed."""
+    if not isinstance(data, dict):
+        return None
+    mac = ci_get(data, "VtepMAC")
+    if not isinstance(mac, str):
+        return None
+    try:
+        raw = parse_mac(mac)
+    except ValueError:
+        return None
+    if raw == b"\0" * 6 or raw[0] & 1:
+        return None
+    return ":".join(f"{x:02x}" for x in raw)
+
+
+@dataclass
+class _Dev:
+    """One VXLAN device (one per address family) and what we want it to look like."""
+
+    version: int
+    name: str
+    local: IPAddress
+    mtu: int
+    mac: str | None = None  # the MAC we advertise; kept across recreation
+    index: int = 0
+    addr: IPv4Interface | IPv6Interface | None = None
+    network: IPNetwork | None = None
+    programmed: dict[IPNetwork, list[Route | Neigh | Fdb]] = field(default_factory=dict)
+
+    @property
+    def family(self) -> int:
+        return AF_INET if self.version == 4 else AF_INET6
+
+
+class VxlanBackend(Backend):
+    def __init__(self, cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> None:
+        self.cfg = cfg
+        self.ext = ext
+        self.nl = nl
+        self.vni = opt_int(cfg, "VNI", DEFAULT_VNI, 0, 0xFFFFFF)
+        self.port = opt_int(cfg, "Port", 0, 0, 0xFFFF)
+        self.gbp = opt_bool(cfg, "GBP")
+        self.learning = opt_bool(cfg, "Learning")
+        self.direct_routing = opt_bool(cfg, "DirectRouting")
+        mtu_opt = opt_int(cfg, "MTU", 0, 0, 65535)
+        if mtu_opt and mtu_opt < 68:
+            raise BackendError(f"Backend.MTU: {mtu_opt} is below the minimum of 68")
+        self._own: Lease | None = None
+        self._l2 = L2Segment(nl, ext)
+        self._lock = asyncio.Lock()
+        self.devs: dict[int, _Dev] = {}
+        if cfg.enable_ipv4:
+            local4 = ext.iface_addr or ext.public_ip
+            if local4 is None:
+                raise BackendError("vxlan: IPv4 is enabled but the external interface has no IPv4 address")
+            self.devs[4] = _Dev(4, f"flannel.{self.vni}", local4, mtu_opt or ext.mtu - OVERHEAD_V4)
+            self.devs[4].network = cfg.network
+        if cfg.enable_ipv6:
+            local6 = ext.iface_addr6 or ext.public_ipv6
+            if local6 is None:
+                raise BackendError("vxlan: IPv6 is enabled but the external interface has no IPv6 address")
+            self.devs[6] = _Dev(6, f"flannel-v6.{self.vni}", local6, mtu_opt or ext.mtu - OVERHEAD_V6)
+            self.devs[6].network = cfg.ipv6_network
+        log.info(
+            "VXLAN config: VNI=%d Port=%d GBP=%s Learning=%s DirectRouting=%s",
+            self.vni,
+            self.port,
+            self.gbp,
+            self.learning,
+            self.direct_routing,
+        )
+
+    # ------------------------------------------------------------ device
+
+    def _incompat(self, dev: _Dev, link: Link) -> str:
+        if link.kind != "vxlan" or link.vxlan is None:
+            return f"link type: {link.kind} vs vxlan"
+        vx = link.vxlan
+        if vx.vni != self.vni:
+            return f"vni: {vx.vni} vs {self.vni}"
+        if vx.link and vx.link != self.ext.index:
+            return f"vtep (external) interface: {vx.link} vs {self.ext.index}"
+        if vx.local is not None and vx.local != dev.local:
+            return f"vtep (external) IP: {vx.local} vs {dev.local}"
+        want_port = self.port or KERNEL_DEFAULT_PORT
+        if vx.port and vx.port != want_port:
+            return f"port: {vx.port} vs {want_port}"
+        if vx.gbp != self.gbp:
+            return f"gbp: {vx.gbp} vs {self.gbp}"
+        if vx.learning != self.learning:
+            return f"learning: {vx.learning} vs {self.learning}"
+        return ""
+
+    async def _create(self, dev: _Dev) -> Link:
+        if dev.mac is None:
+            dev.mac = random_mac()
+        try:
+            return await self.nl.create_vxlan(
+                dev.name,
+                vni=self.vni,
+                local=dev.local,
+                dev_index=self.ext.index,
+                port=self.port,
+                learning=self.learning,
+                gbp=self.gbp,
+                mtu=dev.mtu,
+                mac=dev.mac,
+            )
+        except NetlinkError as e:
+            raise BackendError(f"failed to create vxlan interface {dev.name}: {e}") from e
+
+    async def _ensure_device(self, dev: _Dev) -> bool:
+        """Make the device exist with our parameters; True when it was (re)created."""
+        link = await self.nl.link_by_name(dev.name)
+        created = False
+        if link is not None:
+            why = self._incompat(dev, link)
+            if why:
+                log.warning("%r already exists with incompatible configuration: %s; recreating device", dev.name, why)
+                try:
+                    await self.nl.delete_link(link.index)
+                except NetlinkError as e:
+                    raise BackendError(f"failed to delete interface {dev.name}: {e}") from e
+                link = None
+            elif dev.mac is None:
+                # Reuse across restarts: keeping the MAC keeps every peer's neighbour/FDB entry for us valid.
+                log.info("reusing existing VXLAN device %s (%s)", dev.name, link.mac)
+                dev.mac = link.mac
+            elif link.mac != dev.mac:
+                # Someone recreated it with another MAC; ours is what peers were told.
+                log.warning("%s has MAC %s but we advertise %s; recreating", dev.name, link.mac, dev.mac)
+                await self.nl.delete_link(link.index)
+                link = None
+        if link is None:
+            if dev.index:
+                log.warning("VXLAN device %s is gone; recreating it with MAC %s", dev.name, dev.mac)
+            link = await self._create(dev)
+            created = True
+        elif link.mtu != dev.mtu:
+            try:
+                await self.nl.set_mtu(link.index, dev.mtu)
+            except NetlinkError as e:
+                raise BackendError(f"failed to set MTU {dev.mtu} on {dev.name}: {e}") from e
+        dev.index = link.index
+        if dev.addr is not None:
+            await self._configure(dev, link)
+        return created
+
+    async def _configure(self, dev: _Dev, link: Link) -> None:
+        """Exactly our address on the device (stale ones from an earlier subnet removed), and the link up."""
+        assert dev.addr is not None
+        try:
+            addrs = await self.nl.addresses(dev.index, dev.family)
+            have = False
+            for a in addrs:
+                if a.address == dev.addr:
+                    have = True
+                elif dev.version == 4 or not a.address.ip.is_link_local:
+                    log.info("removing stale address %s from %s", a.address, dev.name)
+                    await self.nl.delete_address(dev.index, a.address)
+            if not have:
+                await self.nl.add_address(dev.index, dev.addr)
+            if not link.up:
+                await self.nl.set_up(dev.index)
+        except NetlinkError as e:
+            raise BackendError(f"failed to configure interface {dev.name}: {e}") from e
+
+    # ------------------------------------------------------------ Backend API
+
+    async def prepare(self) -> BackendAttrs:
+        async with self._lock:
+            for dev in self.devs.values():
+                await self._ensure_device(dev)
+            await self._l2.refresh()
+        d4, d6 = self.devs.get(4), self.devs.get(6)
+        data = {"VNI": self.vni, "VtepMAC": d4.mac} if d4 is not None and self.ext.public_ip is not None else None
+        data6 = {"VNI": self.vni, "VtepMAC": d6.mac} if d6 is not None and self.ext.public_ipv6 is not None else None
+        # With both families, pods must fit through the smaller of the two devices.
+        mtu = min(d.mtu for d in self.devs.values())
+        return BackendAttrs(backend_type=BACKEND_TYPE, backend_data=data, backend_v6_data=data6, mtu=mtu)
+
+    async def start(self, own: Lease) -> None:
+        async with self._lock:
+            self._own = own
+            for dev in self.devs.values():
+                sn = own.subnet if dev.version == 4 else own.ipv6_subnet
+                if sn is None:
+                    raise BackendError(f"vxlan: our lease {own.key} has no IPv{dev.version} subnet")
+                dev.addr = (
+                    IPv4Interface((sn.network_address, 32))
+                    if dev.version == 4
+                    else IPv6Interface((sn.network_address, 128))
+                )
+                link = await self.nl.link_by_index(dev.index) if dev.index else None
+                if link is None or link.name != dev.name:
+                    await self._ensure_device(dev)
+                else:
+                    await self._configure(dev, link)
+
+    def _own_subnets(self) -> set[IPNetwork]:
+        own = self._own
+        return {s for s in (own.subnet, own.ipv6_subnet) if s is not None} if own else set()
+
+    def _entries(
+        self, dev: _Dev, lease: Lease, warn: bool = True
+    ) -> tuple[IPNetwork | None, list[Route | Neigh | Fdb]]:
+        """The peer's subnet of dev's family and the kernel entries for it ([] when the lease is skipped)."""
+        sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
+        if sn is None or sn in self._own_subnets():
+            return None, []
+        if lease.attrs.backend_type != BACKEND_TYPE:
+            if warn:
+                log.warning("ignoring non-vxlan subnet %s: type=%s", sn, lease.attrs.backend_type or "(none)")
+            return sn, []
+        pub = lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6
+        data = lease.attrs.backend_data if dev.version == 4 else lease.attrs.backend_v6_data
+        mac = _vtep_mac(data)
+        if pub is None or mac is None:
+            if warn:
+                log.warning("ignoring vxlan subnet %s: malformed lease (PublicIP %s, BackendData %r)", sn, pub, data)
+            return sn, []
+        if self.direct_routing and self._l2.contains(pub):
+            return sn, [Route(dst=sn, gateway=pub, oif=self.ext.index)]
+        gw = sn.network_address
+        return sn, [
+            Neigh(ifindex=dev.index, dst=gw, lladdr=mac),
+            Fdb(ifindex=dev.index, lladdr=mac, dst=pub),
+            Route(dst=sn, gateway=gw, oif=dev.index, onlink=True),
+        ]
+
+    @staticmethod
+    def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
+        if isinstance(o, Route):
+            return ("r", o.dst, o.table, o.priority)
+        if isinstance(o, Neigh):
+            return ("n", o.ifindex, o.dst)
+        return ("f", o.ifindex, o.lladdr)
+
+    async def _apply(self, what: str, ops: list[Op]) -> None:
+        errs = await self.nl.apply(ops)
+        exc = errors_to_exception(what, ops, errs)
+        if exc is not None:
+            raise exc
+
+    async def add_peer(self, lease: Lease) -> None:
+        async with self._lock:
+            ops: list[Op] = []
+            for dev in self.devs.values():
+                sn, new = self._entries(dev, lease)
+                if sn is None:
+                    continue
+                new_keys = {self._key(o) for o in new}
+                old = dev.programmed.get(sn, [])
+                ops += [Op.delete(o) for o in old if self._key(o) not in new_keys]
+                ops += [Op.replace(o) for o in new]
+                if new:
+                    dev.programmed[sn] = new
+                    log.info(
+                        "vxlan: peer %s via %s",
+                        sn,
+                        lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6,
+                    )
+                else:
+                    dev.programmed.pop(sn, None)
+            await self._apply(f"vxlan add {lease.key}", ops)
+
+    async def remove_peer(self, lease: Lease) -> None:
+        async with self._lock:
+            ops: list[Op] = []
+            for dev in self.devs.values():
+                sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
+                if sn is None or sn in self._own_subnets():
+                    continue
+                old = dev.programmed.pop(sn, None)
+                if old is None:
+                    # Not programmed by this process (e.g. before a restart): delete what the lease implies.
+                    _, old = self._entries(dev, lease, warn=False)
+                ops += [Op.delete(o) for o in reversed(old)]
+                log.info("vxlan: removing peer %s", sn)
+            await self._apply(f"vxlan remove {lease.key}", ops)
+
+    async def reconcile(self, peers: Sequence[Lease]) -> None:
+        async with self._lock:
+            await self._l2.refresh()
+            for dev in self.devs.values():
+                if await self._ensure_device(dev):
+                    dev.programmed.clear()
+                await self._reconcile_dev(dev, peers)
+
+    async def _reconcile_dev(self, dev: _Dev, peers: Sequence[Lease]) -> None:
+        desired: dict[IPNetwork, list[Route | Neigh | Fdb]] = {}
+        for lease in peers:
+            sn, entries = self._entries(dev, lease)
+            if sn is not None and entries:
+                desired[sn] = entries
+        want_routes = [o for es in desired.values() for o in es if isinstance(o, Route)]
+        want_neigh = {(o.dst): o for es in desired.values() for o in es if isinstance(o, Neigh)}
+        want_fdb = {(o.lladdr, o.dst) for es in desired.values() for o in es if isinstance(o, Fdb)}
+        want_fdb_objs = [o for es in desired.values() for o in es if isinstance(o, Fdb)]
+
+        state = await self.nl.snapshot(dev.family, neigh_ifindex=dev.index, fdb_ifindex=dev.index)
+        own = self._own_subnets()
+        ext_idx = self.ext.index
+        direct = self.direct_routing
+
+        def ours(r: Route) -> bool:
+            if r.type != RTN_UNICAST or r.protocol == RTPROT_KERNEL or r.dst in own:
+                return False
+            if not in_network(r.dst, dev.network):
+                return False
+            # Direct routes via the external interface are ours only when DirectRouting could have made them.
+            return r.oif == dev.index or (direct and r.oif == ext_idx and r.gateway is not None)
+
+        route_ops = diff_routes(state.routes, want_routes, ours)
+        neigh_del: list[Op] = []
+        neigh_add: list[Op] = []
+        seen_neigh: set[object] = set()
+        for n in state.neighbours:
+            w = want_neigh.get(n.dst)
+            if w is None:
+                if n.state & (NUD_PERMANENT | NUD_NOARP):
+                    neigh_del.append(Op.delete(n))
+            elif n.lladdr == w.lladdr and n.state & NUD_PERMANENT:
+                seen_neigh.add(n.dst)
+        neigh_add = [Op.replace(w) for d, w in want_neigh.items() if d not in seen_neigh]
+
+        fdb_del: list[Op] = []
+        seen_fdb: set[tuple[str, IPAddress | None]] = set()
+        for f in state.fdb:
+            if not f.flags & NTF_SELF or f.lladdr == ZERO_MAC:
+                continue
+            if (f.lladdr, f.dst) in want_fdb:
+                seen_fdb.add((f.lladdr, f.dst))
+            elif f.state & (NUD_PERMANENT | NUD_NOARP):
+                fdb_del.append(Op.delete(Fdb(ifindex=dev.index, lladdr=f.lladdr, dst=f.dst)))
+        fdb_add = [Op.replace(o) for o in want_fdb_objs if (o.lladdr, o.dst) not in seen_fdb]
+
+        route_del = [op for op in route_ops if op.action == "delete"]
+        route_add = [op for op in route_ops if op.action != "delete"]
+        # Stale entries go first; then upstream's order per peer: neighbour and FDB before the route, so the
+        # kernel never has to resolve the onlink gateway by ARP over the overlay.
+        ops = route_del + neigh_del + fdb_del + neigh_add + fdb_add + route_add
+        dev.programmed = desired
+        if ops:
+            log.info(
+                "vxlan reconcile %s: %d peers; removing %d routes, %d neighbours, %d fdb; adding %d/%d/%d",
+                dev.name,
+                len(desired),
+                len(route_del),
+                len(neigh_del),
+                len(fdb_del),
+                len(route_add),
+                len(neigh_add),
+                len(fdb_add),
+            )
+        await self._apply(f"vxlan reconcile {dev.name}", ops)
+
+    async def close(self) -> None:
+        # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it.
+        pass

@@ -1,0 +1,254 @@
+"""The netlink adapter against a real kernel in a namespace; every check reads state back with ip/bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_network
+
+import pytest
+
+from pyflannel.lab.netns import RunScope, list_ns, run, veth
+from pyflannel.netlink import (
+    AF_INET6,
+    Fdb,
+    Neigh,
+    Netlink,
+    NetlinkError,
+    Op,
+    Route,
+    decode_neigh,
+    decode_route,
+    encode_op,
+    format_mac,
+    is_missing,
+    parse_mac,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def two_ns(scope: RunScope) -> tuple[str, str]:
+    a = scope.add_ns("a")
+    b = scope.add_ns("b")
+    veth(a, "eth0", b, "eth0")
+    run(["ip", "-n", a, "addr", "add", "192.168.0.1/16", "dev", "eth0"])
+    run(["ip", "-n", a, "addr", "add", "fd00:1::1/64", "dev", "eth0", "nodad"])
+    run(["ip", "-n", a, "link", "set", "eth0", "up"])
+    run(["ip", "-n", b, "link", "set", "eth0", "up"])
+    return a, b
+
+
+def in_ns(ns: str, fn: Callable[[Netlink], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with Netlink(netns=ns) as nl:
+            await fn(nl)
+
+    asyncio.run(main())
+
+
+def test_codec_round_trip() -> None:
+    r = Route(dst=IPv4Network("10.1.2.0/24"), gateway=IPv4Address("10.1.2.0"), oif=7, onlink=True)
+    buf = encode_op(Op.replace(r), 5, ack=True)
+    assert decode_route(buf, 16, len(buf)) == r
+    r6 = Route(dst=IPv6Network("fd00:1:2::/64"), gateway=IPv6Address("fe80::1"), oif=3)
+    buf = encode_op(Op.replace(r6), 6, ack=False)
+    assert decode_route(buf, 16, len(buf)) == r6
+    n = Neigh(ifindex=4, dst=IPv4Address("10.1.2.0"), lladdr="0a:00:00:00:00:01")
+    buf = encode_op(Op.replace(n), 7, ack=False)
+    assert decode_neigh(buf, 16, len(buf)) == n
+    f = Fdb(ifindex=4, lladdr="0a:00:00:00:00:01", dst=IPv4Address("192.168.0.2"))
+    buf = encode_op(Op.replace(f), 8, ack=False)
+    assert decode_neigh(buf, 16, len(buf)) == f
+    assert format_mac(parse_mac("0A-0B-0C-0D-0E-0F")) == "0a:0b:0c:0d:0e:0f"
+    with pytest.raises(ValueError):
+        parse_mac("0a:0b")
+
+
+def test_missing_netns_is_an_error_and_not_created() -> None:
+    name = "pflt-does-not-exist"
+
+    async def main() -> None:
+        async with Netlink(netns=name) as nl:
+            with pytest.raises(NetlinkError):
+                await nl.links()
+
+    asyncio.run(main())
+    assert name not in list_ns()
+
+
+def test_links_addresses_vxlan(scope: RunScope) -> None:
+    a, _ = two_ns(scope)
+
+    async def go(nl: Netlink) -> None:
+        eth = await nl.link_by_name("eth0")
+        assert eth is not None and eth.kind == "veth" and eth.mtu == 1500 and eth.up
+        assert await nl.link_by_name("nope0") is None
+        assert await nl.link_by_index(99999) is None
+        vx = await nl.create_vxlan(
+            "flannel.9",
+            vni=9,
+            local=IPv4Address("192.168.0.1"),
+            dev_index=eth.index,
+            port=4789,
+            gbp=True,
+            mtu=1400,
+            mac="0a:00:00:00:00:09",
+        )
+        assert vx.kind == "vxlan" and vx.mac == "0a:00:00:00:00:09" and vx.mtu == 1400 and not vx.up
+        assert vx.vxlan is not None
+        assert (vx.vxlan.vni, vx.vxlan.local, vx.vxlan.port, vx.vxlan.gbp, vx.vxlan.learning, vx.vxlan.link) == (
+            9,
+            IPv4Address("192.168.0.1"),
+            4789,
+            True,
+            False,
+            eth.index,
+        )
+        with pytest.raises(NetlinkError) as ei:
+            await nl.create_vxlan("flannel.9", vni=9, local=None, dev_index=None)
+        assert ei.value.errno == errno.EEXIST
+        await nl.set_up(vx.index)
+        await nl.set_mtu(vx.index, 1300)
+        await nl.add_address(vx.index, IPv4Interface("10.9.1.0/32"))
+        await nl.replace_address(vx.index, IPv4Interface("10.9.1.0/32"))
+        addrs = await nl.addresses(vx.index)
+        assert [x.address for x in addrs if x.address.version == 4] == [IPv4Interface("10.9.1.0/32")]
+        await nl.delete_address(vx.index, IPv4Interface("10.9.1.0/32"))
+        lwa = {ln.name: ads for ln, ads in await nl.links_with_addresses()}
+        assert IPv4Interface("192.168.0.1/16") in [x.address for x in lwa["eth0"]]
+        assert IPv6Interface("fd00:1::1/64") in [x.address for x in lwa["eth0"]]
+        assert set(lwa) >= {"lo", "eth0", "flannel.9"}
+
+        assert await nl.default_route() is None
+        assert await nl.default_route_index(4) is None
+        la = {x.name: x for x in await nl.links_with_addrs()}
+        assert la["eth0"].index == eth.index and IPv4Interface("192.168.0.1/16") in la["eth0"].addrs
+        assert await nl.route_get_index(IPv4Address("192.168.3.3")) == eth.index
+        assert await nl.route_get_index(IPv4Address("8.8.8.8")) is None
+        await nl.replace_route(Route(dst=ip_network("0.0.0.0/0"), gateway=IPv4Address("192.168.0.254"), oif=eth.index))
+        dr = await nl.default_route()
+        assert dr is not None and dr.link.name == "eth0" and dr.gateway == IPv4Address("192.168.0.254")
+        assert IPv4Interface("192.168.0.1/16") in [x.address for x in dr.addresses]
+        assert await nl.default_route_index(4) == eth.index
+        assert await nl.route_get_index(IPv4Address("8.8.8.8")) == eth.index
+        await nl.delete_link(vx.index)
+        assert await nl.link_by_name("flannel.9") is None
+
+    in_ns(a, go)
+    dev = run(["ip", "-n", a, "link"])
+    assert "flannel.9" not in dev
+    assert "default via 192.168.0.254 dev eth0" in run(["ip", "-n", a, "route"])
+
+
+def test_routes_neigh_fdb(scope: RunScope) -> None:
+    a, _ = two_ns(scope)
+    run(["ip", "-n", a, "link", "add", "vx0", "type", "vxlan", "id", "1", "local", "192.168.0.1", "dev", "eth0",
+         "dstport", "8472", "nolearning"])  # fmt: skip
+    run(["ip", "-n", a, "link", "set", "vx0", "up"])
+
+    async def go(nl: Netlink) -> None:
+        vx = await nl.link_by_name("vx0")
+        eth = await nl.link_by_name("eth0")
+        assert vx is not None and eth is not None
+        sn = IPv4Network("10.7.2.0/24")
+        r = Route(dst=sn, gateway=sn.network_address, oif=vx.index, onlink=True)
+        n = Neigh(ifindex=vx.index, dst=sn.network_address, lladdr="0a:00:00:00:02:00")
+        f = Fdb(ifindex=vx.index, lladdr="0a:00:00:00:02:00", dst=IPv4Address("192.168.0.2"))
+        await nl.replace_neigh(n)
+        await nl.replace_fdb(f)
+        await nl.replace_route(r)
+        await nl.replace_route(r)  # idempotent
+        assert r in await nl.routes(oif=vx.index)
+        assert n in await nl.neighbours(vx.index)
+        assert f in await nl.fdb(vx.index)
+        # append adds remotes to the all-zeros (flooding) entry; the kernel only appends for that one
+        z = "00:00:00:00:00:00"
+        await nl.append_fdb(Fdb(ifindex=vx.index, lladdr=z, dst=IPv4Address("192.168.0.3")))
+        await nl.append_fdb(Fdb(ifindex=vx.index, lladdr=z, dst=IPv4Address("192.168.0.4")))
+        zs = {x.dst for x in await nl.fdb(vx.index) if x.lladdr == z}
+        assert zs == {IPv4Address("192.168.0.3"), IPv4Address("192.168.0.4")}
+        # replace moves a unicast entry to another remote
+        await nl.replace_fdb(Fdb(ifindex=vx.index, lladdr="0a:00:00:00:02:00", dst=IPv4Address("192.168.0.5")))
+        await nl.replace_fdb(f)
+        st = await nl.snapshot(neigh_ifindex=vx.index, fdb_ifindex=vx.index)
+        assert r in st.routes and st.neighbours == [n] and len(st.fdb) == 3 and f in st.fdb
+        out = run(["bridge", "-n", a, "fdb", "show", "dev", "vx0"])
+        assert "0a:00:00:00:02:00 dst 192.168.0.2 self permanent" in out
+        assert "00:00:00:00:00:00 dst 192.168.0.4 self permanent" in out
+        assert "10.7.2.0/24 via 10.7.2.0 dev vx0 onlink" in run(["ip", "-n", a, "route"])
+        assert "10.7.2.0 lladdr 0a:00:00:00:02:00 PERMANENT" in run(["ip", "-n", a, "neigh", "show", "dev", "vx0"])
+
+        # IPv6 route through the codec, with the kernel's default metric read back as 0.
+        r6 = Route(dst=IPv6Network("fd00:7:2::/64"), gateway=IPv6Address("fd00:1::2"), oif=eth.index)
+        await nl.replace_route(r6)
+        assert r6 in await nl.routes(AF_INET6)
+        n6 = Neigh(ifindex=vx.index, dst=IPv6Address("fd00:7:2::"), lladdr="0a:00:00:00:02:06")
+        await nl.replace_neigh(n6)
+        assert n6 in await nl.neighbours(vx.index, AF_INET6)
+
+        # Errors carry the kernel's errno and say which request failed.
+        errs = await nl.apply(
+            [
+                Op.replace(Route(dst=IPv4Network("10.7.3.0/24"), gateway=IPv4Address("10.99.0.1"), oif=eth.index)),
+                Op.replace(Route(dst=IPv4Network("10.7.4.0/24"), gateway=IPv4Address("192.168.0.4"), oif=eth.index)),
+                Op.delete(Route(dst=IPv4Network("10.7.5.0/24"))),
+            ]
+        )
+        assert errs[0] is not None and errs[0].errno == errno.ENETUNREACH and "10.7.3.0/24" in str(errs[0])
+        assert errs[1] is None
+        assert is_missing(errs[2])
+
+        await nl.delete_route(r)
+        await nl.delete_neigh(n)
+        # deleting one remote leaves the other; deleting without dst drops the whole entry
+        await nl.delete_fdb(Fdb(ifindex=vx.index, lladdr=z, dst=IPv4Address("192.168.0.3")))
+        assert [x.dst for x in await nl.fdb(vx.index) if x.lladdr == z] == [IPv4Address("192.168.0.4")]
+        await nl.delete_fdb(Fdb(ifindex=vx.index, lladdr=z, dst=IPv4Address("192.168.0.4")))
+        await nl.delete_fdb(Fdb(ifindex=vx.index, lladdr="0a:00:00:00:02:00", dst=None))
+        await nl.delete_route(r)  # absent: fine by default
+        with pytest.raises(NetlinkError):
+            await nl.delete_route(r, missing_ok=False)
+        assert r not in await nl.routes(oif=vx.index)
+        assert n not in await nl.neighbours(vx.index)
+        assert await nl.fdb(vx.index) == []
+
+    in_ns(a, go)
+    assert "10.7.2.0/24" not in run(["ip", "-n", a, "route"])
+    assert run(["bridge", "-n", a, "fdb", "show", "dev", "vx0"]).strip() == ""
+
+
+def test_bulk_apply_5000_peers(scope: RunScope) -> None:
+    a, _ = two_ns(scope)
+    run(["ip", "-n", a, "link", "add", "vx0", "type", "vxlan", "id", "1", "local", "192.168.0.1", "dev", "eth0",
+         "dstport", "8472", "nolearning"])  # fmt: skip
+    run(["ip", "-n", a, "link", "set", "vx0", "up"])
+    count = 5000
+
+    async def go(nl: Netlink) -> None:
+        vx = await nl.link_by_name("vx0")
+        assert vx is not None
+        ops: list[Op] = []
+        for i in range(count):
+            sn = IPv4Network(f"10.{64 + (i >> 8)}.{i & 255}.0/24")
+            mac = f"0a:00:00:00:{i >> 8:02x}:{i & 255:02x}"
+            ops += [
+                Op.replace(Neigh(vx.index, sn.network_address, mac)),
+                Op.replace(Fdb(vx.index, mac, IPv4Address(f"192.168.{1 + (i >> 8)}.{i & 255}"))),
+                Op.replace(Route(sn, sn.network_address, vx.index, onlink=True)),
+            ]
+        t0 = time.monotonic()
+        errs = await nl.apply(ops)
+        elapsed = time.monotonic() - t0
+        assert errs == [None] * len(ops)
+        st = await nl.snapshot(neigh_ifindex=vx.index, fdb_ifindex=vx.index)
+        assert len([r for r in st.routes if r.oif == vx.index]) == count
+        assert len(st.neighbours) == count and len(st.fdb) == count
+        print(f"bulk apply of {len(ops)} requests: {elapsed:.3f}s")
+
+    in_ns(a, go)
+    assert run(["ip", "-n", a, "route", "show", "dev", "vx0"]).count("onlink") == count
+    assert run(["bridge", "-n", a, "fdb", "show", "dev", "vx0"]).count("self permanent") == count
+    assert run(["ip", "-n", a, "neigh", "show", "dev", "vx0"]).count("PERMANENT") == count
