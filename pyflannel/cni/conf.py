@@ -7,8 +7,7 @@ delegate config is byte-identical to what the Go plugin writes.
 
 from __future__ import annotations
 
-import ipaddress
-import json
+from pyflannel.cni import _fastjson
 
 # typing and dataclasses cost about 15 ms of start-up together: annotations only.
 TYPE_CHECKING = False
@@ -117,23 +116,21 @@ _HTML_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028"
 
 def go_json(obj: Any) -> bytes:
     """json.Marshal's bytes: compact, map keys sorted, <>& and U+2028/9 escaped, numbers as float64."""
-    if _needs_number_fixup(obj):
-        obj = _go_numbers(obj)
-    enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    # float.__repr__ is what the C encoder calls; _GoRaw overrides it, so use the pure-Python path for those.
-    text = _encode(enc, obj)
+    text = _encode_go_numbers(_go_numbers(obj)) if _needs_number_fixup(obj) else _fastjson.dumps_sorted(obj)
     for ch, esc in _HTML_ESCAPES:
         if ch in text:
             text = text.replace(ch, esc)
     return text.encode("utf-8", "replace")
 
 
-def _encode(enc: json.JSONEncoder, obj: Any) -> str:
-    if not _has_raw(obj):
-        return enc.encode(obj)
+def _encode_go_numbers(obj: Any) -> str:
+    # Rare (non-integral or huge numbers in a user's config): the C encoder ignores float subclasses'
+    # __repr__, the pure-Python one honours it.
+    import json
+
+    enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False)
     chunks = json.encoder._make_iterencode(  # type: ignore[attr-defined]
-        {}, enc.default, json.encoder.py_encode_basestring, enc.indent, repr, enc.key_separator,
-        enc.item_separator, enc.sort_keys, enc.skipkeys, True,
+        None, enc.default, json.encoder.py_encode_basestring, None, repr, ":", ",", True, False, True,
     )(obj, 0)  # fmt: skip
     return "".join(chunks)
 
@@ -149,16 +146,6 @@ def _needs_number_fixup(obj: Any) -> bool:
         return any(_needs_number_fixup(v) for v in obj.values())
     if isinstance(obj, list):
         return any(_needs_number_fixup(v) for v in obj)
-    return False
-
-
-def _has_raw(obj: Any) -> bool:
-    if isinstance(obj, _GoRaw):
-        return True
-    if isinstance(obj, dict):
-        return any(_has_raw(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_has_raw(v) for v in obj)
     return False
 
 
@@ -219,7 +206,7 @@ def _go_type(v: Any) -> str:
 def decode_object(data: bytes) -> dict[str, Any]:
     """Decode stdin as a JSON object, with code 6 on anything else (as json.Unmarshal into a struct)."""
     try:
-        obj = json.loads(data)
+        obj = _fastjson.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         if not data.strip():
             raise CNIError(ERR_DECODE, "error unmarshall network config: unexpected end of JSON input") from None
@@ -302,13 +289,10 @@ class FlannelSubnetEnv:
 
 def _parse_cidr(s: str) -> str:
     """net.ParseCIDR + IPNet.String(): the network in canonical form."""
-    addr, sep, plen = s.partition("/")
-    if not sep or not plen.isascii() or not plen.isdigit():
-        raise SubnetEnvError(f"invalid CIDR address: {s}")
     try:
-        return str(ipaddress.ip_network(f"{addr}/{int(plen)}", strict=False))
-    except ValueError:
-        raise SubnetEnvError(f"invalid CIDR address: {s}") from None
+        return _fastjson.parse_cidr(s)[1]
+    except ValueError as e:
+        raise SubnetEnvError(str(e)) from None
 
 
 def _parse_mtu(s: str) -> int:
@@ -389,23 +373,20 @@ def _route(r: Any) -> dict[str, Any]:
     _, dst = go_get(r, "dst")
     if not isinstance(dst, str):
         raise CNIError(ERR_INVALID_CONFIG, f"failed to assemble Delegate IPAM: invalid route dst {dst!r}")
-    addr, sep, plen = dst.partition("/")
     try:
-        ip = ipaddress.ip_address(addr)
-        net = ipaddress.ip_network(f"{addr}/{plen}", strict=False)
-        if not sep or not plen.isdigit():
-            raise ValueError(dst)
+        # types.IPNet keeps the address as given (not the network), canonicalised.
+        out["dst"] = _fastjson.parse_cidr(dst)[0]
     except ValueError:
         raise CNIError(
             ERR_INVALID_CONFIG,
             f"failed to assemble Delegate IPAM: failed to read IPAM routes: invalid CIDR address: {dst}",
         ) from None
-    # types.IPNet keeps the address as given (not the network), canonicalised.
-    out["dst"] = f"{ip}/{net.prefixlen}"
     _, gw = go_get(r, "gw")
     if gw is not None:
         try:
-            out["gw"] = str(ipaddress.ip_address(gw))
+            if not isinstance(gw, str):
+                raise ValueError(gw)
+            out["gw"] = _fastjson.format_ip(*_fastjson.parse_ip(gw))
         except ValueError:
             raise CNIError(
                 ERR_INVALID_CONFIG, f"failed to assemble Delegate IPAM: failed to read IPAM routes: invalid IP {gw!r}"

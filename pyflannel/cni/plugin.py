@@ -13,10 +13,10 @@ spoken to the delegate as 1.0.0 (the reference plugins stop at 1.0.0) and answer
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from pyflannel.cni import _fastjson
 from pyflannel.cni.conf import (
     CURRENT_VERSION,
     ERR_DECODE,
@@ -199,7 +199,7 @@ def _plugin_error(rc: int, out: bytes) -> CNIError:
     if not out.strip():
         return CNIError(ERR_INTERNAL, f"netplugin failed with no error message: exit status {rc}")
     try:
-        e = json.loads(out)
+        e = _fastjson.loads(out)
         code = int(e.get("code", 0)) or ERR_INTERNAL
         return CNIError(code, str(e.get("msg", "")), str(e.get("details", "") or ""))
     except (ValueError, AttributeError, TypeError) as err:
@@ -216,7 +216,7 @@ def _to_delegate_version(conf: bytes, version: str) -> bytes:
     """A 1.1.0 config talks 1.0.0 to the delegate: ADD/DEL/CHECK are the same in both."""
     if version != "1.1.0":
         return conf
-    d = json.loads(conf)
+    d = _fastjson.loads(conf)
     d["cniVersion"] = _DELEGATE_MAX
     prev = d.get("prevResult")
     if isinstance(prev, dict) and prev.get("cniVersion") == "1.1.0":
@@ -238,7 +238,7 @@ def delegate_versions(env: dict[str, str], dtype: str) -> list[str]:
     if rc != 0:
         raise _plugin_error(rc, out)
     try:
-        vs = json.loads(out).get("supportedVersions") or []
+        vs = _fastjson.loads(out).get("supportedVersions") or []
         return [str(v) for v in vs]
     except (ValueError, AttributeError):
         return []
@@ -281,7 +281,7 @@ def _read_stored(data_dir: str, cid: str) -> tuple[bytes | None, dict[str, Any] 
     except FileNotFoundError:
         return None, None
     try:
-        d = json.loads(data)
+        d = _fastjson.loads(data)
     except ValueError:
         return data, None
     if not isinstance(d, dict) or not isinstance(d.get("type"), str) or not d["type"]:
@@ -318,13 +318,13 @@ def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO)
     result = call_delegate(env, "ADD", d["type"], data, version)
     if version == "1.1.0":
         try:
-            r = json.loads(result)
+            r = _fastjson.loads(result)
         except ValueError:
             raise CNIError(
                 ERR_DECODE, "failed to decode the delegate's result", result.decode(errors="replace")
             ) from None
         r["cniVersion"] = version
-        result = json.dumps(r, indent=4).encode()
+        result = _fastjson.dumps(r).encode()
     out.write(result)
 
 
@@ -476,12 +476,10 @@ def run(env: dict[str, str], stdin: BinaryIO, out: BinaryIO, err: Any) -> int:
         fn(env, n, version, out)
         return 0
     except CNIError as e:
-        out.write(
-            json.dumps(e.to_dict(version if version in SUPPORTED_VERSIONS else CURRENT_VERSION), indent=4).encode()
-        )
+        out.write(_fastjson.dumps(e.to_dict(version if version in SUPPORTED_VERSIONS else CURRENT_VERSION)).encode())
         return 1
     except Exception as e:  # a plugin must answer with CNI error JSON, whatever happened
-        out.write(json.dumps(CNIError(ERR_INTERNAL, f"{type(e).__name__}: {e}").to_dict(), indent=4).encode())
+        out.write(_fastjson.dumps(CNIError(ERR_INTERNAL, f"{type(e).__name__}: {e}").to_dict()).encode())
         return 1
 
 

@@ -1,0 +1,185 @@
+"""What the flannel CNI plugin adds to a pod's ADD+DEL, measured against its own delegate config.
+
+In one run, inside a node namespace, each iteration does ADD then DEL of the same pod namespace with:
+  bridge      the exact delegate config flannel stores, handed straight to Debian's bridge (the baseline)
+  flannel     the flannel plugin (console script) with the kube-flannel plugin config
+  flannel-bin the host-installable build, when built (scripts/build-cni.sh)
+  conflist    the whole kube-flannel conflist (flannel + portmap), for reference
+Variants are interleaved per iteration so drift hits them alike. Reported: median and p95 of ADD+DEL, and
+the median added over the baseline; also each executable's start time (`CNI_COMMAND=VERSION`).
+
+usage (root): python bench/bench_cni.py [--iterations 60] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyflannel.cni.driver import Driver, RuntimeConf, kube_flannel_conflist  # noqa: E402
+from pyflannel.lab import netns  # noqa: E402
+
+REF = Path("/usr/lib/cni")
+DEFAULT_BUILT = ROOT / "build" / "cni" / "flannel.dist" / "flannel"
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def clean_env() -> dict[str, str]:
+    # A container runtime does not set these; they would make every start recompile bytecode.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    return env
+
+
+def start_time(exe: str, n: int) -> float:
+    env = clean_env()
+    env["CNI_COMMAND"] = "VERSION"
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run([exe], input=b"{}", capture_output=True, env=env, check=True)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def inner(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs inside the node namespace."""
+    work = Path(args.workdir)
+    flannel_dir = work / "bin-flannel"
+    flannel_dir.mkdir(exist_ok=True)
+    (flannel_dir / "flannel").unlink(missing_ok=True)
+    (flannel_dir / "flannel").symlink_to(args.flannel)
+    subnet_file = work / "subnet.env"
+    subnet_file.write_text(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    )
+    conflist = kube_flannel_conflist(
+        subnet_file=str(subnet_file), data_dir=str(work / "flannel"), ipam_data_dir=str(work / "ipam")
+    )
+    only_flannel = dict(conflist, plugins=[conflist["plugins"][0]])
+    drivers = {"flannel": Driver([flannel_dir, REF], work / "cache", env=clean_env())}
+    if args.built:
+        bdir = work / "bin-built"
+        bdir.mkdir(exist_ok=True)
+        (bdir / "flannel").unlink(missing_ok=True)
+        (bdir / "flannel").symlink_to(args.built)
+        drivers["flannel-bin"] = Driver([bdir, REF], work / "cache", env=clean_env())
+    rt = RuntimeConf(container_id="bench-pod", netns=args.podns, ifname="eth0")
+
+    # Warm-up: caches, bytecode, the bridge itself; and the exact delegate config flannel stores.
+    for _ in range(3):
+        drivers["flannel"].add(only_flannel, rt)
+        delegate = (work / "flannel" / rt.container_id).read_bytes()
+        drivers["flannel"].delete(only_flannel, rt)
+    bridge_net = {"name": conflist["name"], "cniVersion": conflist["cniVersion"], "plugins": [json.loads(delegate)]}
+
+    variants: dict[str, tuple[Driver, dict[str, Any]]] = {
+        "bridge": (drivers["flannel"], bridge_net),
+        "flannel": (drivers["flannel"], only_flannel),
+        "conflist": (drivers["flannel"], conflist),
+    }
+    if "flannel-bin" in drivers:
+        variants["flannel-bin"] = (drivers["flannel-bin"], only_flannel)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.iterations):
+        for name, (drv, net) in variants.items():
+            t = time.perf_counter()
+            drv.add(net, rt)
+            drv.delete(net, rt)
+            times[name].append((time.perf_counter() - t) * 1000)
+    leftover = sorted(p.name for p in (work / "ipam" / conflist["name"]).iterdir() if p.name[0].isdigit())
+    return {"times": times, "leftover_ips": leftover, "delegate": delegate.decode()}
+
+
+def outer(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    flannel = Path(args.flannel or Path(sys.executable).parent / "flannel")
+    if not flannel.is_file():
+        print(f"no flannel console script at {flannel} (pip install -e .)", file=sys.stderr)
+        return 2
+    built = Path(args.built) if args.built else DEFAULT_BUILT
+    scope = netns.RunScope(stem=netns.STEM_LAB, tag="bcni")
+    try:
+        node = scope.add_ns("node")
+        pod = scope.add_ns("pod")
+        cmd = [
+            "ip", "netns", "exec", node, sys.executable, __file__, "--inner",
+            "--workdir", str(scope.tmpdir), "--podns", f"/run/netns/{pod}",
+            "--iterations", str(args.iterations), "--flannel", str(flannel),
+        ]  # fmt: skip
+        if built.is_file():
+            cmd += ["--built", str(built)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            print(p.stdout, p.stderr, file=sys.stderr)
+            return 1
+        res = json.loads(p.stdout)
+        starts = {"python -S -I -c pass": 0.0, "flannel (console script)": start_time(str(flannel), 30)}
+        t = []
+        for _ in range(30):
+            s = time.perf_counter()
+            subprocess.run([sys.executable, "-S", "-I", "-c", "pass"], check=True)
+            t.append((time.perf_counter() - s) * 1000)
+        starts["python -S -I -c pass"] = statistics.median(t)
+        if built.is_file():
+            starts["flannel-bin (standalone build)"] = start_time(str(built), 30)
+    finally:
+        scope.close()
+
+    times: dict[str, list[float]] = res["times"]
+    base = statistics.median(times["bridge"])
+    report: dict[str, Any] = {"iterations": args.iterations, "variants": {}, "start_ms": starts}
+    print(f"ADD+DEL of one pod, {args.iterations} iterations each, interleaved, same run")
+    print(f"{'variant':<12} {'median ms':>10} {'p95 ms':>8} {'added median ms':>16}")
+    for name, xs in times.items():
+        med, p95 = statistics.median(xs), pct(xs, 95)
+        added = med - base
+        report["variants"][name] = {"median_ms": med, "p95_ms": p95, "added_median_ms": added}
+        print(f"{name:<12} {med:>10.2f} {p95:>8.2f} {added:>16.2f}")
+    print("start time (median of 30, CNI_COMMAND=VERSION):")
+    for k, v in starts.items():
+        print(f"  {k:<32} {v:7.2f} ms")
+    goal = report["variants"]["flannel"]["added_median_ms"] <= 15.0
+    print(f"goal <= 15 ms added median (console script): {'met' if goal else 'NOT met'}")
+    if res["leftover_ips"]:
+        print(f"WARNING: host-local kept {res['leftover_ips']}")
+    report["leftover_ips"] = res["leftover_ips"]
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--flannel", help="the flannel executable to measure (default: the venv's console script)")
+    ap.add_argument("--built", help=f"the standalone build (default: {DEFAULT_BUILT} if present)")
+    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--podns", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.inner:
+        print(json.dumps(inner(args)))
+        return 0
+    return outer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
