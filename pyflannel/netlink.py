@@ -413,6 +413,15 @@ class _RawRoute:
             return self.sock.recv(1 << 20)
         except TimeoutError:
             raise NetlinkError(errno.ETIMEDOUT, "netlink: no reply from the kernel") from None
+        except OSError as e:
+            # ENOBUFS: replies were dropped, so which requests succeeded is unknown; the caller must re-read.
+            raise NetlinkError(e.errno or errno.EIO, f"netlink receive: {e}") from e
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError as e:
+            raise NetlinkError(e.errno or errno.EIO, f"netlink send: {e}") from e
 
     @staticmethod
     def _error(buf: bytes, off: int, end: int, flags: int) -> tuple[int, str]:
@@ -445,7 +454,7 @@ class _RawRoute:
                 if last:
                     break
             last_seq = self.seq
-            self.sock.send(b"".join(parts))
+            self._send(b"".join(parts))
             done = False
             while not done:
                 buf = self._recv()
@@ -477,7 +486,7 @@ class _RawRoute:
     def _dump_once(self, kind: int, family: int) -> tuple[list[Route | Neigh | Fdb], bool]:
         seq = self._next_seq()
         body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) if kind == RTM_GETROUTE else _NDMSG.pack(family, 0, 0, 0, 0)
-        self.sock.send(_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
+        self._send(_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
         decode: Callable[[bytes, int, int], Route | Neigh | Fdb | None] = (
             decode_route if kind == RTM_GETROUTE else decode_neigh
         )

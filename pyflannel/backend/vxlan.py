@@ -27,7 +27,6 @@ from ..netlink import (
     AF_INET,
     AF_INET6,
     NTF_SELF,
-    NUD_NOARP,
     NUD_PERMANENT,
     RTN_UNICAST,
     RTPROT_KERNEL,
@@ -195,7 +194,10 @@ class VxlanBackend(Backend):
             elif link.mac != dev.mac:
                 # Someone recreated it with another MAC; ours is what peers were told.
                 log.warning("%s has MAC %s but we advertise %s; recreating", dev.name, link.mac, dev.mac)
-                await self.nl.delete_link(link.index)
+                try:
+                    await self.nl.delete_link(link.index)
+                except NetlinkError as e:
+                    raise BackendError(f"failed to delete interface {dev.name}: {e}") from e
                 link = None
         if link is None:
             if dev.index:
@@ -384,7 +386,9 @@ class VxlanBackend(Backend):
         for n in state.neighbours:
             w = want_neigh.get(n.dst)
             if w is None:
-                if n.state & (NUD_PERMANENT | NUD_NOARP):
+                # Only static entries can be ours: the kernel itself adds NOARP entries for multicast
+                # addresses (IPv6 MLD/RS on the device) and dynamic ones from traffic.
+                if n.state & NUD_PERMANENT and not n.dst.is_multicast:
                     neigh_del.append(Op.delete(n))
             elif n.lladdr == w.lladdr and n.state & NUD_PERMANENT:
                 seen_neigh.add(n.dst)
@@ -397,7 +401,7 @@ class VxlanBackend(Backend):
                 continue
             if (f.lladdr, f.dst) in want_fdb:
                 seen_fdb.add((f.lladdr, f.dst))
-            elif f.state & (NUD_PERMANENT | NUD_NOARP):
+            elif f.state & NUD_PERMANENT:
                 fdb_del.append(Op.delete(Fdb(ifindex=dev.index, lladdr=f.lladdr, dst=f.dst)))
         fdb_add = [Op.replace(o) for o in want_fdb_objs if (o.lladdr, o.dst) not in seen_fdb]
 
