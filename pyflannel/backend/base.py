@@ -22,9 +22,7 @@ class ExternalInterface:
     name: str
     index: int
     mtu: int
-    iface_addr: (
-        IPv4Address | None
-    )  # the interface's own IPv4 address (vxlan `local`, unless public_ip differs)
+    iface_addr: IPv4Address | None  # the interface's own IPv4 address (vxlan `local`, unless public_ip differs)
     iface_addr6: IPv6Address | None
     public_ip: IPv4Address | None  # what we advertise in the lease (--public-ip, else iface_addr)
     public_ipv6: IPv6Address | None

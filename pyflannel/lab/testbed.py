@@ -73,7 +73,7 @@ class Testbed:
     # --- underlay and etcd ---------------------------------------------------------------------------
     def _attach(self, ns: str, port: str, ip: str) -> None:
         veth(ns, "eth0", self.ul_ns, port)
-        run(["ip", "-n", self.ul_ns, "link", "set", port, "master", "br0", "up"])
+        run(["ip", "-n", self.ul_ns, "link", "set", "dev", port, "master", "br0", "up"])
         run(["ip", "-n", ns, "addr", "add", f"{ip}/{self.underlay.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway])
@@ -197,7 +197,7 @@ class Testbed:
         ns = self.scope.add_ns(name)
         port = f"vp{idx}"
         veth(ns, "eth0", node.ns, port, mtu=env.mtu)
-        run(["ip", "-n", node.ns, "link", "set", port, "master", "cni0", "up"])
+        run(["ip", "-n", node.ns, "link", "set", "dev", port, "master", "cni0", "up"])
         ip = str(env.subnet.network_address + 10 + idx)
         run(["ip", "-n", ns, "addr", "add", f"{ip}/{env.subnet.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
