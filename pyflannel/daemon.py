@@ -144,7 +144,10 @@ class Agent:
                 await health.close()
 
     def _exit_code(self, main: asyncio.Task[None]) -> int:
-        exc = main.exception()
+        exc: BaseException | None = main.exception()
+        # The loops run in a TaskGroup: report the failure that stopped them, not the group wrapping it.
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
         if exc is None:
             return 0
         if isinstance(exc, LeaseRevokedError):
