@@ -1,0 +1,657 @@
+"""The Kubernetes store (`--kube-subnet-mgr`): leases are Node objects, as upstream's kube subnet manager.
+
+Our subnet is the node's `spec.podCIDRs` (or `spec.podCIDR`), handed out by the controller manager; nothing is
+allocated here. What other nodes need from us goes into annotations on our Node, written with a
+strategic-merge patch on the `status` subresource (the only write the upstream RBAC grants besides none):
+
+    <p>/kube-subnet-manager: "true"      <p>/backend-type: "vxlan"
+    <p>/backend-data: '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}'  (host-gw, ipip: 'null')
+    <p>/public-ip: "192.168.64.3"        and, with IPv6 on, <p>/backend-v6-data, <p>/public-ipv6
+
+Every Node annotated `kube-subnet-manager: "true"` is a peer; a list+watch on Nodes turns into lease events.
+
+What the daemon must do beyond the Store interface (upstream does the same in its main.go and vxlan backend):
+- before choosing the external interface, call `node_public_ip_override()` and, when it returns an address,
+  use it as --public-ip / --public-ipv6 (the `<p>/node-public-ip` annotations win over the flags);
+- before `backend.prepare()`, call `stored_vtep_macs(net.backend.type)` and give the MACs to the vxlan backend
+  so that a restarted agent keeps its VTEP MAC (peers hold it in their neighbour and FDB entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from typing import TYPE_CHECKING, Any
+
+from ..config import ConfigError, NetConfig, parse_net_config
+from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
+from ..subnetenv import SubnetEnv
+from .base import Store, StoreError
+
+if TYPE_CHECKING:
+    from ..cli import Options
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "flannel.alpha.coreos.com"
+DEFAULT_NET_CONFIG = "/etc/kube-flannel/net-conf.json"
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+STRATEGIC = "application/strategic-merge-patch+json"
+
+
+class KubeNodeError(ConfigError):
+    """Our Node cannot be used as a lease (no podCIDR, podCIDR outside Network): fatal, as upstream."""
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """The annotation names for a prefix, normalised as upstream's newAnnotations does."""
+
+    prefix: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> Annotations:
+        prefix = prefix.strip()
+        if not prefix:
+            raise ConfigError("--kube-annotation-prefix must not be empty")
+        slashes = prefix.count("/")
+        if slashes > 1:
+            raise ConfigError(f"--kube-annotation-prefix {prefix!r}: a prefix may contain at most one slash")
+        if slashes == 0:
+            prefix += "/"
+        if not prefix.endswith(("/", "-")):
+            prefix += "-"
+        return cls(prefix)
+
+    @property
+    def kube_managed(self) -> str:
+        return self.prefix + "kube-subnet-manager"
+
+    @property
+    def backend_type(self) -> str:
+        return self.prefix + "backend-type"
+
+    @property
+    def backend_data(self) -> str:
+        return self.prefix + "backend-data"
+
+    @property
+    def backend_v6_data(self) -> str:
+        return self.prefix + "backend-v6-data"
+
+    @property
+    def public_ip(self) -> str:
+        return self.prefix + "public-ip"
+
+    @property
+    def public_ipv6(self) -> str:
+        return self.prefix + "public-ipv6"
+
+    @property
+    def public_ip_overwrite(self) -> str:
+        return self.prefix + "public-ip-overwrite"
+
+    @property
+    def public_ipv6_overwrite(self) -> str:
+        return self.prefix + "public-ipv6-overwrite"
+
+    @property
+    def node_public_ip(self) -> str:
+        return self.prefix + "node-public-ip"
+
+    @property
+    def node_public_ipv6(self) -> str:
+        return self.prefix + "node-public-ipv6"
+
+
+@dataclass(frozen=True)
+class KubeOptions:
+    api_url: str = ""
+    kubeconfig_file: str = ""
+    annotation_prefix: str = DEFAULT_PREFIX
+    node_name: str = ""  # NODE_NAME; when empty the pod below is read for spec.nodeName
+    pod_name: str = ""
+    pod_namespace: str = ""
+    net_config_path: str = DEFAULT_NET_CONFIG
+    set_node_network_unavailable: bool = True
+    podcidr_wait: float = 30.0  # how long to wait for the controller manager to assign spec.podCIDR
+    # In-cluster configuration (used when neither api_url nor kubeconfig_file is given).
+    service_host: str = ""  # KUBERNETES_SERVICE_HOST
+    service_port: str = ""  # KUBERNETES_SERVICE_PORT
+    serviceaccount_dir: str = SERVICEACCOUNT_DIR
+    watch_timeout: float = 300.0  # server-side timeout of one watch request; then we watch again
+    request_timeout: float = 30.0
+    patch_attempts: int = 5
+    retry_delay: float = 0.5  # first backoff step for patches and re-lists, doubled up to 16x
+
+
+def kube_options_from_cli(opts: Options, environ: Mapping[str, str]) -> KubeOptions:
+    """The flags and environment upstream's kube subnet manager reads."""
+    return KubeOptions(
+        api_url=str(opts["kube-api-url"]),
+        kubeconfig_file=str(opts["kubeconfig-file"]),
+        annotation_prefix=str(opts["kube-annotation-prefix"]),
+        node_name=environ.get("NODE_NAME", ""),
+        pod_name=environ.get("POD_NAME", ""),
+        pod_namespace=environ.get("POD_NAMESPACE", ""),
+        net_config_path=str(opts["net-config-path"]),
+        set_node_network_unavailable=bool(opts["set-node-network-unavailable"]),
+        service_host=environ.get("KUBERNETES_SERVICE_HOST", ""),
+        service_port=environ.get("KUBERNETES_SERVICE_PORT", ""),
+    )
+
+
+class _ApiError(StoreError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _WatchGone(Exception):
+    """The watch's resourceVersion is older than the server's history: re-list."""
+
+
+def _parse_pod_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """spec.podCIDRs (or spec.podCIDR) as one IPv4 and one IPv6 network; raises ValueError."""
+    spec = node.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    if not isinstance(cidrs, list) or len(cidrs) > 2:
+        raise ValueError(f"spec.podCIDRs {cidrs!r} should be IPv4 and/or IPv6 only")
+    v4: IPv4Network | None = None
+    v6: IPv6Network | None = None
+    for c in cidrs:
+        net = ip_network(str(c), strict=False)
+        if isinstance(net, IPv4Network):
+            if v4 is not None:
+                raise ValueError(f"spec.podCIDRs {cidrs!r} holds two IPv4 networks")
+            v4 = net
+        else:
+            if v6 is not None:
+                raise ValueError(f"spec.podCIDRs {cidrs!r} holds two IPv6 networks")
+            v6 = net
+    return v4, v6
+
+
+def _decode_data(raw: str | None) -> Any:
+    if raw is None or raw == "":
+        return None
+    return json.loads(raw)
+
+
+def _encode_data(data: Any) -> str:
+    # Go's json.Marshal of a RawMessage: compact, key order kept; a nil message is "null".
+    return json.dumps(data, separators=(",", ":"))
+
+
+def node_to_lease(node: Mapping[str, Any], ann: Annotations, net: NetConfig) -> Lease | None:
+    """The lease a Node stands for; None when it is not a flannel node. Raises ValueError for a flannel node
+    whose annotations or podCIDRs cannot be read."""
+    meta = node.get("metadata") or {}
+    a = meta.get("annotations") or {}
+    if a.get(ann.kube_managed) != "true":
+        return None
+    v4, v6 = _parse_pod_cidrs(node)
+    pub4: IPv4Address | None = None
+    pub6: IPv6Address | None = None
+    data = data6 = None
+    if net.enable_ipv4:
+        if v4 is None:
+            raise ValueError("no IPv4 podCIDR")
+        pub4 = IPv4Address(a.get(ann.public_ip, ""))
+        data = _decode_data(a.get(ann.backend_data))
+    else:
+        v4 = None
+    if net.enable_ipv6:
+        if v6 is None:
+            raise ValueError("no IPv6 podCIDR")
+        pub6 = IPv6Address(a.get(ann.public_ipv6, ""))
+        data6 = _decode_data(a.get(ann.backend_v6_data))
+    else:
+        v6 = None
+    attrs = LeaseAttrs(
+        public_ip=pub4,
+        public_ipv6=pub6,
+        backend_type=str(a.get(ann.backend_type, "")),
+        backend_data=data,
+        backend_v6_data=data6,
+    )
+    return Lease(subnet=v4, ipv6_subnet=v6, attrs=attrs, expiration=None)
+
+
+@dataclass
+class _Conn:
+    """The kubernetes_asyncio client objects, created on first use inside the running loop."""
+
+    api_client: Any
+    core: Any
+
+
+@dataclass
+class KubeStore(Store):
+    opts: KubeOptions
+    ann: Annotations = field(init=False)
+    node_name: str = field(init=False, default="")
+    _conn: _Conn | None = field(init=False, default=None)
+    _net: NetConfig | None = field(init=False, default=None)
+    _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.ann = Annotations.for_prefix(self.opts.annotation_prefix)
+
+    # --- connection --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build the client (kubeconfig, --kube-api-url or in-cluster) and resolve our node name."""
+        async with self._start_lock:
+            if self._conn is not None:
+                return
+            from kubernetes_asyncio import client
+
+            cfg = await self._client_config()
+            api_client = client.ApiClient(configuration=cfg)
+            self._conn = _Conn(api_client=api_client, core=client.CoreV1Api(api_client))
+            try:
+                self.node_name = await self._resolve_node_name()
+            except BaseException:
+                await self.close()
+                raise
+            log.info("kube subnet manager for node %s, annotation prefix %s", self.node_name, self.ann.prefix)
+
+    async def _client_config(self) -> Any:
+        from kubernetes_asyncio import client, config
+        from kubernetes_asyncio.config.config_exception import ConfigException
+        from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+        cfg = client.Configuration()
+        try:
+            if self.opts.kubeconfig_file:
+                await config.load_kube_config(config_file=self.opts.kubeconfig_file, client_configuration=cfg)
+                if self.opts.api_url:
+                    cfg.host = self.opts.api_url.rstrip("/")
+            elif self.opts.api_url:
+                cfg.host = self.opts.api_url.rstrip("/")
+                # Inside a pod the service-account token still authenticates us against an explicit URL.
+                token = os.path.join(self.opts.serviceaccount_dir, "token")
+                if os.path.isfile(token):
+                    with open(token) as f:
+                        cfg.api_key = {"BearerToken": f.read().strip()}
+                    ca = os.path.join(self.opts.serviceaccount_dir, "ca.crt")
+                    if os.path.isfile(ca):
+                        cfg.ssl_ca_cert = ca
+            else:
+                InClusterConfigLoader(
+                    token_filename=os.path.join(self.opts.serviceaccount_dir, "token"),
+                    cert_filename=os.path.join(self.opts.serviceaccount_dir, "ca.crt"),
+                    environ={
+                        "KUBERNETES_SERVICE_HOST": self.opts.service_host,
+                        "KUBERNETES_SERVICE_PORT": self.opts.service_port,
+                    },
+                ).load_and_set(cfg)
+        except (ConfigException, OSError) as e:
+            raise StoreError(
+                f"cannot configure the Kubernetes client (use --kube-api-url, --kubeconfig-file, "
+                f"or run in a pod with a service account): {e}"
+            ) from None
+        return cfg
+
+    async def _resolve_node_name(self) -> str:
+        if self.opts.node_name:
+            return self.opts.node_name
+        if not self.opts.pod_name or not self.opts.pod_namespace:
+            raise StoreError("env variables POD_NAME and POD_NAMESPACE must be set when NODE_NAME is not")
+        pod = await self._get(f"pod {self.opts.pod_namespace}/{self.opts.pod_name}", self._core().read_namespaced_pod,
+                              self.opts.pod_name, self.opts.pod_namespace)  # fmt: skip
+        name = (pod.get("spec") or {}).get("nodeName") or ""
+        if not name:
+            raise StoreError(f"node name not present in pod spec '{self.opts.pod_namespace}/{self.opts.pod_name}'")
+        return str(name)
+
+    def _core(self) -> Any:
+        assert self._conn is not None
+        return self._conn.core
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.api_client.close()
+
+    # --- requests ----------------------------------------------------------------------------------
+    async def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+        """One request with the raw JSON answer; raises _ApiError (with the HTTP status) or StoreError."""
+        import aiohttp
+
+        try:
+            resp = await fn(*args, _preload_content=False, _request_timeout=self.opts.request_timeout, **kw)
+            async with resp:
+                body = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise StoreError(f"{what}: cannot reach the Kubernetes API: {e or type(e).__name__}") from None
+        try:
+            obj = json.loads(body) if body else {}
+        except json.JSONDecodeError:
+            obj = {"message": body[:200].decode(errors="replace")}
+        if not 200 <= status < 300:
+            msg = obj.get("message", "") if isinstance(obj, dict) else ""
+            if status == 403:
+                msg += " (check the flannel ClusterRole: pods get; nodes get/list/watch; nodes/status patch)"
+            raise _ApiError(status, f"{what}: HTTP {status}: {msg}")
+        if not isinstance(obj, dict):
+            raise StoreError(f"{what}: the API answered with a non-object")
+        return obj
+
+    async def _get(self, what: str, fn: Any, *args: Any) -> dict[str, Any]:
+        return await self._call(what, fn, *args)
+
+    async def get_node(self) -> dict[str, Any]:
+        """Our Node object, as JSON."""
+        await self.start()
+        return await self._get(f"node {self.node_name}", self._core().read_node, self.node_name)
+
+    async def _patch_status(self, body: dict[str, Any], what: str) -> dict[str, Any]:
+        delay = self.opts.retry_delay
+        for attempt in range(1, self.opts.patch_attempts + 1):
+            try:
+                return await self._call(
+                    what, self._core().patch_node_status, self.node_name, body, _content_type=STRATEGIC
+                )
+            except _ApiError as e:
+                # 4xx other than conflicts and throttling will not get better by retrying.
+                if (e.status < 500 and e.status not in (409, 429)) or attempt == self.opts.patch_attempts:
+                    raise
+                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, e)
+            except StoreError as e:
+                if attempt == self.opts.patch_attempts:
+                    raise
+                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.opts.retry_delay * 16)
+        raise AssertionError("unreachable")
+
+    # --- Store ---------------------------------------------------------------------------------------
+    async def get_network_config(self) -> NetConfig:
+        path = self.opts.net_config_path
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"failed to read net conf {path}: {e.strerror or e}") from None
+        try:
+            net = parse_net_config(text)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        self._net = net
+        return net
+
+    async def node_public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+        """The `<p>/node-public-ip` and `<p>/node-public-ipv6` annotations of our Node, if set."""
+        node = await self.get_node()
+        a = (node.get("metadata") or {}).get("annotations") or {}
+        v4: IPv4Address | None = None
+        v6: IPv6Address | None = None
+        try:
+            if a.get(self.ann.node_public_ip):
+                v4 = IPv4Address(a[self.ann.node_public_ip])
+            if a.get(self.ann.node_public_ipv6):
+                v6 = IPv6Address(a[self.ann.node_public_ipv6])
+        except ValueError as e:
+            raise ConfigError(f"node {self.node_name}: bad {self.ann.prefix}node-public-ip annotation: {e}") from None
+        return v4, v6
+
+    async def stored_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
+        """The VtepMACs in our own backend-data / backend-v6-data annotations, when they were written by the
+        same backend type; a restarted vxlan backend reuses them so that peers' entries stay right."""
+        node = await self.get_node()
+        a = (node.get("metadata") or {}).get("annotations") or {}
+        if a.get(self.ann.backend_type, "").lower() != backend_type.lower():
+            return None, None
+        out: list[str | None] = []
+        for key in (self.ann.backend_data, self.ann.backend_v6_data):
+            try:
+                data = _decode_data(a.get(key))
+            except json.JSONDecodeError:
+                data = None
+            mac = data.get("VtepMAC") if isinstance(data, dict) else None
+            out.append(mac if isinstance(mac, str) and mac else None)
+        return out[0], out[1]
+
+    async def previous_backend_data(self, backend_type: str) -> tuple[Any, Any]:
+        """Our own decoded backend-data and backend-v6-data, when written by the same backend type."""
+        node = await self.get_node()
+        a = (node.get("metadata") or {}).get("annotations") or {}
+        if a.get(self.ann.backend_type, "").lower() != backend_type.lower():
+            return None, None
+        res: list[Any] = []
+        for key in (self.ann.backend_data, self.ann.backend_v6_data):
+            try:
+                res.append(_decode_data(a.get(key)))
+            except json.JSONDecodeError:
+                res.append(None)
+        return res[0], res[1]
+
+    async def _wait_pod_cidrs(self) -> tuple[dict[str, Any], IPv4Network | None, IPv6Network | None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.podcidr_wait
+        while True:
+            node = await self.get_node()
+            try:
+                v4, v6 = _parse_pod_cidrs(node)
+            except ValueError as e:
+                raise KubeNodeError(f"node {self.node_name}: {e}") from None
+            if v4 is not None or v6 is not None:
+                return node, v4, v6
+            if loop.time() >= deadline:
+                raise KubeNodeError(
+                    f"node {self.node_name} pod cidr not assigned after {self.opts.podcidr_wait:.0f}s: "
+                    "is the controller manager running with --allocate-node-cidrs and --cluster-cidr?"
+                )
+            log.info("waiting for node %s to be assigned a podCIDR", self.node_name)
+            await asyncio.sleep(min(1.0, max(0.05, deadline - loop.time())))
+
+    async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
+        self._net = cfg
+        node, v4, v6 = await self._wait_pod_cidrs()
+        if cfg.enable_ipv4:
+            if v4 is None:
+                raise KubeNodeError(f"node {self.node_name} has no IPv4 podCIDR but EnableIPv4 is on")
+            assert cfg.network is not None
+            if not v4.subnet_of(cfg.network):
+                raise KubeNodeError(
+                    f"node {self.node_name} podCIDR {v4} is not inside Network {cfg.network} of "
+                    f"{self.opts.net_config_path}: the controller manager's --cluster-cidr must match it"
+                )
+        if cfg.enable_ipv6:
+            if v6 is None:
+                raise KubeNodeError(f"node {self.node_name} has no IPv6 podCIDR but EnableIPv6 is on")
+            assert cfg.ipv6_network is not None
+            if not v6.subnet_of(cfg.ipv6_network):
+                raise KubeNodeError(
+                    f"node {self.node_name} IPv6 podCIDR {v6} is not inside IPv6Network {cfg.ipv6_network} "
+                    f"of {self.opts.net_config_path}"
+                )
+        current: dict[str, str] = (node.get("metadata") or {}).get("annotations") or {}
+        want = self._annotations(cfg, attrs, current)
+        changed = {k: v for k, v in want.items() if current.get(k) != v}
+        if changed:
+            log.info("writing annotations on node %s: %s", self.node_name, ", ".join(sorted(changed)))
+            await self._patch_status({"metadata": {"annotations": changed}}, f"patch node {self.node_name} status")
+        if self.opts.set_node_network_unavailable:
+            await self._set_network_available()
+        return Lease(
+            subnet=v4 if cfg.enable_ipv4 else None,
+            ipv6_subnet=v6 if cfg.enable_ipv6 else None,
+            attrs=attrs,
+            expiration=None,
+        )
+
+    def _annotations(self, cfg: NetConfig, attrs: LeaseAttrs, current: Mapping[str, str]) -> dict[str, str]:
+        a = self.ann
+        want = {a.kube_managed: "true", a.backend_type: attrs.backend_type}
+        if cfg.enable_ipv4:
+            want[a.backend_data] = _encode_data(attrs.backend_data)
+            overwrite = current.get(a.public_ip_overwrite, "")
+            if overwrite:
+                log.info("overriding public ip with %r from node annotation %r", overwrite, a.public_ip_overwrite)
+            want[a.public_ip] = overwrite or str(attrs.public_ip or IPv4Address(0))
+        if cfg.enable_ipv6:
+            want[a.backend_v6_data] = _encode_data(attrs.backend_v6_data)
+            overwrite6 = current.get(a.public_ipv6_overwrite, "")
+            if overwrite6:
+                log.info("overriding public ipv6 with %r from node annotation %r", overwrite6, a.public_ipv6_overwrite)
+            want[a.public_ipv6] = overwrite6 or (str(attrs.public_ipv6) if attrs.public_ipv6 else "")
+        return want
+
+    async def _set_network_available(self) -> None:
+        from datetime import datetime
+
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }
+        log.info("setting NetworkUnavailable=False on node %s", self.node_name)
+        await self._patch_status({"status": {"conditions": [condition]}}, f"set node {self.node_name} condition")
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        return lease  # a Node does not expire
+
+    # --- watch ----------------------------------------------------------------------------------------
+    async def _network(self) -> NetConfig:
+        if self._net is None:
+            self._net = await self.get_network_config()
+        return self._net
+
+    def _leases(self, items: list[dict[str, Any]], net: NetConfig) -> dict[str, Lease]:
+        out: dict[str, Lease] = {}
+        for node in items:
+            name = str((node.get("metadata") or {}).get("name", ""))
+            lease = self._lease_of(node, net)
+            if lease is not None:
+                out[name] = lease
+        return out
+
+    def _lease_of(self, node: Mapping[str, Any], net: NetConfig) -> Lease | None:
+        try:
+            return node_to_lease(node, self.ann, net)
+        except (ValueError, TypeError) as e:
+            name = (node.get("metadata") or {}).get("name", "?")
+            log.warning("skipping node %s: its flannel annotations or podCIDRs cannot be used: %s", name, e)
+            return None
+
+    async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
+        await self.start()
+        net = await self._network()
+        delay = self.opts.retry_delay
+        while True:
+            try:
+                listing = await self._call("list nodes", self._core().list_node)
+            except StoreError as e:
+                log.warning("listing nodes failed, retrying in %.1fs: %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.opts.retry_delay * 16)
+                continue
+            rv = str((listing.get("metadata") or {}).get("resourceVersion", ""))
+            current = self._leases(list(listing.get("items") or []), net)
+            yield LeaseSnapshot(tuple(current.values()))
+            try:
+                while True:
+                    async for batch, new_rv in self._watch_once(rv, current, net):
+                        rv = new_rv
+                        delay = self.opts.retry_delay
+                        if batch:
+                            yield batch
+                    # The server ended the watch (its timeout): carry on from where we are, no re-list.
+            except _WatchGone as e:
+                log.info("watch of nodes expired (%s): listing again", e)
+            except StoreError as e:
+                log.warning("watch of nodes lost, listing again in %.1fs: %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.opts.retry_delay * 16)
+
+    async def _watch_once(
+        self, rv: str, current: dict[str, Lease], net: NetConfig
+    ) -> AsyncIterator[tuple[list[LeaseEvent], str]]:
+        """One watch request from `rv`; updates `current` in place and yields (events, rv) per chunk read."""
+        import aiohttp
+
+        # Spread the timeouts as client-go's reflector does, so that agents do not re-watch in step.
+        timeout = int(self.opts.watch_timeout * (1 + random.random()))
+        try:
+            resp = await self._core().list_node(
+                watch=True,
+                allow_watch_bookmarks=True,
+                resource_version=rv,
+                timeout_seconds=timeout,
+                _preload_content=False,
+                # No bookmark or event for this long means the connection is dead even if TCP did not say so.
+                _request_timeout=aiohttp.ClientTimeout(connect=self.opts.request_timeout, sock_read=timeout + 30),
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            raise StoreError(f"watch nodes: {e or type(e).__name__}") from None
+        async with resp:
+            if resp.status == 410:
+                raise _WatchGone(f"HTTP 410 for resourceVersion {rv}")
+            if resp.status != 200:
+                raise StoreError(f"watch nodes: HTTP {resp.status}: {(await resp.read())[:200]!r}")
+            buf = b""
+            try:
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    lines = buf.split(b"\n")
+                    buf = lines.pop()
+                    batch: list[LeaseEvent] = []
+                    for line in lines:
+                        if line.strip():
+                            rv = self._apply_watch_line(line, rv, current, net, batch)
+                    # Also without events: a bookmark moved rv, and the next watch should start there.
+                    yield batch, rv
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                raise StoreError(f"watch nodes: {e or type(e).__name__}") from None
+            if buf.strip():
+                raise StoreError(f"watch nodes: the stream ended in the middle of an event: {buf[:100]!r}")
+
+    def _apply_watch_line(
+        self, line: bytes, rv: str, current: dict[str, Lease], net: NetConfig, batch: list[LeaseEvent]
+    ) -> str:
+        try:
+            ev = json.loads(line)
+            etype = ev["type"]
+            obj = ev["object"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise StoreError(f"watch nodes: undecodable event {line[:200]!r}") from None
+        if etype == "ERROR":
+            code = obj.get("code") if isinstance(obj, dict) else None
+            if code == 410:
+                raise _WatchGone(str(obj.get("message", "Gone")))
+            raise StoreError(f"watch nodes: error event {obj!r}")
+        meta = obj.get("metadata") or {}
+        new_rv = str(meta.get("resourceVersion") or rv)
+        if etype == "BOOKMARK":
+            return new_rv
+        name = str(meta.get("name", ""))
+        old = current.get(name)
+        lease = None if etype == "DELETED" else self._lease_of(obj, net)
+        if lease is None:
+            if old is not None:
+                del current[name]
+                batch.append(LeaseEvent(EventType.REMOVED, old))
+            return new_rv
+        if old == lease:
+            return new_rv  # a status heartbeat or an unrelated annotation: no lease change
+        if old is not None and old.key != lease.key:
+            batch.append(LeaseEvent(EventType.REMOVED, old))  # the node got another podCIDR
+        current[name] = lease
+        batch.append(LeaseEvent(EventType.ADDED, lease))
+        return new_rv
