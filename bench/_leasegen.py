@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from etcd3aio import Etcd3Client
 from etcd3aio.kv import KVService
@@ -32,6 +33,8 @@ async def main() -> None:
         for i in range(first, first + count):
             key, value = lease_for(i)
             ops.append(KVService.txn_op_put(f"{prefix}/subnets/{key}", value, lease=grant.ID))
+        # The time the first write was sent, so a caller can time propagation without our start-up cost.
+        print(f"{time.time():.6f}", flush=True)
         # etcd 3.4 allows 128 operations per transaction by default.
         for j in range(0, len(ops), 128):
             await c.kv.txn([], ops[j : j + 128])
