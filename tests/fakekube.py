@@ -542,6 +542,12 @@ class _TCPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     state: State
 
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup of the address; a namespace has no resolver.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
@@ -557,7 +563,7 @@ class FakeKube:
 
     def __init__(
         self,
-        host: str = "127.0.0.1",
+        host: str | None = "127.0.0.1",  # None: only the unix socket
         port: int = 0,
         *,
         unix_path: str | None = None,
@@ -575,12 +581,13 @@ class FakeKube:
         self.url = ""
 
     def start(self) -> str:
-        tcp = _TCPServer((self.host, self.port), Handler)
-        tcp.state = self.state
-        self._servers.append(tcp)
-        self.port = tcp.server_address[1]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{host}:{self.port}"
+        if self.host is not None:
+            tcp = _TCPServer((self.host, self.port), Handler)
+            tcp.state = self.state
+            self._servers.append(tcp)
+            self.port = tcp.server_address[1]
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            self.url = f"http://{host}:{self.port}"
         if self.unix_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
