@@ -35,7 +35,7 @@ def watch(fk: FakeKube, query: str, max_events: int = 100, timeout: float = 5) -
         conn.request("GET", f"/api/v1/nodes?watch=true&{query}")
         resp = conn.getresponse()
         headers = {k.lower(): v for k, v in resp.getheaders()}
-        events = []
+        events: list[Any] = []
         while len(events) < max_events:
             line = resp.readline()
             if not line:
@@ -47,13 +47,13 @@ def watch(fk: FakeKube, query: str, max_events: int = 100, timeout: float = 5) -
 
 
 def test_strategic_merge_of_annotations_and_conditions() -> None:
-    node = {
+    node: dict[str, Any] = {
         "metadata": {"annotations": {"a": "1", "b": "2"}},
         "status": {
             "conditions": [{"type": "Ready", "status": "True"}, {"type": "NetworkUnavailable", "status": "True"}]
         },
     }
-    patch = {
+    patch: dict[str, Any] = {
         "metadata": {"annotations": {"b": None, "c": "3"}},
         "status": {"conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp"}]},
     }
