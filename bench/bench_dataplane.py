@@ -9,6 +9,7 @@ usage: sudo .venv/bin/python bench/bench_dataplane.py [--seconds 5] [--rounds 3]
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import statistics
 import subprocess
@@ -40,8 +41,6 @@ def hand_vxlan(tb: Testbed, a: Node, b: Node, sa: str, sb: str) -> tuple[Pod, Po
                    "self", "permanent"])  # fmt: skip
         netns.run([*run, "route", "add", f"{subnets[peer.name]}.0/24", "via", f"{subnets[peer.name]}.0", "dev",
                    "flannel.1", "onlink"])  # fmt: skip
-        import ipaddress
-
         env = SubnetEnv(subnet=ipaddress.IPv4Network(f"{subnets[me.name]}.0/24"), mtu=1450)
         pods.append(tb.add_pod(me, env))
     return pods[0], pods[1]
@@ -83,8 +82,13 @@ def main() -> None:
             raise SystemExit("hand-configured pods cannot reach each other")
         agent, base = [], []
         for r in range(args.rounds):
-            agent.append(iperf(tb, p1, p2, args.seconds))
-            base.append(iperf(tb, q1, q2, args.seconds))
+            # Swap the order every round so a trend on the machine does not favour one side.
+            if r % 2:
+                base.append(iperf(tb, q1, q2, args.seconds))
+                agent.append(iperf(tb, p1, p2, args.seconds))
+            else:
+                agent.append(iperf(tb, p1, p2, args.seconds))
+                base.append(iperf(tb, q1, q2, args.seconds))
             print(f"round {r + 1}: agent {agent[-1]:.2f} Gbit/s, hand-configured {base[-1]:.2f} Gbit/s", flush=True)
         a, b = statistics.median(agent), statistics.median(base)
         print(f"median: agent {a:.2f} Gbit/s, baseline {b:.2f} Gbit/s, ratio {a / b:.3f} (goal >= 0.95)")
