@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.registry import create_backend
+from .backend.vxlan import VxlanBackend
 from .cli import Options
 from .config import ConfigError, NetConfig
 from .health import HealthServer
@@ -27,6 +30,7 @@ from .lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, Watc
 from .netlink import Netlink, NetlinkError
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
 from .store.etcd import EtcdOptions, EtcdStore
+from .store.kube import KubeStore, kube_options_from_cli
 from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
 from .traffic import TrafficManager, create_traffic_manager
 
@@ -166,6 +170,15 @@ class Agent:
         net = await self._network_config()
         self.net = net
         log.info("network config: %s", _describe(net))
+        if isinstance(self.store, KubeStore):
+            # <p>/node-public-ip(v6) on our Node win over --public-ip, as upstream.
+            ip4, ip6 = await self.store.node_public_ip_override()
+            if ip4 or ip6:
+                self.cfg.iface = dataclasses.replace(
+                    self.cfg.iface,
+                    public_ip=str(ip4) if ip4 else self.cfg.iface.public_ip,
+                    public_ipv6=str(ip6) if ip6 else self.cfg.iface.public_ipv6,
+                )
         ext = await self._external_interface(net)
         log.info(
             "using interface %s (index %d, MTU %d), public IP %s%s",
@@ -174,6 +187,8 @@ class Agent:
         )  # fmt: skip
         backend = create_backend(net, ext, self.netlink)
         self.backend = backend
+        if isinstance(self.store, KubeStore) and isinstance(backend, VxlanBackend):
+            backend.prefer_macs(*await self.store.stored_vtep_macs(net.backend.type))
         battrs = await backend.prepare()
         attrs = LeaseAttrs(
             public_ip=ext.public_ip,
@@ -355,15 +370,14 @@ def _describe_lease(lease: Lease) -> str:
 
 
 def run_daemon(opts: Options) -> int:
-    if opts["kube-subnet-mgr"]:
-        log.error("--kube-subnet-mgr is not implemented yet in pyflannel; use the etcd store (--etcd-endpoints)")
-        return 1
     cfg = agent_config_from_options(opts)
 
     async def _run() -> int:
         try:
             netlink = Netlink()
-            store = EtcdStore(cfg.etcd)
+            store: Store = (
+                KubeStore(kube_options_from_cli(opts, os.environ)) if opts["kube-subnet-mgr"] else EtcdStore(cfg.etcd)
+            )
         except FATAL as e:
             log.error("%s", e)
             return 1

@@ -233,6 +233,14 @@ class VxlanBackend(Backend):
         except NetlinkError as e:
             raise BackendError(f"failed to configure interface {dev.name}: {e}") from e
 
+    def prefer_macs(self, mac4: str | None, mac6: str | None) -> None:
+        """MACs to use when a device has to be created (the kube store keeps the one we advertised last in our
+        Node's annotation): a node whose device vanished in a reboot comes back with the MAC peers know."""
+        for v, mac in ((4, mac4), (6, mac6)):
+            dev = self.devs.get(v)
+            if mac and dev is not None and dev.mac is None:
+                dev.mac = mac
+
     # ------------------------------------------------------------ Backend API
 
     async def prepare(self) -> BackendAttrs:
