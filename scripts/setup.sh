@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump
+APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump curl
           containernetworking-plugins procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do

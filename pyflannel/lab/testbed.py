@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cni.driver import Driver, RuntimeConf
 from ..subnetenv import SubnetEnv, read_subnet_env
 from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, start_etcd, veth
 
@@ -57,6 +58,7 @@ class Node:
 
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, scope: RunScope, underlay: str = DEFAULT_UNDERLAY, prefix: str = "/coreos.com/network") -> None:
         self.scope = scope
         self.underlay = ipaddress.IPv4Network(underlay)
@@ -70,6 +72,31 @@ class Testbed:
         self.etcd_ns = ""
         self.endpoint = ""
         self._next_host = 11
+
+    @classmethod
+    def attach(
+        cls,
+        scope: RunScope,
+        *,
+        ul_ns: str,
+        etcd_ns: str,
+        endpoint: str,
+        next_host: int,
+        underlay: str = DEFAULT_UNDERLAY,
+        prefix: str = "/coreos.com/network",
+    ) -> Testbed:
+        """A Testbed for an underlay and etcd that already exist (the lab's later commands), creating nothing."""
+        tb = cls.__new__(cls)
+        tb.scope = scope
+        tb.underlay = ipaddress.IPv4Network(underlay)
+        tb.gateway = str(tb.underlay.network_address + 1)
+        tb.prefix = prefix
+        tb.ul_ns = ul_ns
+        tb.nodes = {}
+        tb.etcd_ns = etcd_ns
+        tb.endpoint = endpoint
+        tb._next_host = next_host
+        return tb
 
     # --- underlay and etcd ---------------------------------------------------------------------------
     def _attach(self, ns: str, port: str, ip: str) -> None:
@@ -203,6 +230,24 @@ class Testbed:
         run(["ip", "-n", ns, "addr", "add", f"{ip}/{env.subnet.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         run(["ip", "-n", ns, "route", "add", "default", "via", str(env.subnet.network_address + 1)])
+        pod = Pod(name=name, ns=ns, node=node.name, ip=ip)
+        node.pods.append(pod)
+        return pod
+
+    def add_cni_pod(self, node: Node, driver: Driver, conflist: dict[str, Any], name: str) -> Pod:
+        """A pod namespace attached through the real CNI chain (`driver` execs the plugins inside the node)."""
+        ns = self.scope.add_ns(name)
+        rt = RuntimeConf(
+            container_id=f"{self.scope.prefix}{name}",
+            netns=f"/run/netns/{ns}",
+            args=(("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", "default"), ("K8S_POD_NAME", name)),
+        )
+        try:
+            res = driver.add(conflist, rt)
+            ip = str(ipaddress.ip_interface(res["ips"][0]["address"]).ip)
+        except Exception:
+            self.scope.remove_ns(ns)
+            raise
         pod = Pod(name=name, ns=ns, node=node.name, ip=ip)
         node.pods.append(pod)
         return pod

@@ -1,0 +1,204 @@
+"""flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
+
+flannel-lab up [--nodes N] [--backend vxlan|host-gw] [--pods-per-node K] [--ip-masq] [--network CIDR]
+flannel-lab status [--json] | check | show NODE | trace SRC_POD DST_POD | exec POD|NODE -- CMD...
+flannel-lab add-node | remove-node NAME | restart-agent NAME | diagram [-o FILE.svg|png] | down
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import diagram, show
+from .lab import Lab, down, up
+from .state import DEFAULT_PREFIX, DEFAULT_STATE_DIR, LabError, LabOptions, load_state
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flannel-lab",
+        description="A flannel cluster in network namespaces: real etcd, real flanneld agents, pods via real CNI.",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("FLANNEL_LAB_STATE_DIR", str(DEFAULT_STATE_DIR))),
+        help=f"run directory: state.json, agent logs, CNI data (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument(
+        "--prefix",
+        default=os.environ.get("FLANNEL_LAB_PREFIX", DEFAULT_PREFIX),
+        help=f"namespace name prefix (default {DEFAULT_PREFIX})",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    u = sub.add_parser("up", help="bring up a cluster; returns when it is ready")
+    u.add_argument("--nodes", type=int, default=3)
+    u.add_argument("--backend", default="vxlan", help="vxlan or host-gw (default vxlan)")
+    u.add_argument("--pods-per-node", type=int, default=2)
+    u.add_argument("--ip-masq", action="store_true", help="run flanneld with --ip-masq (SNAT for traffic leaving)")
+    u.add_argument("--nftables", action="store_true", help="EnableNFTables in net-conf.json")
+    u.add_argument("--network", default="10.244.0.0/16")
+    u.add_argument("--force", action="store_true", help="replace a lab that is up")
+
+    sub.add_parser("down", help="remove everything the lab made (also after a crash)")
+    s = sub.add_parser("status", help="nodes and pods")
+    s.add_argument("--json", action="store_true")
+    c = sub.add_parser("check", help="every pod pings every other pod")
+    c.add_argument("--json", action="store_true")
+    e = sub.add_parser("exec", help="run a command inside a pod or node: exec NAME -- CMD...")
+    e.add_argument("target", help="pod or node name (or 'underlay', 'etcd')")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    sh = sub.add_parser("show", help="a node's subnet.env, routes, flannel.1, ARP, FDB, cni0, rules, lease")
+    sh.add_argument("node")
+    t = sub.add_parser("trace", help="the path of a packet from one pod to another, then proof on the wire")
+    t.add_argument("src")
+    t.add_argument("dst")
+    t.add_argument("--no-capture", action="store_true")
+    a = sub.add_parser("add-node", help="a new node with its agent and pods")
+    a.add_argument("--pods", type=int, default=None, help="pods on it (default: --pods-per-node of up)")
+    r = sub.add_parser("remove-node", help="delete a node's pods, stop its agent, drop its lease")
+    r.add_argument("name")
+    ra = sub.add_parser("restart-agent", help="stop and start a node's flanneld")
+    ra.add_argument("name")
+    d = sub.add_parser("diagram", help="the topology as text, or as SVG/PNG with -o")
+    d.add_argument("-o", "--output", type=Path)
+    return p
+
+
+def _print_status(st: dict[str, object]) -> None:
+    nodes = st["nodes"]
+    pods = st["pods"]
+    assert isinstance(nodes, list) and isinstance(pods, list)
+    print(f"backend {st['backend']}, network {st['network']}, state {st['state_dir']}")
+    print(f"{'NODE':8} {'NETNS':14} {'UNDERLAY IP':15} {'SUBNET':16} {'AGENT PID':10} READY")
+    for n in nodes:
+        print(f"{n['name']:8} {n['netns']:14} {n['ip']:15} {n['subnet'] or '-':16} {n['pid'] or '-'!s:10} {n['ready']}")
+    print()
+    print(f"{'POD':10} {'NODE':8} {'NETNS':16} IP")
+    for p in pods:
+        print(f"{p['name']:10} {p['node']:8} {p['netns']:16} {p['ip']}")
+
+
+def _check(lab: Lab, as_json: bool) -> int:
+    res = lab.ping_matrix()
+    names = [p.name for p in lab.st.pods]
+    bad = [f"{a}->{b}" for (a, b), ok in res.items() if not ok]
+    if as_json:
+        print(json.dumps({"ok": not bad, "failed": bad, "pairs": len(res)}))
+        return 0 if not bad else 1
+    w = max([len(n) for n in names] + [6])
+    print(" " * (w + 1) + " ".join(f"{n:>{w}}" for n in names) + "   (row pings column)")
+    for a in names:
+        cells = ["-" if a == b else ("ok" if res[(a, b)] else "FAIL") for b in names]
+        print(f"{a:>{w}} " + " ".join(f"{c:>{w}}" for c in cells))
+    print(f"{len(res) - len(bad)}/{len(res)} pairs ok" + (f"; failed: {', '.join(bad)}" if bad else ""))
+    return 0 if not bad else 1
+
+
+def _target_ns(lab: Lab, target: str) -> str:
+    if target in ("underlay", "ul"):
+        return lab.st.ul_ns
+    if target == "etcd":
+        return lab.st.etcd_ns
+    for p in lab.st.pods:
+        if p.name == target:
+            return p.netns
+    for n in lab.st.nodes:
+        if n.name == target:
+            return n.netns
+    names = [n.name for n in lab.st.nodes] + [p.name for p in lab.st.pods]
+    raise LabError(f"no pod or node {target!r}; known: {', '.join(names)}, underlay, etcd")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    state_dir: Path = args.state_dir
+    prefix: str = args.prefix
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    if args.cmd == "up":
+        opts = LabOptions(
+            nodes=args.nodes,
+            backend=args.backend,
+            pods_per_node=args.pods_per_node,
+            ip_masq=args.ip_masq,
+            network=args.network,
+            nftables=args.nftables,
+        )
+        lab = up(state_dir, prefix, opts, force=args.force, say=say)
+        print()
+        _print_status(lab.status())
+        print("\nnext: flannel-lab check | show n1 | trace n1-p1 n2-p1 | exec n1-p1 -- ping -c1 <ip> | down")
+        return 0
+    if args.cmd == "down":
+        st = load_state(state_dir)
+        removed = down(state_dir, st.prefix if st is not None else prefix)
+        print(f"removed {len(removed)} namespaces and {state_dir}" if removed else "nothing to remove")
+        return 0
+    lab = Lab.open(state_dir, say)
+    if args.cmd == "status":
+        status = lab.status()
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            _print_status(status)
+        return 0
+    if args.cmd == "check":
+        return _check(lab, args.json)
+    if args.cmd == "exec":
+        cmd = list(args.command)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            raise LabError("exec needs a command: flannel-lab exec NAME -- CMD...")
+        return subprocess.call(["ip", "netns", "exec", _target_ns(lab, args.target), *cmd])
+    if args.cmd == "show":
+        print(show.show_node(lab, args.node))
+        return 0
+    if args.cmd == "trace":
+        print(show.trace(lab, args.src, args.dst, do_capture=not args.no_capture), flush=True)
+        return 0
+    if args.cmd == "add-node":
+        pods = args.pods if args.pods is not None else lab.st.options.pods_per_node
+        n = lab.add_node(pods)
+        print(f"added node {n.name} ({n.netns}, {n.ip}), subnet {lab.subnet_of(n)}")
+        return 0
+    if args.cmd == "remove-node":
+        lab.remove_node(args.name)
+        print(f"removed node {args.name}")
+        return 0
+    if args.cmd == "restart-agent":
+        pid = lab.restart_agent(args.name)
+        print(f"flanneld on {args.name} restarted, pid {pid}")
+        return 0
+    if args.cmd == "diagram":
+        status = lab.status()
+        if args.output is None:
+            print(diagram.text(status), end="")
+            return 0
+        try:
+            print(diagram.write(status, args.output))
+        except RuntimeError as e:
+            raise LabError(str(e)) from None
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except LabError as e:
+        print(f"flannel-lab: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

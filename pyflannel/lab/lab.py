@@ -1,0 +1,433 @@
+"""The lab's operations: up, down, add/remove a node, restart an agent, status and the ping matrix.
+
+Built on the Testbed (underlay, etcd, nodes, real flanneld agents) and the CNI runtime driver (pods through
+the real `flannel` + bridge/host-local + portmap chain, exec'd inside the node namespace). Agents and etcd run
+in their own sessions so they outlive the `up` command; everything they write lives in the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
+from ..subnetenv import read_subnet_env
+from . import netns
+from .netns import NetnsError, RunScope
+from .state import MARKER, LabError, LabOptions, LabState, NodeState, PodState, load_state
+from .testbed import Node, Testbed
+
+REF_PLUGINS = Path("/usr/lib/cni")
+READY_TIMEOUT = 40.0
+
+Say = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces); run it with sudo")
+    missing = [t for t in ("ip", "etcd", "etcdctl", "bridge", "ping") if shutil.which(t) is None]
+    missing += [f"{REF_PLUGINS}/{p}" for p in ("bridge", "host-local", "portmap") if not (REF_PLUGINS / p).is_file()]
+    if missing:
+        raise LabError(f"missing {', '.join(missing)}: run scripts/setup.sh (or scripts/lab.sh, which calls it)")
+
+
+def check_prefix(prefix: str) -> None:
+    # down removes every namespace starting with the prefix: never let it be something broad.
+    if not prefix.startswith((netns.STEM_LAB, netns.STEM_TEST)) or not prefix.endswith("-"):
+        raise LabError(f"prefix {prefix!r} must start with {netns.STEM_LAB!r} (or {netns.STEM_TEST!r}) and end in '-'")
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    return [ns for ns in netns.list_ns() if ns.startswith(prefix)]
+
+
+def pid_in_ns(pid: int | None, ns: str) -> bool:
+    """pid is alive and runs in `ns` (so a recycled pid is never mistaken for our agent)."""
+    return pid is not None and pid in netns.ns_pids(ns)
+
+
+def _plugin_bin_dir(state_dir: Path) -> Path:
+    """A CNI bin dir with `flannel`: the venv's console script, else a wrapper around this interpreter."""
+    d = state_dir / "cni-bin"
+    d.mkdir(exist_ok=True)
+    target = d / "flannel"
+    if target.exists() or target.is_symlink():
+        return d
+    script = Path(sys.executable).parent / "flannel"
+    if script.is_file():
+        target.symlink_to(script)
+    else:
+        root = Path(__file__).resolve().parents[2]
+        target.write_text(
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
+            "from pyflannel.cni.plugin import main\nsys.exit(main())\n"
+        )
+        target.chmod(0o755)
+    return d
+
+
+def node_cni(st: LabState, node: NodeState) -> tuple[Driver, dict[str, Any]]:
+    """The node's runtime: kube-flannel's conflist with every data dir inside the node's run directory."""
+    d = Path(node.dir)
+    conflist = kube_flannel_conflist(
+        subnet_file=str(d / "subnet.env"),
+        data_dir=str(d / "cni" / "flannel"),
+        ipam_data_dir=str(d / "cni" / "ipam"),
+    )
+    driver = Driver(
+        [_plugin_bin_dir(Path(st.state_dir)), REF_PLUGINS],
+        d / "cni" / "cache",
+        exec_prefix=["ip", "netns", "exec", node.netns],
+    )
+    return driver, conflist
+
+
+class Lab:
+    """A lab described by `st`; `tb` drives the namespaces (a fresh Testbed for up, an attached one after)."""
+
+    def __init__(self, st: LabState, scope: RunScope, tb: Testbed, say: Say = _quiet) -> None:
+        self.st = st
+        self.scope = scope
+        self.tb = tb
+        self.say = say
+
+    @classmethod
+    def open(cls, state_dir: Path, say: Say = _quiet) -> Lab:
+        from .state import require_state
+
+        st = require_state(state_dir)
+        scope = RunScope(stem=netns.STEM_LAB, prefix=st.prefix, tmpdir=Path(st.state_dir))
+        tb = Testbed.attach(
+            scope,
+            ul_ns=st.ul_ns,
+            etcd_ns=st.etcd_ns,
+            endpoint=st.endpoint,
+            next_host=st.next_host,
+            underlay=st.options.underlay,
+            prefix=st.etcd_prefix,
+        )
+        for n in st.nodes:
+            tb.nodes[n.name] = Node(name=n.name, ns=n.netns, ip=n.ip, dir=Path(n.dir), extra_args=tuple(n.args))
+        return cls(st, scope, tb, say)
+
+    # ---- nodes ---------------------------------------------------------------------------------------
+
+    def _agent_args(self) -> list[str]:
+        args = ["--iface=eth0", "--healthz-port=8471", "--healthz-ip=127.0.0.1"]
+        if self.st.options.ip_masq:
+            args.append("--ip-masq")
+        return args
+
+    def _new_node(self) -> tuple[NodeState, Node]:
+        taken = {n.name for n in self.st.nodes}
+        i = 1
+        while f"n{i}" in taken:
+            i += 1
+        name = f"n{i}"
+        node = self.tb.add_node(name)
+        node.extra_args = tuple(self._agent_args())
+        ns = NodeState(name=name, netns=node.ns, ip=node.ip, dir=str(node.dir), args=list(node.extra_args))
+        self.st.nodes.append(ns)
+        self.st.next_host = self.tb._next_host
+        self.st.save()
+        return ns, node
+
+    def _start_agent(self, ns: NodeState, node: Node) -> None:
+        node.proc = None
+        p = self.tb.start_agent(node)
+        ns.pid = p.pid
+        self.st.save()
+
+    def _wait_ready(self, node: Node, since: float = 0.0) -> None:
+        try:
+            env = self.tb.wait_ready(node, timeout=READY_TIMEOUT, since=since)
+        except NetnsError as e:
+            raise LabError(f"flanneld on node {node.name} did not become ready: {e}") from None
+        self.say(f"  {node.name}: flanneld pid {node.proc.pid if node.proc else '?'}, subnet {env.subnet}")
+
+    def _add_pods(self, ns: NodeState, node: Node, count: int) -> None:
+        driver, conflist = node_cni(self.st, ns)
+        for _ in range(count):
+            taken = {p.name for p in self.st.pods}
+            i = 1
+            while f"{node.name}-p{i}" in taken:
+                i += 1
+            name = f"{node.name}-p{i}"
+            try:
+                pod = self.tb.add_cni_pod(node, driver, conflist, name)
+            except CNIError as e:
+                raise LabError(f"CNI ADD of pod {name} on {node.name} failed: {e.msg} {e.details}".strip()) from None
+            self.st.pods.append(
+                PodState(
+                    name=pod.name, node=node.name, netns=pod.ns, ip=pod.ip, container_id=f"{self.scope.prefix}{name}"
+                )
+            )
+            self.st.save()
+            self.say(f"  pod {pod.name} on {node.name}: {pod.ip}")
+
+    def add_node(self, pods: int) -> NodeState:
+        ns, node = self._new_node()
+        t0 = time.time()
+        self._start_agent(ns, node)
+        self._wait_ready(node, since=t0 - 1)
+        self._add_pods(ns, node, pods)
+        return ns
+
+    def remove_node(self, name: str) -> None:
+        ns = self.st.node(name)
+        driver, conflist = node_cni(self.st, ns)
+        subnet = self.subnet_of(ns)
+        for pod in self.st.pods_of(name):
+            rt = RuntimeConf(container_id=pod.container_id, netns=f"/run/netns/{pod.netns}")
+            with contextlib.suppress(CNIError):
+                driver.delete(conflist, rt)
+            netns.delete_ns(pod.netns)
+            self.st.pods.remove(pod)
+            self.st.save()
+        self.stop_agent(ns)
+        if subnet is not None:
+            # Upstream keeps a departed node's lease until its TTL; the lab drops it so peers forget the node now.
+            self.tb.etcdctl("del", f"{self.st.etcd_prefix}/subnets/{subnet.replace('/', '-')}")
+        netns.delete_ns(ns.netns)
+        shutil.rmtree(ns.dir, ignore_errors=True)
+        self.st.nodes.remove(ns)
+        self.st.save()
+
+    def stop_agent(self, ns: NodeState, timeout: float = 15) -> None:
+        pid = ns.pid
+        if pid_in_ns(pid, ns.netns):
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while netns._pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ns.pid = None
+        self.st.save()
+
+    def restart_agent(self, name: str) -> int:
+        ns = self.st.node(name)
+        self.stop_agent(ns)
+        node = self.tb.nodes[name]
+        t0 = time.time()
+        self._start_agent(ns, node)
+        self._wait_ready(node, since=t0 - 1)
+        assert ns.pid is not None
+        return ns.pid
+
+    # ---- reading -------------------------------------------------------------------------------------
+
+    def subnet_of(self, ns: NodeState) -> str | None:
+        env = read_subnet_env(Path(ns.dir) / "subnet.env")
+        return str(env.subnet) if env is not None and env.subnet is not None else None
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        try:
+            return self.tb.leases()
+        except NetnsError:
+            return {}
+
+    def status(self) -> dict[str, Any]:
+        leases = self.leases()
+        nodes = []
+        for n in self.st.nodes:
+            env = read_subnet_env(Path(n.dir) / "subnet.env")
+            subnet = str(env.subnet) if env is not None and env.subnet is not None else None
+            running = pid_in_ns(n.pid, n.netns)
+            lease = leases.get(subnet.replace("/", "-")) if subnet else None
+            bd = lease.get("BackendData") if lease else None
+            nodes.append(
+                {
+                    "name": n.name,
+                    "netns": n.netns,
+                    "ip": n.ip,
+                    "subnet": subnet,
+                    "mtu": env.mtu if env is not None else None,
+                    "pid": n.pid if running else None,
+                    "running": running,
+                    "ready": running and subnet is not None,
+                    "vtep_mac": bd.get("VtepMAC") if isinstance(bd, dict) else None,
+                    "log": str(Path(n.dir) / "flanneld.log"),
+                }
+            )
+        return {
+            "backend": self.st.options.backend,
+            "network": self.st.options.network,
+            "ip_masq": self.st.options.ip_masq,
+            "state_dir": self.st.state_dir,
+            "prefix": self.st.prefix,
+            "status": self.st.status,
+            "underlay": {"netns": self.st.ul_ns, "bridge": "br0", "cidr": self.st.options.underlay},
+            "etcd": {
+                "netns": self.st.etcd_ns,
+                "endpoint": self.st.endpoint,
+                "prefix": self.st.etcd_prefix,
+                "pid": self.st.etcd_pid,
+                "running": pid_in_ns(self.st.etcd_pid, self.st.etcd_ns),
+            },
+            "nodes": nodes,
+            "pods": [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip} for p in self.st.pods],
+        }
+
+    def ping_matrix(self, wait: float = 1.0) -> dict[tuple[str, str], bool]:
+        pods = self.st.pods
+        pairs = [(a, b) for a in pods for b in pods if a is not b]
+
+        def one(pair: tuple[PodState, PodState]) -> bool:
+            a, b = pair
+            out = netns.run(
+                ["ip", "netns", "exec", a.netns, "ping", "-c", "1", "-W", str(wait), b.ip], check=False, timeout=15
+            )
+            return "1 received" in out
+
+        with ThreadPoolExecutor(max_workers=16) as ex:
+            res = list(ex.map(one, pairs))
+        return {(a.name, b.name): ok for (a, b), ok in zip(pairs, res, strict=True)}
+
+    def wait_connected(self, timeout: float = 30) -> None:
+        """Each node's first pod reaches the next node's first pod (a ring: every node sends and receives)."""
+        firsts = [ps[0] for n in self.st.nodes if (ps := self.st.pods_of(n.name))]
+        if len(firsts) < 2:
+            return
+        for a, b in zip(firsts, firsts[1:] + firsts[:1], strict=True):
+            if not self.tb.wait_ping(a.netns, b.ip, timeout=timeout):
+                raise LabError(f"pod {a.name} ({a.ip}) cannot reach pod {b.name} ({b.ip}) after {timeout}s")
+
+
+# ---- up and down -------------------------------------------------------------------------------------
+
+
+def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, say: Say = _quiet) -> Lab:
+    """Build the lab; on any failure remove everything made so far and raise LabError."""
+    check_prefix(prefix)
+    _validate(opts)
+    existing = load_state(state_dir)
+    left = lab_namespaces(prefix)
+    if existing is not None or left:
+        if not force:
+            what = f"state in {state_dir}" if existing is not None else f"namespaces {', '.join(left[:4])}"
+            raise LabError(f"a lab is already up ({what}); run `flannel-lab down` first, or `up --force` to replace it")
+        say("replacing the lab that is up (--force)")
+        down(state_dir, prefix)
+    check_prerequisites()
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / MARKER).write_text("made by flannel-lab; `flannel-lab down` removes this directory\n")
+    st = LabState(prefix=prefix, state_dir=str(state_dir), options=opts)
+    st.save()
+    scope = RunScope(stem=netns.STEM_LAB, prefix=prefix, tmpdir=state_dir)
+    try:
+        tb = Testbed(scope, underlay=opts.underlay)
+        st.ul_ns = tb.ul_ns
+        st.save()
+        say(f"underlay {opts.underlay} on bridge br0 in {tb.ul_ns}")
+        tb.start_etcd()
+        st.etcd_ns = tb.etcd_ns
+        st.endpoint = tb.endpoint
+        st.etcd_ip = tb.endpoint.split("//")[1].split(":")[0]
+        st.etcd_pid = scope.procs[-1].pid
+        st.save()
+        say(f"etcd {tb.endpoint} in {tb.etcd_ns}")
+        conf: dict[str, Any] = {"Network": opts.network, "Backend": {"Type": opts.backend}}
+        if opts.nftables:
+            conf["EnableNFTables"] = True
+        tb.put_config(conf)
+        say(f"net-conf.json: {json.dumps(conf)}")
+        lab = Lab(st, scope, tb, say)
+        made = [lab._new_node() for _ in range(opts.nodes)]
+        for ns, node in made:
+            lab._start_agent(ns, node)
+        say(f"started {len(made)} flanneld agents; waiting for their subnet.env")
+        for _, node in made:
+            lab._wait_ready(node)
+        for ns, node in made:
+            lab._add_pods(ns, node, opts.pods_per_node)
+        say("checking pod-to-pod connectivity")
+        lab.wait_connected()
+        st.status = "ready"
+        st.save()
+        return lab
+    except BaseException as e:
+        scope.procs.clear()  # down kills by namespace, which also finds what spawn() started
+        down(state_dir, prefix)
+        if isinstance(e, LabError):
+            raise LabError(f"{e}\nlab not started; everything it made was removed") from None
+        if isinstance(e, (NetnsError, CNIError)):
+            raise LabError(f"{e}\nlab not started; everything it made was removed") from None
+        raise
+
+
+def _validate(opts: LabOptions) -> None:
+    if not 1 <= opts.nodes <= 50:
+        raise LabError("--nodes must be between 1 and 50")
+    if not 0 <= opts.pods_per_node <= 20:
+        raise LabError("--pods-per-node must be between 0 and 20")
+    try:
+        net = ipaddress.IPv4Network(opts.network)
+    except ValueError as e:
+        raise LabError(f"--network: {e}") from None
+    if net.prefixlen > 22:
+        raise LabError("--network must be /22 or larger (each node leases a /24)")
+
+
+def _orphans(state_dir: Path) -> list[int]:
+    """Our agents or etcd whose namespace is gone (so a namespace sweep cannot find them)."""
+    needle = str(state_dir).rstrip("/") + "/"
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and ("pyflannel.cli" in cmd or "etcd" in cmd):
+            pids.append(int(d.name))
+    return pids
+
+
+def down(state_dir: Path, prefix: str, grace: float = 5.0) -> list[str]:
+    """Remove the lab: processes, namespaces (found by prefix, so also without state) and the run directory."""
+    check_prefix(prefix)
+    namespaces = lab_namespaces(prefix)
+    pids = {p for ns in namespaces for p in netns.ns_pids(ns)} | set(_orphans(state_dir))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        _reap_children()
+        pids = {p for p in pids if netns._pid_alive(p)}
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for ns in namespaces:
+        netns.delete_ns(ns)
+    # Only a directory the lab made is removed: --state-dir may point somewhere with other files.
+    if (state_dir / MARKER).exists():
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return namespaces
+
+
+def _reap_children() -> None:
+    # When up fails, the agents are our children: reap them, or they linger as zombies that look alive.
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass

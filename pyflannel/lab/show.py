@@ -1,0 +1,383 @@
+"""`show NODE` and `trace SRC DST`: what the flannel tutorials look at, read live from the kernel.
+
+Every section names the command it ran, so the reader can run it again with `flannel-lab exec`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import select
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .lab import Lab
+from .netns import run
+from .state import LabError, NodeState, PodState
+
+VXLAN_PORT = 8472
+
+
+def sh(ns: str, *cmd: str) -> str:
+    return run(["ip", "netns", "exec", ns, *cmd], check=False, timeout=20).rstrip()
+
+
+def ipj(ns: str, *args: str) -> list[dict[str, Any]]:
+    out = run(["ip", "-n", ns, "-j", *args], check=False, timeout=20)
+    try:
+        d = json.loads(out) if out.strip() else []
+    except ValueError:
+        return []
+    return d if isinstance(d, list) else []
+
+
+def _indent(text: str, pad: str = "    ") -> str:
+    return "\n".join(pad + line for line in (text.splitlines() or ["(none)"]))
+
+
+def _section(title: str, cmd: str, body: str) -> str:
+    return f"-- {title}   [{cmd}]\n{_indent(body)}\n"
+
+
+def flannel_rules(ns: str) -> str:
+    """FLANNEL chains and rules from iptables-save, and nft tables named flannel*, inside `ns`."""
+    out: list[str] = []
+    table = ""
+    for line in sh(ns, "iptables-save").splitlines():
+        if line.startswith("*"):
+            table = line
+        elif "FLANNEL" in line or "flannel" in line:
+            if table:
+                out.append(table)
+                table = ""
+            out.append(line)
+    for line in sh(ns, "nft", "list", "tables").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and "flannel" in parts[2]:
+            out.append(sh(ns, "nft", "list", "table", parts[1], parts[2]))
+    return "\n".join(out)
+
+
+def nat_rules(ns: str) -> str:
+    """POSTROUTING and the chains it jumps to: flanneld's (--ip-masq) or the bridge plugin's (ipMasq) SNAT."""
+    lines = sh(ns, "iptables-save", "-t", "nat").splitlines()
+    keep = [x for x in lines if x.startswith("-A POSTROUTING") or x.startswith("-A CNI-")]
+    return "\n".join(keep)
+
+
+def lease_text(lab: Lab, subnet: str | None) -> str:
+    if subnet is None:
+        return "(no subnet yet)"
+    key = f"{lab.st.etcd_prefix}/subnets/{subnet.replace('/', '-')}"
+    out = run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.st.etcd_ns,
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            "--endpoints",
+            lab.st.endpoint,
+            "get",
+            key,
+        ],
+        check=False,
+    )
+    return out.rstrip() or f"{key}: (no lease)"
+
+
+def show_node(lab: Lab, name: str) -> str:
+    n = lab.st.node(name)
+    ns = n.netns
+    subnet = lab.subnet_of(n)
+    vx = lab.st.options.backend == "vxlan"
+    subnet_file = Path(n.dir) / "subnet.env"
+    try:
+        env_text = subnet_file.read_text().rstrip()
+    except FileNotFoundError:
+        env_text = "(not written: the agent is not ready)"
+    parts = [f"== node {n.name}: netns {ns}, underlay {n.ip} on eth0, backend {lab.st.options.backend}\n"]
+    parts.append(_section("subnet.env", f"cat {subnet_file}", env_text))
+    parts.append(_section("lease in etcd", "etcdctl get <prefix>/subnets/<subnet>", lease_text(lab, subnet)))
+    parts.append(_section("routes", "ip route", sh(ns, "ip", "route")))
+    if vx:
+        parts.append(
+            _section(
+                "flannel.1 (the VTEP)", "ip -d link show flannel.1", sh(ns, "ip", "-d", "link", "show", "flannel.1")
+            )
+        )
+        parts.append(
+            _section(
+                "neighbours (ARP) on flannel.1",
+                "ip neigh show dev flannel.1",
+                sh(ns, "ip", "neigh", "show", "dev", "flannel.1"),
+            )
+        )
+        parts.append(
+            _section(
+                "FDB of flannel.1", "bridge fdb show dev flannel.1", sh(ns, "bridge", "fdb", "show", "dev", "flannel.1")
+            )
+        )
+    else:
+        parts.append(
+            _section("neighbours (ARP) on eth0", "ip neigh show dev eth0", sh(ns, "ip", "neigh", "show", "dev", "eth0"))
+        )
+    parts.append(_section("cni0 bridge", "ip addr show cni0", sh(ns, "ip", "addr", "show", "cni0")))
+    parts.append(
+        _section("cni0 ports", "bridge link show master cni0", sh(ns, "bridge", "link", "show", "master", "cni0"))
+    )
+    parts.append(
+        _section("FLANNEL rules", "iptables-save | grep FLANNEL; nft list table ... flannel*", flannel_rules(ns))
+    )
+    parts.append(
+        _section("NAT: who rewrites pod sources", "iptables-save -t nat | grep POSTROUTING/CNI-", nat_rules(ns))
+    )
+    return "\n".join(parts)
+
+
+# ---- trace -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hop:
+    where: str
+    what: str
+    cmd: str
+    entry: str
+
+    def render(self, i: int) -> str:
+        return f"{i}. {self.where}: {self.what}\n     [{self.cmd}]\n{_indent(self.entry, '     ')}"
+
+
+def _best_route(ns: str, dst: str) -> str:
+    """The route entry that decides `dst` (longest prefix in the main table), as `ip route` prints it."""
+    addr = ipaddress.ip_address(dst)
+    best: tuple[int, str] | None = None
+    for r in ipj(ns, "route", "show"):
+        d = r.get("dst", "")
+        net = ipaddress.ip_network("0.0.0.0/0" if d == "default" else (d if "/" in d else f"{d}/32"), strict=False)
+        if addr in net and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, d)
+    if best is None:
+        return "(no route)"
+    return sh(ns, "ip", "route", "show", "exact", best[1]) or best[1]
+
+
+def _route_get(ns: str, dst: str, src: str | None = None, iif: str | None = None) -> tuple[str, dict[str, Any]]:
+    args = ["route", "get", dst]
+    if src and iif:
+        args += ["from", src, "iif", iif]
+    j = ipj(ns, *args)
+    if not j and src:
+        return _route_get(ns, dst)
+    text = sh(ns, "ip", *args).splitlines()
+    return (text[0].strip() if text else "(no route)"), (j[0] if j else {})
+
+
+def _veth_peer(pod: PodState, node: NodeState) -> str:
+    links = ipj(pod.netns, "link", "show", "eth0")
+    idx = links[0].get("link_index") if links else None
+    for link in ipj(node.netns, "link", "show"):
+        if link.get("ifindex") == idx:
+            return f"{link['ifname']} (master {link.get('master', '-')})"
+    return "(peer not found)"
+
+
+def _mac(ns: str, dev: str) -> str:
+    links = ipj(ns, "link", "show", dev)
+    return str(links[0].get("address", "?")) if links else "?"
+
+
+def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeState, NodeState]:
+    src, dst = lab.st.pod(src_name), lab.st.pod(dst_name)
+    if src is dst:
+        raise LabError("source and destination are the same pod")
+    sn, dn = lab.st.node(src.node), lab.st.node(dst.node)
+    hops: list[Hop] = []
+    txt, _ = _route_get(src.netns, dst.ip)
+    hops.append(
+        Hop(
+            f"pod {src.name}",
+            f"its route to {dst.ip} (entry: {_best_route(src.netns, dst.ip)})",
+            f"ip route get {dst.ip}",
+            txt,
+        )
+    )
+    hops.append(
+        Hop(
+            f"pod {src.name} -> node {sn.name}",
+            "eth0 is one end of a veth; the other end is a port of cni0",
+            "ip -j link show eth0 -> link_index; bridge link show master cni0",
+            _veth_peer(src, sn),
+        )
+    )
+    if sn.name == dn.name:
+        mac = _mac(dst.netns, "eth0")
+        learned = [x for x in sh(sn.netns, "bridge", "fdb", "show", "br", "cni0").splitlines() if x.startswith(mac)]
+        entry = "\n".join(learned) or "(not learned yet: the bridge floods until it is)"
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"same node: cni0 bridges it straight to the port of {dst.name} ({_veth_peer(dst, sn)})",
+                f"bridge fdb show br cni0 | grep {mac}",
+                entry,
+            )
+        )
+        return hops, sn, dn
+    txt, rg = _route_get(sn.netns, dst.ip, src.ip, "cni0")
+    hops.append(
+        Hop(
+            f"node {sn.name}",
+            f"cni0 hands it to the host, which routes it (entry: {_best_route(sn.netns, dst.ip)})",
+            f"ip route get {dst.ip} from {src.ip} iif cni0",
+            txt,
+        )
+    )
+    if lab.st.options.backend == "vxlan":
+        gw = str(rg.get("gateway", ""))
+        neigh = sh(sn.netns, "ip", "neigh", "show", gw, "dev", "flannel.1") if gw else ""
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"flannel.1 needs the MAC of the next hop {gw} (the peer's VTEP): a permanent ARP entry",
+                f"ip neigh show {gw} dev flannel.1",
+                neigh or "(missing)",
+            )
+        )
+        mac = neigh.split("lladdr ")[1].split()[0] if "lladdr " in neigh else ""
+        fdb = "\n".join(
+            line
+            for line in sh(sn.netns, "bridge", "fdb", "show", "dev", "flannel.1").splitlines()
+            if mac and line.startswith(mac)
+        )
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                "the FDB says which underlay IP owns that MAC",
+                f"bridge fdb show dev flannel.1 | grep {mac or '<mac>'}",
+                fdb or "(missing)",
+            )
+        )
+        peer_ip = fdb.split(" dst ")[1].split()[0] if " dst " in fdb else "?"
+        link = sh(sn.netns, "ip", "-d", "link", "show", "flannel.1").splitlines()
+        vxline = next((x.strip() for x in link if x.strip().startswith("vxlan")), "?").split(" ttl ")[0]
+        out, _ = _route_get(sn.netns, peer_ip) if peer_ip != "?" else ("?", {})
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"flannel.1 encapsulates: UDP {sn.ip} -> {peer_ip}:{VXLAN_PORT} over the underlay",
+                f"ip -d link show flannel.1; ip route get {peer_ip}",
+                f"{vxline}\n{out}",
+            )
+        )
+        hops.append(
+            Hop(
+                f"node {dn.name}",
+                f"flannel.1 (MAC {_mac(dn.netns, 'flannel.1')}) receives UDP {VXLAN_PORT} and decapsulates",
+                "ip -j link show flannel.1",
+                f"flannel.1 address {_mac(dn.netns, 'flannel.1')}",
+            )
+        )
+    else:
+        gw = str(rg.get("gateway", ""))
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"host-gw: a direct route, next hop is the peer's underlay IP {gw}",
+                f"ip neigh show {gw} dev eth0",
+                sh(sn.netns, "ip", "neigh", "show", gw, "dev", "eth0") or "(not resolved yet)",
+            )
+        )
+    txt, _ = _route_get(dn.netns, dst.ip)
+    hops.append(
+        Hop(
+            f"node {dn.name}",
+            f"the host routes it to its own subnet (entry: {_best_route(dn.netns, dst.ip)})",
+            f"ip route get {dst.ip}",
+            txt,
+        )
+    )
+    hops.append(
+        Hop(
+            f"node {dn.name}",
+            "cni0 forwards it out of the pod's port",
+            f"ip neigh show {dst.ip} dev cni0; port of pod {dst.name}",
+            (sh(dn.netns, "ip", "neigh", "show", dst.ip, "dev", "cni0") or "(ARP not resolved yet)")
+            + f"\nport {_veth_peer(dst, dn)}",
+        )
+    )
+    hops.append(
+        Hop(
+            f"pod {dst.name}",
+            "delivered to eth0",
+            "ip addr show eth0",
+            " ".join(sh(dst.netns, "ip", "-br", "addr", "show", "eth0").split()),
+        )
+    )
+    return hops, sn, dn
+
+
+def capture(lab: Lab, src_name: str, dst_name: str, timeout: float = 8.0) -> tuple[str, str]:
+    """Send one ping and capture it on the source node's underlay port; return (command, tcpdump output)."""
+    src, dst = lab.st.pod(src_name), lab.st.pod(dst_name)
+    port = src.node  # the underlay bridge port of a node carries the node's name
+    if lab.st.options.backend == "vxlan":
+        filt = ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
+    else:
+        filt = ["icmp", "and", "host", src.ip]
+    cmd = ["tcpdump", "-i", port, "-n", "-e", "-vv", "-l", "-c", "2", *filt]
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", lab.st.ul_ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert p.stderr is not None
+        # tcpdump says "listening on" once the socket is bound: ping before that and the packet is missed.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([p.stderr], [], [], 0.2)
+            if r and "listening on" in p.stderr.readline():
+                break
+            if p.poll() is not None:
+                break
+        run(["ip", "netns", "exec", src.netns, "ping", "-c", "1", "-W", "2", dst.ip], check=False)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            out, err = p.communicate(timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+    shown = f"ip netns exec {lab.st.ul_ns} {' '.join(cmd)}"
+    return shown, (out.rstrip() or err.strip() or "(nothing captured)")
+
+
+def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True) -> str:
+    hops, sn, dn = trace_hops(lab, src, dst)
+    s, d = lab.st.pod(src), lab.st.pod(dst)
+    lines = [
+        f"trace {s.name} ({s.ip} on {sn.name}) -> {d.name} ({d.ip} on {dn.name}), backend {lab.st.options.backend}",
+        "",
+    ]
+    lines += [h.render(i) for i, h in enumerate(hops, 1)]
+    if do_capture and sn.name != dn.name:
+        cmd, out = capture(lab, src, dst)
+        lines += [
+            "",
+            f"proof: one ping {s.name} -> {d.name}, captured on the underlay port of {sn.name}",
+            f"     [{cmd}]",
+            _indent(out, "     "),
+        ]
+    if do_capture and sn.name != dn.name and f"{s.ip} > " not in out and " > " in out:
+        lines.append(
+            f"     note: the inner source is not {s.ip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
+            f"show {sn.name}`): without --ip-masq the bridge plugin masquerades all that leaves the node's subnet; "
+            "`up --ip-masq` keeps pod IPs between pods, as kube-flannel does"
+        )
+    return "\n".join(lines)
