@@ -56,6 +56,14 @@ def lab_namespaces(prefix: str) -> list[str]:
     return [ns for ns in netns.list_ns() if ns.startswith(prefix)]
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: its parent may be an init that reaps late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def pid_in_ns(pid: int | None, ns: str) -> bool:
     """pid is alive and runs in `ns` (so a recycled pid is never mistaken for our agent)."""
     return pid is not None and pid in netns.ns_pids(ns)
@@ -214,7 +222,7 @@ class Lab:
             assert pid is not None
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while netns._pid_alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -413,7 +421,7 @@ def down(state_dir: Path, prefix: str, grace: float = 5.0) -> list[str]:
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
         _reap_children()
-        pids = {p for p in pids if netns._pid_alive(p)}
+        pids = {p for p in pids if alive(p)}
         time.sleep(0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
