@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,7 +156,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             cmd = cmd[1:]
         if not cmd:
             raise LabError("exec needs a command: flannel-lab exec NAME -- CMD...")
-        return subprocess.call(["ip", "netns", "exec", _target_ns(lab, args.target), *cmd])
+        argv_ = ["ip", "netns", "exec", _target_ns(lab, args.target), *cmd]
+        sys.stdout.flush()
+        # exec, not a child: signals (Ctrl-C, kill) reach the command itself, and its exit code is ours.
+        os.execvp(argv_[0], argv_)
     if args.cmd == "show":
         print(show.show_node(lab, args.node))
         return 0
