@@ -343,7 +343,11 @@ def test_down_after_sigkill_and_without_state(lab_factory: Callable[[str], LabRu
     # The state file lost while everything runs: down still finds the namespaces and processes.
     lab.ok("up", "--nodes", "2", "--pods-per-node", "1")
     assert lab.processes() != []
+    n2_ns = next(n["netns"] for n in lab.status()["nodes"] if n["name"] == "n2")
     (lab.state_dir / "state.json").unlink()
+    # And a namespace deleted by hand: its agent keeps running in an unnamed namespace, found by command line.
+    netns.run(["ip", "netns", "delete", n2_ns])
+    assert any(f"{lab.state_dir}/n2/" in Path(f"/proc/{p}/cmdline").read_text() for p in lab.processes())
     assert lab.cli("status").returncode == 1
     assert "removed" in lab.ok("down")
     assert lab.namespaces() == []

@@ -402,10 +402,12 @@ def _orphans(state_dir: Path) -> list[int]:
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if needle in cmd and ("pyflannel.cli" in cmd or "etcd" in cmd):
+        # Only etcd and agents: a `tail -f` on a log in the state dir is the user's, not ours.
+        ours = Path(argv[0]).name == "etcd" or "pyflannel.cli" in argv
+        if ours and any(needle in a for a in argv):
             pids.append(int(d.name))
     return pids
 
