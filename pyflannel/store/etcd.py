@@ -1,0 +1,660 @@
+"""The etcd v3 store, wire-compatible with upstream flannel's etcd subnet manager.
+
+Keys: `<prefix>/config` (net-conf.json) and `<prefix>/subnets/<ip>-<len>[&<ip6>-<len6>]` (lease JSON), each
+lease key bound to an etcd lease of TTL `lease_ttl`; a key without an etcd lease is a reservation and stays
+one (upstream issue 1329 turns reservations into TTL leases on restart and so loses them; we never do).
+
+The watch is driven here rather than through etcd3aio's WatchService: that one resumes a broken stream from
+the last header revision, which can skip events (the `created` response already carries the current
+revision), and it never returns after the server cancels a watch on compaction. Here every broken or
+cancelled watch is followed by a full re-list and a fresh LeaseSnapshot, so the consumer's view converges
+whatever was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import grpc  # type: ignore[import-untyped]
+import grpc.aio  # type: ignore[import-untyped]
+from etcd3aio import (
+    EtcdConnectionError,
+    EtcdPermissionDeniedError,
+    EtcdTransientError,
+    EtcdUnauthenticatedError,
+    prefix_range_end,
+)
+from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
+from etcd3aio.auth import AuthService
+from etcd3aio.kv import KVService
+from etcd3aio.lease import LeaseService
+
+from ..config import ConfigError, NetConfig, parse_net_config
+from ..lease import (
+    EventType,
+    Lease,
+    LeaseAttrs,
+    LeaseError,
+    LeaseEvent,
+    LeaseSnapshot,
+    WatchUpdate,
+    parse_subnet_key,
+)
+from ..subnetenv import SubnetEnv
+from .allocate import Taken, find_own_leases, pick_subnets
+from .base import LeaseRevokedError, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+DEFAULT_PREFIX = "/coreos.com/network"
+# Lost races (another node created the same key first) before acquire gives up; each retry re-lists.
+MAX_ACQUIRE_RACES = 10
+# gRPC status codes that mean "try again later" rather than "this request is wrong".
+_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+class EtcdUnavailableError(StoreError):
+    """etcd could not be reached or did not answer in time; transient, worth retrying."""
+
+
+@dataclass
+class EtcdOptions:
+    endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
+    prefix: str = DEFAULT_PREFIX
+    # TLS files and credentials; empty or None means unset.
+    keyfile: str | None = None
+    certfile: str | None = None
+    cafile: str | None = None
+    username: str | None = None
+    password: str | None = None
+    lease_ttl: int = 24 * 3600
+    renew_margin: int = 60 * 60
+    # Deadline of one etcd call; a dead member is also caught by gRPC keepalive (10 s + 5 s).
+    call_timeout: float = 10.0
+    # Longest pause between retries while etcd is unreachable.
+    max_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+
+def _parse_endpoint(url: str) -> _Endpoint:
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        u = urlsplit(text)
+        port = u.port or 2379
+    except ValueError as e:
+        raise StoreError(f"bad etcd endpoint {url!r}: {e}") from None
+    if u.scheme not in ("http", "https"):
+        raise StoreError(f"bad etcd endpoint {url!r}: scheme must be http or https")
+    if not u.hostname:
+        raise StoreError(f"bad etcd endpoint {url!r}: no host")
+    if u.path not in ("", "/"):
+        raise StoreError(f"bad etcd endpoint {url!r}: unexpected path {u.path!r}")
+    return _Endpoint(host=u.hostname, port=port, tls=u.scheme == "https")
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise StoreError(f"cannot read etcd {what} {path!r}: {e.strerror}") from None
+
+
+class _Backoff:
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self.cur = first
+
+    def next(self) -> float:
+        d = self.cur
+        self.cur = min(self.cur * 2, self.cap)
+        # A little jitter keeps a cluster of nodes from hammering a restarted etcd in lockstep.
+        return d * random.uniform(0.9, 1.1)
+
+    def reset(self) -> None:
+        self.cur = self.first
+
+
+@dataclass
+class _Entry:
+    """One key under <prefix>/subnets/ as listed: what it holds and the handles needed to change it safely."""
+
+    key: str
+    mod_revision: int
+    etcd_lease: int
+    lease: Lease | None
+    taken: Taken | None
+
+
+class EtcdStore(Store):
+    def __init__(self, opts: EtcdOptions) -> None:
+        if not opts.endpoints:
+            raise StoreError("no etcd endpoints given")
+        self._eps = [_parse_endpoint(e) for e in opts.endpoints]
+        if len({e.tls for e in self._eps}) > 1:
+            raise StoreError("etcd endpoints mix http and https")
+        if opts.lease_ttl <= 0:
+            raise StoreError(f"lease TTL must be positive, got {opts.lease_ttl}")
+        if not 0 < opts.renew_margin < opts.lease_ttl:
+            raise StoreError(f"lease renew margin must be between 1 and {opts.lease_ttl - 1} s")
+        if bool(opts.keyfile) != bool(opts.certfile):
+            raise StoreError("--etcd-keyfile and --etcd-certfile must be given together")
+        if opts.password and not opts.username:
+            raise StoreError("an etcd password without a username")
+        self._tls = self._eps[0].tls or bool(opts.cafile or opts.certfile)
+        # Read now so that a wrong path is reported at start-up, not at the first call.
+        self._ca = _read(opts.cafile, "CA file")
+        self._key = _read(opts.keyfile, "key file")
+        self._cert = _read(opts.certfile, "certificate file")
+        self._opts = opts
+        self._prefix = opts.prefix.rstrip("/")
+        self._config_key = f"{self._prefix}/config"
+        self._subnets = f"{self._prefix}/subnets/"
+        self._subnets_end = prefix_range_end(self._subnets)
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: KVService | None = None
+        self._lease: LeaseService | None = None
+        self._auth: AuthService | None = None
+        self._watch_stub: Any = None
+        self._token: str | None = None
+        self._connect_lock: asyncio.Lock | None = None
+
+    # --- connection -------------------------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def subnet_key(self, lease: Lease) -> str:
+        """The full etcd key of a lease."""
+        return self._subnets + lease.key
+
+    def renew_at(self, lease: Lease) -> float | None:
+        """Unix time at which `lease` should be renewed; None for a reservation (never expires)."""
+        if lease.expiration is None:
+            return None
+        return lease.expiration - self._opts.renew_margin
+
+    async def _target(self) -> tuple[str, str | None]:
+        """The gRPC target and, for TLS over several addresses, the name to verify certificates against."""
+        ips = [_literal_ip(e.host) for e in self._eps]
+        if len(self._eps) == 1 and ips[0] is None:
+            ep = self._eps[0]
+            return f"dns:///{ep.host}:{ep.port}", None
+        addrs: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
+        loop = asyncio.get_running_loop()
+        for ep, ip in zip(self._eps, ips, strict=True):
+            if ip is not None:
+                addrs.append((ip, ep.port))
+                continue
+            try:
+                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise EtcdUnavailableError(f"cannot resolve etcd endpoint {ep.host}: {e}") from None
+            addrs.extend((ipaddress.ip_address(str(i[4][0])), ep.port) for i in infos)
+        # gRPC's static resolvers take one address family per target; prefer IPv4 like etcd3aio does.
+        v4 = [(a, p) for a, p in addrs if a.version == 4]
+        if v4:
+            target = "ipv4:" + ",".join(f"{a}:{p}" for a, p in dict.fromkeys(v4))
+        else:
+            target = "ipv6:" + ",".join(f"[{a}]:{p}" for a, p in dict.fromkeys(addrs))
+        return target, self._eps[0].host
+
+    async def _ensure(self) -> None:
+        if self._channel is not None:
+            return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._channel is not None:
+                return
+            target, server_name = await self._target()
+            options: list[tuple[str, Any]] = [
+                ("grpc.lb_policy_name", "round_robin"),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC's default reconnect backoff grows to 120 s; a restarted etcd should be found sooner.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.min_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
+            ]
+            if self._tls:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
+                )
+                if server_name is not None:
+                    options.append(("grpc.ssl_target_name_override", server_name))
+                channel = grpc.aio.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=options)
+            self._kv = KVService(channel)
+            self._lease = LeaseService(channel)
+            self._auth = AuthService(channel)
+            self._watch_stub = WatchStub(channel)
+            self._channel = channel
+            log.info("etcd: using endpoints %s (%s)", ", ".join(self._opts.endpoints), target)
+
+    async def _authenticate(self) -> None:
+        assert self._auth is not None
+        # etcd checks a token sent along with Authenticate too, so a stale one would make logging in fail.
+        self._auth.set_token(None)
+        try:
+            resp = await self._auth.authenticate(
+                self._opts.username or "", self._opts.password or "", timeout=self._opts.call_timeout
+            )
+        except EtcdUnauthenticatedError as e:
+            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {e}") from None
+        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
+            raise EtcdUnavailableError(f"etcd authentication: {e or 'timed out'}") from None
+        except grpc.aio.AioRpcError as e:
+            # Wrong credentials come back as INVALID_ARGUMENT, auth switched off as FAILED_PRECONDITION.
+            if e.code() in _RETRY_CODES:
+                raise EtcdUnavailableError(f"etcd authentication: {e.code().name}: {e.details()}") from None
+            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {e.details()}") from None
+        self._token = resp.token or None
+        for svc in (self._kv, self._lease, self._auth):
+            if svc is not None:
+                svc.set_token(self._token)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("token", self._token),) if self._token else None
+
+    async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One etcd call with errors turned into StoreError/EtcdUnavailableError; re-authenticates once when
+        the token expired (etcd's simple tokens die after 5 idle minutes)."""
+        await self._ensure()
+        if self._opts.username and self._token is None:
+            await self._authenticate()
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except EtcdUnauthenticatedError as e:
+                if not self._opts.username:
+                    raise StoreError(f"etcd {what}: {e} (etcd needs --etcd-username/--etcd-password)") from None
+                if attempt == 2:
+                    raise StoreError(f"etcd {what}: {e}") from None
+                log.info("etcd: auth token rejected (%s), authenticating again", e)
+                await self._authenticate()
+            except EtcdPermissionDeniedError as e:
+                raise StoreError(f"etcd {what}: permission denied: {e}") from None
+            except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
+                raise EtcdUnavailableError(f"etcd {what}: {e or 'timed out'}") from None
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _RETRY_CODES:
+                    raise EtcdUnavailableError(f"etcd {what}: {e.code().name}: {e.details()}") from None
+                raise StoreError(f"etcd {what}: {e.code().name}: {e.details()}") from None
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._kv = self._lease = self._auth = None
+        self._watch_stub = None
+
+    # --- config -------------------------------------------------------------------------------------
+
+    async def get_network_config(self) -> NetConfig:
+        backoff = _Backoff(1.0, self._opts.max_backoff)
+        absent = 0
+        while True:
+            try:
+                resp = await self._rpc(
+                    "read config", lambda: self._kvs().get(self._config_key, timeout=self._opts.call_timeout)
+                )
+            except EtcdUnavailableError as e:
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if not resp.kvs:
+                # Upstream retries every second; log the first miss and then every 30th to keep the log useful.
+                if absent % 30 == 0:
+                    log.warning("network config %s not found in etcd, waiting for it", self._config_key)
+                absent += 1
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                return parse_net_config(resp.kvs[0].value)
+            except ConfigError as e:
+                raise ConfigError(f"{self._config_key}: {e}") from None
+
+    def _kvs(self) -> KVService:
+        if self._kv is None:
+            raise EtcdUnavailableError("etcd client is closed")
+        return self._kv
+
+    def _leases(self) -> LeaseService:
+        if self._lease is None:
+            raise EtcdUnavailableError("etcd client is closed")
+        return self._lease
+
+    # --- decoding -------------------------------------------------------------------------------------
+
+    def _decode(self, key: str, value: bytes, etcd_lease: int, now: float, *, warn: bool = True) -> _Entry | None:
+        name = key[len(self._subnets) :]
+        try:
+            sn, sn6 = parse_subnet_key(name)
+        except LeaseError as e:
+            if warn:
+                log.warning("etcd: skipping %s: %s", key, e)
+            return None
+        taken = Taken(sn, sn6)
+        try:
+            attrs = LeaseAttrs.from_json(value)
+        except LeaseError as e:
+            if warn:
+                log.warning("etcd: skipping %s (its subnet stays taken): %s", key, e)
+            return _Entry(key, 0, etcd_lease, None, taken)
+        # Peers' exact expiry would cost one TimeToLive call per lease; nobody needs more than "it has a TTL".
+        exp = None if etcd_lease == 0 else now + self._opts.lease_ttl
+        lease = Lease(sn, sn6, attrs, expiration=exp, store_lease_id=etcd_lease)
+        return _Entry(key, 0, etcd_lease, lease, taken)
+
+    async def _list(self) -> tuple[list[_Entry], int]:
+        resp = await self._rpc(
+            "list leases",
+            lambda: self._kvs().get(self._subnets, self._subnets_end, timeout=self._opts.call_timeout),
+        )
+        now = time.time()
+        out: list[_Entry] = []
+        for kv in resp.kvs:
+            entry = self._decode(kv.key.decode("utf-8", "replace"), kv.value, kv.lease, now)
+            if entry is not None:
+                entry.mod_revision = kv.mod_revision
+                out.append(entry)
+        return out, int(resp.header.revision)
+
+    # --- leases -------------------------------------------------------------------------------------
+
+    async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
+        backoff = _Backoff(1.0, self._opts.max_backoff)
+        races = 0
+        while True:
+            try:
+                got = await self._try_acquire(cfg, attrs, prev)
+            except EtcdUnavailableError as e:
+                delay = backoff.next()
+                log.warning("acquiring a lease: %s; retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                continue
+            if got is not None:
+                return got
+            races += 1
+            if races >= MAX_ACQUIRE_RACES:
+                raise StoreError(f"could not acquire a lease: lost {races} races with other nodes in a row")
+            log.info("another node changed the lease we were taking; trying again")
+            await asyncio.sleep(random.uniform(0.05, 0.3))
+
+    async def _txn(self, what: str, compare: Sequence[Any], success: Sequence[Any]) -> bool:
+        resp = await self._rpc(what, lambda: self._kvs().txn(compare, success, timeout=self._opts.call_timeout))
+        return bool(resp.succeeded)
+
+    def _cmp_mod(self, key: str, mod_revision: int) -> Any:
+        return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=mod_revision)
+
+    async def _try_acquire(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease | None:
+        """One pass of upstream's order; None when a concurrent change made it lose a race."""
+        entries, _ = await self._list()
+        by_key = {e.key: e for e in entries}
+        own, stale = find_own_leases(cfg, attrs, [e.lease for e in entries if e.lease is not None])
+        if own is not None:
+            entry = by_key[self.subnet_key(own)]
+            log.info(
+                "found %s %s for our public IP, reusing it",
+                "reservation" if own.is_reservation else "lease",
+                own.key,
+            )
+            return await self._rewrite(entry, own, attrs)
+
+        gone: set[str] = set()
+        for s in stale:
+            key = self.subnet_key(s)
+            if s.is_reservation:
+                log.warning("reservation %s carries our public IP but does not fit the config; leaving it", key)
+                continue
+            log.info("found lease %s for our public IP but it does not fit the config, deleting it", key)
+            if await self._txn(
+                "delete stale lease",
+                [self._cmp_mod(key, by_key[key].mod_revision)],
+                [KVService.txn_op_delete(key)],
+            ):
+                gone.add(key)
+
+        taken = [e.taken for e in entries if e.taken is not None and e.key not in gone]
+        sn, sn6 = pick_subnets(cfg, taken, prev)
+        new = Lease(sn, sn6, attrs)
+        key = self.subnet_key(new)
+        lease_id, ttl = await self._grant()
+        if not await self._txn(
+            "create lease",
+            [KVService.txn_compare_version(key, 0)],
+            [KVService.txn_op_put(key, attrs.to_json(), lease=lease_id)],
+        ):
+            await self._revoke_quietly(lease_id)
+            return None
+        log.info("acquired lease %s (etcd lease %x, TTL %d s)", key, lease_id, ttl)
+        return Lease(sn, sn6, attrs, expiration=time.time() + ttl, store_lease_id=lease_id)
+
+    async def _grant(self) -> tuple[int, int]:
+        resp = await self._rpc(
+            "grant lease", lambda: self._leases().grant(self._opts.lease_ttl, timeout=self._opts.call_timeout)
+        )
+        if resp.error:
+            raise StoreError(f"etcd grant lease: {resp.error}")
+        return int(resp.ID), int(resp.TTL)
+
+    async def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            await self._rpc("revoke lease", lambda: self._leases().revoke(lease_id, timeout=self._opts.call_timeout))
+        except StoreError as e:
+            log.debug("could not revoke etcd lease %x (it will expire): %s", lease_id, e)
+
+    async def _release_old(self, old_id: int) -> None:
+        """Revoke the etcd lease our key just moved away from, but only if nothing else is still bound to it:
+        revoking deletes every key attached."""
+        if old_id == 0:
+            return
+        try:
+            ttl = await self._rpc(
+                "lease time-to-live",
+                lambda: self._leases().time_to_live(old_id, keys=True, timeout=self._opts.call_timeout),
+            )
+        except StoreError as e:
+            log.debug("could not inspect etcd lease %x: %s", old_id, e)
+            return
+        if ttl.TTL > 0 and not list(ttl.keys):
+            await self._revoke_quietly(old_id)
+
+    async def _rewrite(self, entry: _Entry, cur: Lease, attrs: LeaseAttrs) -> Lease | None:
+        """Write our attrs into an existing key, guarded by its mod revision. A reservation stays a reservation;
+        a TTL lease moves to a fresh etcd lease of the full TTL."""
+        key = entry.key
+        if entry.etcd_lease == 0:
+            if not await self._txn(
+                "update reservation",
+                [self._cmp_mod(key, entry.mod_revision)],
+                [KVService.txn_op_put(key, attrs.to_json(), lease=0)],
+            ):
+                return None
+            return Lease(cur.subnet, cur.ipv6_subnet, attrs, expiration=None, store_lease_id=0)
+        lease_id, ttl = await self._grant()
+        if not await self._txn(
+            "update lease",
+            [self._cmp_mod(key, entry.mod_revision)],
+            [KVService.txn_op_put(key, attrs.to_json(), lease=lease_id)],
+        ):
+            await self._revoke_quietly(lease_id)
+            return None
+        await self._release_old(entry.etcd_lease)
+        return Lease(cur.subnet, cur.ipv6_subnet, attrs, expiration=time.time() + ttl, store_lease_id=lease_id)
+
+    async def renew_lease(self, lease: Lease) -> Lease:
+        """Re-put our value bound to a fresh etcd lease of the full TTL (as upstream does).
+
+        Raises LeaseRevokedError when the key is gone or now carries another node's IP, and
+        EtcdUnavailableError when etcd cannot be reached (the caller retries before the lease runs out).
+        """
+        key = self.subnet_key(lease)
+        for _ in range(MAX_ACQUIRE_RACES):
+            resp = await self._rpc("read lease", lambda: self._kvs().get(key, timeout=self._opts.call_timeout))
+            if not resp.kvs:
+                raise LeaseRevokedError(f"lease {key} has been revoked (deleted from etcd)")
+            kv = resp.kvs[0]
+            try:
+                stored = LeaseAttrs.from_json(kv.value)
+            except LeaseError:
+                stored = None
+            if stored is None or (
+                stored.public_ip != lease.attrs.public_ip or stored.public_ipv6 != lease.attrs.public_ipv6
+            ):
+                raise LeaseRevokedError(f"lease {key} has been revoked (it now holds {kv.value!r})")
+            entry = _Entry(key, int(kv.mod_revision), int(kv.lease), lease, None)
+            got = await self._rewrite(entry, lease, lease.attrs)
+            if got is not None:
+                if got.is_reservation:
+                    log.debug("lease %s is a reservation: nothing to renew", key)
+                else:
+                    log.info("renewed lease %s until %s", key, time.ctime(got.expiration))
+                return got
+        raise StoreError(f"could not renew {key}: it kept changing under us")
+
+    # --- watch -------------------------------------------------------------------------------------
+
+    async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
+        backoff = _Backoff(0.5, self._opts.max_backoff)
+        while True:
+            try:
+                entries, revision = await self._list()
+            except EtcdUnavailableError as e:
+                delay = backoff.next()
+                log.warning("watch: %s; listing again in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                continue
+            known = {e.key: e.lease for e in entries if e.lease is not None}
+            yield LeaseSnapshot(tuple(known.values()))
+            log.debug("watch: %d leases at revision %d, watching from %d", len(known), revision, revision + 1)
+            stream = self._stream(revision + 1, known, backoff)
+            async with contextlib.aclosing(stream):
+                async for update in stream:
+                    yield update
+
+    async def _stream(
+        self, start: int, known: dict[str, Lease], backoff: _Backoff
+    ) -> AsyncGenerator[list[LeaseEvent], None]:
+        """Follow one watch stream until it breaks or is cancelled; the caller then re-lists."""
+        await self._ensure()
+        create = WatchCreateRequest(key=self._subnets.encode(), range_end=self._subnets_end, start_revision=start)
+
+        async def requests() -> AsyncIterator[Any]:
+            yield WatchRequest(create_request=create)
+            # The request side must stay open or the server ends the stream.
+            await asyncio.Future()
+
+        call = self._watch_stub.Watch(requests(), metadata=self._metadata())
+        delay = 0.0
+        try:
+            async for resp in call:
+                if resp.compact_revision > 0:
+                    # Not an outage: re-list at once.
+                    log.warning(
+                        "watch: revision %d was compacted (oldest kept: %d); listing again",
+                        start,
+                        resp.compact_revision,
+                    )
+                    break
+                if resp.canceled:
+                    delay = backoff.next()
+                    log.warning(
+                        "watch cancelled by etcd (%s); listing again in %.1f s",
+                        resp.cancel_reason or "no reason",
+                        delay,
+                    )
+                    break
+                if resp.created:
+                    continue
+                backoff.reset()
+                batch = self._events(resp.events, known)
+                if batch:
+                    yield batch
+            else:
+                delay = backoff.next()
+                log.warning("watch: etcd closed the stream; listing again in %.1f s", delay)
+        except grpc.aio.AioRpcError as e:
+            delay = backoff.next()
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._opts.username:
+                # The next list goes through _rpc, which authenticates again when there is no token.
+                self._token = None
+            log.warning("watch: %s (%s); listing again in %.1f s", e.code().name, e.details(), delay)
+        finally:
+            call.cancel()
+        if delay:
+            await asyncio.sleep(delay)
+
+    def _events(self, events: Any, known: dict[str, Lease]) -> list[LeaseEvent]:
+        now = time.time()
+        out: list[LeaseEvent] = []
+        for ev in events:
+            key = ev.kv.key.decode("utf-8", "replace")
+            if ev.type == 0:  # PUT
+                entry = self._decode(key, ev.kv.value, ev.kv.lease, now)
+                if entry is not None and entry.lease is not None:
+                    known[key] = entry.lease
+                    out.append(LeaseEvent(EventType.ADDED, entry.lease))
+                else:
+                    old = known.pop(key, None)
+                    if old is not None:
+                        out.append(LeaseEvent(EventType.REMOVED, old))
+            else:  # DELETE
+                old = known.pop(key, None)
+                if old is None:
+                    try:
+                        sn, sn6 = parse_subnet_key(key[len(self._subnets) :])
+                    except LeaseError:
+                        continue
+                    old = Lease(sn, sn6, LeaseAttrs())
+                out.append(LeaseEvent(EventType.REMOVED, old))
+        return out
