@@ -173,6 +173,38 @@ def _range(
     return smin, smax
 
 
+def _family_layout(raw: dict[str, Any], version: int) -> tuple[Any, int, Any, Any]:
+    """Network, SubnetLen, SubnetMin and SubnetMax of one family (keys prefixed `IPv6` for version 6),
+    with upstream's defaults: a /24 (/64) per node when the network is large enough, else four subnets."""
+    p = "" if version == 4 else "IPv6"
+    net_key, len_key = f"{p}Network", f"{p}SubnetLen"
+    max_len, default_len = (30, 24) if version == 4 else (126, 64)
+    network = _net4(raw, net_key) if version == 4 else _net6(raw, net_key)
+    if network is None:
+        raise ConfigError(f"{net_key}: please define a correct {net_key} parameter in the flannel config")
+    subnet_len = _int(raw, len_key)
+    if subnet_len:
+        if subnet_len > max_len:
+            raise ConfigError(f"{len_key} must be less than /{max_len + 1}")
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError(f"{len_key}: {net_key} must be able to accommodate at least four subnets")
+    elif network.prefixlen > max_len - 2:
+        raise ConfigError(f"{net_key} is too small. Minimum useful network prefix is /{max_len - 2}")
+    elif network.prefixlen <= default_len - 2:
+        subnet_len = default_len
+    else:
+        subnet_len = network.prefixlen + 2
+    smin, smax = _range(
+        network,
+        subnet_len,
+        _addr(raw, f"{p}SubnetMin", version),
+        _addr(raw, f"{p}SubnetMax", version),
+        f"{p}SubnetMin",
+        f"{p}SubnetMax",
+    )
+    return network, subnet_len, smin, smax
+
+
 def parse_net_config(text: str | bytes) -> NetConfig:
     """Parse and validate net-conf.json; raises ConfigError naming the key at fault."""
     try:
@@ -188,57 +220,8 @@ def parse_net_config(text: str | bytes) -> NetConfig:
     if not enable4 and not enable6:
         raise ConfigError("EnableIPv4 and EnableIPv6 are both false: nothing to do")
 
-    network = _net4(raw, "Network")
-    subnet_len = _int(raw, "SubnetLen")
-    smin = smax = None
-    if enable4:
-        if network is None:
-            raise ConfigError("Network: please define a correct Network parameter in the flannel config")
-        if subnet_len:
-            if subnet_len > 30:
-                raise ConfigError("SubnetLen must be less than /31")
-            if subnet_len < network.prefixlen + 2:
-                raise ConfigError("SubnetLen: Network must be able to accommodate at least four subnets")
-        elif network.prefixlen > 28:
-            raise ConfigError("Network is too small. Minimum useful network prefix is /28")
-        elif network.prefixlen <= 22:
-            subnet_len = 24
-        else:
-            subnet_len = network.prefixlen + 2
-        smin, smax = _range(
-            network,
-            subnet_len,
-            _addr(raw, "SubnetMin", 4),
-            _addr(raw, "SubnetMax", 4),
-            "SubnetMin",
-            "SubnetMax",
-        )
-
-    net6 = _net6(raw, "IPv6Network")
-    len6 = _int(raw, "IPv6SubnetLen")
-    smin6 = smax6 = None
-    if enable6:
-        if net6 is None:
-            raise ConfigError("IPv6Network: please define a correct IPv6Network parameter in the flannel config")
-        if len6:
-            if len6 > 126:
-                raise ConfigError("IPv6SubnetLen must be less than /127")
-            if len6 < net6.prefixlen + 2:
-                raise ConfigError("IPv6SubnetLen: IPv6Network must be able to accommodate at least four subnets")
-        elif net6.prefixlen > 124:
-            raise ConfigError("IPv6Network is too small. Minimum useful network prefix is /124")
-        elif net6.prefixlen <= 62:
-            len6 = 64
-        else:
-            len6 = net6.prefixlen + 2
-        smin6, smax6 = _range(
-            net6,
-            len6,
-            _addr(raw, "IPv6SubnetMin", 6),
-            _addr(raw, "IPv6SubnetMax", 6),
-            "IPv6SubnetMin",
-            "IPv6SubnetMax",
-        )
+    network, subnet_len, smin, smax = _family_layout(raw, 4) if enable4 else (None, 0, None, None)
+    net6, len6, smin6, smax6 = _family_layout(raw, 6) if enable6 else (None, 0, None, None)
 
     backend_raw = ci_get(raw, "Backend")
     if backend_raw is None:
@@ -257,12 +240,12 @@ def parse_net_config(text: str | bytes) -> NetConfig:
         enable_ipv4=enable4,
         enable_ipv6=enable6,
         enable_nftables=nft,
-        network=network if enable4 else None,
-        subnet_len=subnet_len if enable4 else 0,
+        network=network,
+        subnet_len=subnet_len,
         subnet_min=smin,
         subnet_max=smax,
-        ipv6_network=net6 if enable6 else None,
-        ipv6_subnet_len=len6 if enable6 else 0,
+        ipv6_network=net6,
+        ipv6_subnet_len=len6,
         ipv6_subnet_min=smin6,
         ipv6_subnet_max=smax6,
         backend=backend,
