@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,15 +28,6 @@ def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     return None
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 15, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def ip(ns: str, *args: str) -> str:
@@ -166,14 +157,30 @@ def test_hand_deleted_entries_come_back(cluster: Cluster) -> None:
     n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
     sn = cluster.subnet(n2)
     netns.run(["ip", "-n", n1.ns, "route", "del", sn])
-    assert wait_for(lambda: sn in ip(n1.ns, "route", "show", sn), timeout=10)
+    assert netns.wait_for(lambda: sn in ip(n1.ns, "route", "show", sn), timeout=10)
     if cluster.backend == "vxlan":
         mac = str(cluster.lease_of(n2)["BackendData"]["VtepMAC"])  # type: ignore[index]
         netns.run(["ip", "-n", n1.ns, "neigh", "del", cluster.gw(n2), "dev", "flannel.1"])
         netns.run(["bridge", "-n", n1.ns, "fdb", "del", mac, "dev", "flannel.1", "dst", n2.ip, "self"])
-        assert wait_for(lambda: mac in ip(n1.ns, "neigh", "show", "dev", "flannel.1"), timeout=10)
-        assert wait_for(lambda: f"{mac} dst {n2.ip}" in fdb(n1.ns, "flannel.1"), timeout=10)
+        assert netns.wait_for(lambda: mac in ip(n1.ns, "neigh", "show", "dev", "flannel.1"), timeout=10)
+        assert netns.wait_for(lambda: f"{mac} dst {n2.ip}" in fdb(n1.ns, "flannel.1"), timeout=10)
     assert tb.wait_ping(n1.pods[0].ns, n2.pods[0].ip)
+
+
+def test_deleted_vxlan_device_comes_back_with_all_peers(cluster: Cluster) -> None:
+    if cluster.backend != "vxlan":
+        pytest.skip("vxlan only")
+    tb = cluster.tb
+    n1 = tb.nodes["n1"]
+    mac = cluster.lease_of(n1)["BackendData"]["VtepMAC"]  # type: ignore[index]
+    netns.run(["ip", "-n", n1.ns, "link", "del", "flannel.1"])
+    peers = [tb.nodes["n2"], tb.nodes["n3"]]
+    assert netns.wait_for(lambda: all(cluster.subnet(p) in ip(n1.ns, "route") for p in peers), timeout=10)
+    # Same MAC as in our lease, so the peers' neighbour/FDB entries for us are still right.
+    assert f"link/ether {mac}" in ip(n1.ns, "link", "show", "flannel.1")
+    for peer in peers:
+        assert tb.wait_ping(n1.pods[0].ns, peer.pods[0].ip)
+        assert tb.wait_ping(peer.pods[0].ns, n1.pods[0].ip)
 
 
 def test_stale_entry_is_swept(cluster: Cluster) -> None:
@@ -184,7 +191,7 @@ def test_stale_entry_is_swept(cluster: Cluster) -> None:
         netns.run(["ip", "-n", n1.ns, "route", "add", stale, "via", "10.244.250.0", "dev", "flannel.1", "onlink"])
     else:
         netns.run(["ip", "-n", n1.ns, "route", "add", stale, "via", "192.168.77.250", "dev", "eth0"])
-    assert wait_for(lambda: stale not in ip(n1.ns, "route"), timeout=10)
+    assert netns.wait_for(lambda: stale not in ip(n1.ns, "route"), timeout=10)
 
 
 def test_garbage_lease_is_skipped_and_the_rest_still_works(cluster: Cluster) -> None:
@@ -193,7 +200,7 @@ def test_garbage_lease_is_skipped_and_the_rest_still_works(cluster: Cluster) -> 
     tb.etcdctl("put", f"{tb.prefix}/subnets/not-a-subnet", '{"PublicIP":"192.168.77.99"}')
     try:
         n1 = tb.nodes["n1"]
-        assert wait_for(lambda: "10.244.251.0-24" in n1.log_file.read_text(), timeout=10)
+        assert netns.wait_for(lambda: "10.244.251.0-24" in n1.log_file.read_text(), timeout=10)
         for node in tb.nodes.values():
             assert node.proc is not None and node.proc.poll() is None
         assert "10.244.251.0" not in ip(n1.ns, "route")
@@ -241,14 +248,16 @@ def test_upstream_written_lease_is_programmed_and_carries_traffic(cluster: Clust
     try:
         n1 = tb.nodes["n1"]
         if cluster.backend == "vxlan":
-            assert wait_for(lambda: f"{gw} lladdr {mac} PERMANENT" in ip(n1.ns, "neigh", "show", "dev", "flannel.1"))
-            assert wait_for(lambda: f"{mac} dst {up.ip} self permanent" in fdb(n1.ns, "flannel.1"))
-        assert wait_for(lambda: subnet in ip(n1.ns, "route", "show", subnet))
+            assert netns.wait_for(
+                lambda: f"{gw} lladdr {mac} PERMANENT" in ip(n1.ns, "neigh", "show", "dev", "flannel.1")
+            )
+            assert netns.wait_for(lambda: f"{mac} dst {up.ip} self permanent" in fdb(n1.ns, "flannel.1"))
+        assert netns.wait_for(lambda: subnet in ip(n1.ns, "route", "show", subnet))
         for node in (tb.nodes["n1"], tb.nodes["n2"], tb.nodes["n3"]):
             assert tb.wait_ping(node.pods[0].ns, "10.244.200.1"), f"{node.name} pod cannot reach the upstream node"
     finally:
         tb.etcdctl("del", f"{tb.prefix}/subnets/10.244.200.0-24")
-    assert wait_for(lambda: subnet not in ip(tb.nodes["n1"].ns, "route"))
+    assert netns.wait_for(lambda: subnet not in ip(tb.nodes["n1"].ns, "route"))
     tb.scope.remove_ns(up.ns)
     del tb.nodes["up"]
 
@@ -303,10 +312,10 @@ def test_node_that_leaves_is_removed_everywhere(cluster: Cluster) -> None:
     tb.stop_agent(n3)
     tb.etcdctl("del", f"{tb.prefix}/subnets/{gone.replace('/', '-')}")
     for node in (n1, tb.nodes["n2"]):
-        assert wait_for(lambda node=node: gone not in ip(node.ns, "route"), timeout=10)  # type: ignore[misc]
+        assert netns.wait_for(lambda node=node: gone not in ip(node.ns, "route"), timeout=10)  # type: ignore[misc]
         if cluster.backend == "vxlan":
-            assert wait_for(lambda node=node: gw not in ip(node.ns, "neigh", "show", "dev", "flannel.1"))  # type: ignore[misc]
-            assert wait_for(lambda node=node: f"dst {n3.ip} " not in fdb(node.ns, "flannel.1"))  # type: ignore[misc]
+            assert netns.wait_for(lambda node=node: gw not in ip(node.ns, "neigh", "show", "dev", "flannel.1"))  # type: ignore[misc]
+            assert netns.wait_for(lambda node=node: f"dst {n3.ip} " not in fdb(node.ns, "flannel.1"))  # type: ignore[misc]
     # The node comes back and gets a lease again (its old one was deleted, so it may differ).
     t0 = time.time()
     n3.subnet_file.unlink()
@@ -365,11 +374,13 @@ def test_etcd_outage_keeps_kernel_state_and_recovers(cluster: Cluster) -> None:
     tb.etcdctl("put", f"{tb.prefix}/subnets/10.244.201.0-24", value)
     try:
         for node in tb.nodes.values():
-            assert wait_for(lambda node=node: "10.244.201.0/24" in ip(node.ns, "route"), timeout=30), tb.log_tail(node)
+            assert netns.wait_for(lambda node=node: "10.244.201.0/24" in ip(node.ns, "route"), timeout=30), tb.log_tail(
+                node
+            )
     finally:
         tb.etcdctl("del", f"{tb.prefix}/subnets/10.244.201.0-24")
     for node in tb.nodes.values():
-        assert wait_for(lambda node=node: "10.244.201.0/24" not in ip(node.ns, "route"), timeout=15)
+        assert netns.wait_for(lambda node=node: "10.244.201.0/24" not in ip(node.ns, "route"), timeout=15)
 
 
 def test_readyz_and_healthz(cluster: Cluster) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,15 +37,6 @@ def _skip_reason() -> str | None:
     return None
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 20, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
 def routes(node: Node) -> str:
     return netns.run(["ip", "-n", node.ns, "route", "show", "dev", "flannel.1"], check=False)
 
@@ -63,7 +53,7 @@ class KubeCluster:
             [sys.executable, FAKE, "--listen", f"{api.ip}:6443", "--unix", self.sock, "--history", "200"],
             log=scope.tmpdir / "fakekube.log",
         )
-        assert wait_for(lambda: os.path.exists(self.sock), 10), "fake API server did not start"
+        assert netns.wait_for(lambda: os.path.exists(self.sock), 10), "fake API server did not start"
         self.kube = KubeAdmin(unix_path=self.sock)
         self.net_conf = scope.tmpdir / "net-conf.json"
         self.net_conf.write_text(NET_CONF)
@@ -124,7 +114,7 @@ def test_kube_mode_three_nodes(cluster: KubeCluster) -> None:
 
     for name, node in nodes.items():
         others = {c for n, c in CIDRS.items() if n != name}
-        assert wait_for(peers_are(node, others)), routes(node)
+        assert netns.wait_for(peers_are(node, others)), routes(node)
 
     pods = {name: tb.add_pod(node) for name, node in nodes.items()}
     for src in pods.values():
@@ -142,8 +132,8 @@ def test_kube_mode_three_nodes(cluster: KubeCluster) -> None:
     want = {"n1": {"10.244.2.0/24", "10.244.4.0/24"}, "n2": {"10.244.1.0/24", "10.244.4.0/24"}}
     for name, cidrs in want.items():
         node = nodes[name]
-        assert wait_for(peers_are(node, cidrs)), routes(node)
-    assert wait_for(lambda: has_peers(n4, {"10.244.1.0/24", "10.244.2.0/24"})), routes(n4)
+        assert netns.wait_for(peers_are(node, cidrs)), routes(node)
+    assert netns.wait_for(lambda: has_peers(n4, {"10.244.1.0/24", "10.244.2.0/24"})), routes(n4)
     assert tb.wait_ping(pods["n1"].ns, pods["n2"].ip)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from pyflannel.cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
+from pyflannel.cni.launcher import install as install_launcher
 from pyflannel.lab import netns
 from pyflannel.lab.netns import RunScope, ns_exec, run
 
@@ -37,22 +38,12 @@ def _need_plugins() -> None:
 
 
 def flannel_bin_dir(tmp: Path) -> Path:
-    """A CNI bin dir holding `flannel`: the venv's console script, else a wrapper around this interpreter."""
+    """A CNI bin dir holding `flannel`: the fast launcher of this interpreter's pyflannel (see cni.launcher)."""
     d = tmp / "cni-bin"
     d.mkdir(exist_ok=True)
     target = d / "flannel"
-    if target.exists():
-        return d
-    script = Path(sys.executable).parent / "flannel"
-    if script.is_file():
-        target.symlink_to(script)
-    else:
-        root = Path(__file__).resolve().parents[1]
-        target.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
-            "from pyflannel.cni.plugin import main\nsys.exit(main())\n"
-        )
-        target.chmod(0o755)
+    if not target.exists():
+        install_launcher(target)
     return d
 
 

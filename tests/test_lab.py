@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,15 +38,6 @@ def _skip_reason() -> str | None:
     if not Path("/usr/lib/cni/bridge").is_file():
         return "needs Debian's containernetworking-plugins in /usr/lib/cni"
     return None
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 20, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 @dataclass
@@ -94,7 +84,7 @@ class LabRun:
 
     def assert_gone(self) -> None:
         assert self.namespaces() == []
-        assert wait_for(lambda: self.processes() == [], timeout=10), self.processes()
+        assert netns.wait_for(lambda: self.processes() == [], timeout=10), self.processes()
         assert not self.state_dir.exists()
 
 
@@ -272,7 +262,7 @@ def test_churn_add_restart_remove(vx: LabRun) -> None:
     n4 = next(n for n in st["nodes"] if n["name"] == "n4")
     assert n4["ready"] and n4["netns"] in vx.namespaces() and n4["subnet"] in out
     assert [p["name"] for p in st["pods"] if p["node"] == "n4"] == ["n4-p1"]
-    assert wait_for(lambda: f"{n4['subnet']} via" in vx.node_route(n1["netns"]))
+    assert netns.wait_for(lambda: f"{n4['subnet']} via" in vx.node_route(n1["netns"]))
     assert "42/42 pairs ok" in vx.ok("check")
 
     old = next(n for n in st["nodes"] if n["name"] == "n2")["pid"]
@@ -288,7 +278,7 @@ def test_churn_add_restart_remove(vx: LabRun) -> None:
     assert not any(p["node"] == "n4" for p in st["pods"])
     assert not any(ns.startswith(f"{vx.prefix}n4") for ns in vx.namespaces())
     # Its lease is gone from etcd, so the other agents drop the route.
-    assert wait_for(lambda: n4["subnet"] not in vx.node_route(n1["netns"]))
+    assert netns.wait_for(lambda: n4["subnet"] not in vx.node_route(n1["netns"]))
     assert "30/30 pairs ok" in vx.ok("check")
 
 
@@ -335,7 +325,7 @@ def test_down_after_sigkill_and_without_state(lab_factory: Callable[[str], LabRu
     pids = [n["pid"] for n in st["nodes"]] + [st["etcd"]["pid"]]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: lab.processes() == [])
+    assert netns.wait_for(lambda: lab.processes() == [])
     assert not any(n["running"] for n in lab.status()["nodes"])
     lab.ok("down")
     lab.assert_gone()
@@ -351,7 +341,7 @@ def test_down_after_sigkill_and_without_state(lab_factory: Callable[[str], LabRu
     assert lab.cli("status").returncode == 1
     assert "removed" in lab.ok("down")
     assert lab.namespaces() == []
-    assert wait_for(lambda: lab.processes() == [], timeout=10)
+    assert netns.wait_for(lambda: lab.processes() == [], timeout=10)
 
 
 def test_force_replaces_a_lab(lab_factory: Callable[[str], LabRun]) -> None:

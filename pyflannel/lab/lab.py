@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
+from ..cni.launcher import install as install_launcher
 from ..subnetenv import read_subnet_env
 from . import netns
 from .netns import NetnsError, RunScope
@@ -70,22 +70,12 @@ def pid_in_ns(pid: int | None, ns: str) -> bool:
 
 
 def _plugin_bin_dir(state_dir: Path) -> Path:
-    """A CNI bin dir with `flannel`: the venv's console script, else a wrapper around this interpreter."""
+    """A CNI bin dir with `flannel`: the fast launcher of this interpreter's pyflannel (see cni.launcher)."""
     d = state_dir / "cni-bin"
     d.mkdir(exist_ok=True)
     target = d / "flannel"
-    if target.exists() or target.is_symlink():
-        return d
-    script = Path(sys.executable).parent / "flannel"
-    if script.is_file():
-        target.symlink_to(script)
-    else:
-        root = Path(__file__).resolve().parents[2]
-        target.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(root)!r})\n"
-            "from pyflannel.cni.plugin import main\nsys.exit(main())\n"
-        )
-        target.chmod(0o755)
+    if not target.exists():
+        install_launcher(target)
     return d
 
 

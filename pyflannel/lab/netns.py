@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,16 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30, input: s
     if check and p.returncode != 0:
         raise NetnsError(f"{' '.join(cmd)}: exit {p.returncode}: {p.stderr.strip() or p.stdout.strip()}")
     return p.stdout
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 20, step: float = 0.2) -> bool:
+    """Poll `pred` until it holds or `timeout` seconds pass; the last answer is returned either way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
 
 
 def ns_exec(ns: str, cmd: Sequence[str], **kw: object) -> str:
