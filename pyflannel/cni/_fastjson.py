@@ -47,6 +47,12 @@ def loads(data: bytes | str) -> Any:
         obj, end = _scan(s, idx)
     except StopIteration as e:
         raise ValueError(f"Expecting value: char {e.value}") from None
+    except SystemError:
+        # _json raises json.decoder.JSONDecodeError only if json.decoder is already in sys.modules (it looks
+        # there, it does not import); otherwise a SystemError. Rare path: import it and scan again.
+        import json.decoder  # noqa: F401
+
+        obj, end = _scan(s, idx)
     if s[end:].strip(_WS):
         raise ValueError(f"Extra data: char {end}")
     return obj
