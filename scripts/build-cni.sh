@@ -6,13 +6,13 @@
 #   OUT=/some/dir PYTHON=/usr/bin/python3.11 scripts/build-cni.sh
 #
 # flannel.dist/
-#   flannel                  a small C launcher (pyflannel/cni/launcher.c): execs python/bin/python3.11
+#   flannel                  a small C launcher (pyflannel/cni/launcher.c): execs python/python3.11
 #                            -I -S -B main.py with argv and env untouched
 #   main.py                  runs pyflannel.cni.plugin:main
 #   app/pyflannel/...        the plugin's own modules (only those it imports)
-#   python/bin/python3.11    a copy of $PYTHON, RUNPATH $ORIGIN/../lib
-#   python/bin/python3.11._pth  sys.path, exactly: the stdlib, lib-dynload and app below (no search upwards
-#                            from the executable for landmarks, nothing else on the path)
+#   python/python3.11        a copy of $PYTHON, RUNPATH $ORIGIN/lib
+#   python/python3.11._pth   sys.path, exactly: the stdlib, lib-dynload and app below; it also makes python/
+#                            sys.prefix without a search upwards from the executable for landmarks
 #   python/lib/*.so*         the shared libraries it and its extension modules need, except glibc's
 #   python/lib/python3.11/   the standard library modules the plugin can import, with lib-dynload/
 #
@@ -20,7 +20,8 @@
 # the rare paths (logging, decimal, json) work too; tests/test_cni_build.py runs the result. Bytecode is
 # unchecked-hash .pyc: no source stat or recompile at run time, and the directory may be read-only.
 # Needs gcc, libc6-dev (static libc for the launcher), patchelf and a Python 3.11 whose stdlib is installed
-# (Debian's /usr/bin/python3.11 links libpython statically: only libz and libexpat get bundled). A few seconds.
+# (Debian's /usr/bin/python3.11 links libpython statically; libz, libexpat and the libraries of a few extension
+# modules, e.g. _hashlib's libcrypto, get bundled). Takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ tmp="$OUT/.flannel.dist.tmp"
 command -v patchelf >/dev/null || { echo "build-cni: patchelf missing (apt-get install patchelf)" >&2; exit 1; }
 
 rm -rf "$tmp"
-mkdir -p "$tmp/app" "$tmp/python/bin" "$tmp/python/lib"
+mkdir -p "$tmp/app" "$tmp/python/lib"
 # Static: the launcher itself needs no loader work and no particular glibc.
 "$CC" -O2 -Wall -Wextra -Werror -static -o "$tmp/flannel" pyflannel/cni/launcher.c
 strip "$tmp/flannel"
@@ -48,7 +49,7 @@ from pyflannel.cni.plugin import main
 
 sys.exit(main())
 EOF
-printf '%s\n' ../lib/python3.11 ../lib/python3.11/lib-dynload ../../app > "$tmp/python/bin/python3.11._pth"
+printf '%s\n' lib/python3.11 lib/python3.11/lib-dynload ../app > "$tmp/python/python3.11._pth"
 
 "$PYTHON" -I - "$PWD" "$tmp" <<'EOF'
 import os
@@ -71,12 +72,13 @@ os.makedirs(dest_dynload)
 dev_tools = ["doctest", "pdb", "pydoc", "pydoc_data", "unittest", "test", "lib2to3", "distutils", "tkinter",
              "idlelib", "ensurepip", "venv", "turtle", "bdb", "cmd", "code", "codeop", "readline", "tty",
              "webbrowser"]
-mf = ModuleFinder(path=[repo, stdlib, dynload], excludes=dev_tools)
+mf = ModuleFinder(path=[stdlib, dynload, repo], excludes=dev_tools)
 mf.run_script(os.path.join(dist, "main.py"))
-# What the interpreter itself loads before main.py (some frozen in the binary, but os.py is the prefix
-# landmark), every codec (the runtime's locale picks one) and what prints an uncaught traceback.
-roots = ["os", "io", "abc", "codecs", "stat", "posixpath", "genericpath", "_collections_abc", "linecache",
-         "traceback", "encodings"]
+# What the interpreter itself loads before main.py (most frozen in the binary, but their __file__ and
+# tracebacks point at the sources), every codec (the runtime's locale picks one) and what prints an uncaught
+# traceback.
+roots = ["os", "io", "abc", "codecs", "stat", "posixpath", "genericpath", "_collections_abc", "zipimport",
+         "importlib._bootstrap", "importlib._bootstrap_external", "linecache", "traceback", "encodings"]
 roots += ["encodings." + f[:-3] for f in os.listdir(os.path.join(stdlib, "encodings"))
           if f.endswith(".py") and f != "__init__.py"]
 for name in roots:
@@ -87,7 +89,7 @@ missing = {name: sorted(who) for name, who in mf.badmodules.items()
 if missing:
     sys.exit(f"build-cni: the plugin imports modules {dynload} and {stdlib} lack: {missing}")
 
-elves = [os.path.join(dist, "python", "bin", "python3.11")]
+elves = [os.path.join(dist, "python", "python3.11")]
 shutil.copy2(os.path.realpath(sys.executable), elves[0])
 for name, mod in sorted(mf.modules.items()):
     src = mod.__file__
@@ -119,7 +121,7 @@ while todo:
         bundled[parts[0]] = dst = os.path.join(libdir, parts[0])
         shutil.copy2(os.path.realpath(parts[2]), dst)
         todo.append(dst)
-origin = {os.path.join(dist, "python", "bin"): "$ORIGIN/../lib", dest_dynload: "$ORIGIN/../..", libdir: "$ORIGIN"}
+origin = {os.path.join(dist, "python"): "$ORIGIN/lib", dest_dynload: "$ORIGIN/../..", libdir: "$ORIGIN"}
 for elf in elves + list(bundled.values()):
     os.chmod(elf, 0o755)
     subprocess.run(["patchelf", "--set-rpath", origin[os.path.dirname(elf)], elf], check=True)

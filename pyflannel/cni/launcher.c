@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define PYTHON "/python/bin/python3.11"
+#define PYTHON "/python/python3.11"
 #define MAIN "/main.py"
 
 /* A CNI error on stdout, as the runtime expects from any failing plugin (code 999: generic). */
