@@ -193,4 +193,3 @@ def test_install_fails_clearly_without_a_plugin(tmp_path: Path) -> None:
     )  # fmt: skip
     assert p.returncode != 0 and "no executable" in p.stderr
     assert not (tmp_path / "opt/cni/bin/flannel").exists()
-
