@@ -53,7 +53,6 @@ class AgentConfig:
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     reconcile_interval: float = 5.0
-    config_wait: float = 0.0  # 0 = wait for <prefix>/config forever, as upstream does
 
 
 def agent_config_from_options(opts: Options) -> AgentConfig:
@@ -100,6 +99,8 @@ class Agent:
     synced: bool = False
     ready_reason: str = "starting"
     traffic: TrafficManager | None = None
+    # Set when applying a lease event failed: the reconcile loop runs at once instead of at its next tick.
+    repair: asyncio.Event = field(default_factory=asyncio.Event)
 
     def readiness(self) -> tuple[bool, str]:
         if self.ready_reason:
@@ -167,7 +168,8 @@ class Agent:
         return 1
 
     async def _main(self) -> None:
-        net = await self._network_config()
+        # Waits for <prefix>/config as long as it takes, as upstream does; SIGTERM ends the wait.
+        net = await self.store.get_network_config()
         self.net = net
         log.info("network config: %s", _describe(net))
         if isinstance(self.store, KubeStore):
@@ -223,11 +225,6 @@ class Agent:
             tg.create_task(self._reconcile_loop(), name="reconcile")
             if self.traffic is not None:
                 tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
-
-    async def _network_config(self) -> NetConfig:
-        if self.cfg.config_wait:
-            return await asyncio.wait_for(self.store.get_network_config(), self.cfg.config_wait)
-        return await self.store.get_network_config()
 
     async def _external_interface(self, net: NetConfig) -> ExternalInterface:
         req = IfaceRequest(**{**self.cfg.iface.__dict__, "need_ipv4": net.enable_ipv4, "need_ipv6": net.enable_ipv6})
@@ -287,17 +284,21 @@ class Agent:
             current.pop(own_key)
             gone = [lease for key, lease in self.peers.items() if key not in current]
             for lease in gone:
-                await self.backend.remove_peer(lease)
-                log.info("removed peer %s (gone while the watch was re-listing)", _describe_lease(lease))
+                log.info("peer %s is gone (noticed on re-list)", _describe_lease(lease))
             added = [k for k in current if k not in self.peers]
             self.peers = current
-            # One bulk pass programs every peer and sweeps entries of leases that no longer exist.
-            await self.backend.reconcile(list(current.values()))
             self.synced = True
+            # One bulk pass programs every peer and sweeps entries of leases that no longer exist.
+            await self._reconcile()
             log.info("synced %d peer leases (%d new, %d gone)", len(current), len(added), len(gone))
             return
         for ev in update:
-            await self._apply_event(ev, own_key)
+            try:
+                await self._apply_event(ev, own_key)
+            except (BackendError, NetlinkError) as e:
+                # The kernel refused (e.g. our device vanished): the reconcile pass rebuilds from self.peers.
+                log.warning("failed to apply %s of %s, repairing: %s", ev.type.value, ev.lease.key, e)
+                self.repair.set()
 
     async def _apply_event(self, ev: LeaseEvent, own_key: str) -> None:
         assert self.backend is not None
@@ -311,8 +312,8 @@ class Agent:
             if old is not None and old.attrs == ev.lease.attrs:
                 self.peers[key] = ev.lease  # a renewal: nothing in the kernel changes
                 return
-            if old is not None:
-                await self.backend.remove_peer(old)
+            # add_peer replaces what the subnet had (a restarted peer's new VtepMAC or IP) without removing the
+            # route first, so traffic to that peer is not interrupted by the update.
             self.peers[key] = ev.lease
             await self.backend.add_peer(ev.lease)
             log.info("%s peer %s", "updated" if old else "added", _describe_lease(ev.lease))
@@ -342,16 +343,24 @@ class Agent:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30)
 
-    async def _reconcile_loop(self) -> None:
+    async def _reconcile(self) -> None:
         assert self.backend is not None
+        try:
+            await self.backend.reconcile(list(self.peers.values()))
+        except (BackendError, NetlinkError) as e:
+            log.warning("reconcile failed, will retry: %s", e)
+            self.repair.set()
+
+    async def _reconcile_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.reconcile_interval)
-            if not self.synced:
-                continue  # before the first snapshot we do not know the peers: sweeping would drop live routes
-            try:
-                await self.backend.reconcile(list(self.peers.values()))
-            except (BackendError, NetlinkError) as e:
-                log.warning("reconcile failed, will retry: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.repair.wait(), self.cfg.reconcile_interval)
+            if self.repair.is_set():
+                self.repair.clear()
+                # A failure that repeats at once (device cannot be created) must not spin the loop.
+                await asyncio.sleep(0.5)
+            if self.synced:  # before the first snapshot we do not know the peers: sweeping would drop live routes
+                await self._reconcile()
 
 
 def _describe(net: NetConfig) -> str:

@@ -51,7 +51,8 @@ class Backend(ABC):
     async def start(self, own: Lease) -> None: ...
 
     @abstractmethod
-    async def add_peer(self, lease: Lease) -> None: ...
+    async def add_peer(self, lease: Lease) -> None:
+        """Program a peer, replacing whatever was programmed for its subnet before (idempotent)."""
 
     @abstractmethod
     async def remove_peer(self, lease: Lease) -> None: ...

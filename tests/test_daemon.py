@@ -1,0 +1,103 @@
+"""The agent's lease bookkeeping, with an in-memory backend: what reaches the kernel layer for each update."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, cast
+
+import pytest
+
+from pyflannel.backend.base import Backend, BackendAttrs, BackendError
+from pyflannel.daemon import Agent, AgentConfig
+from pyflannel.iface import IfaceRequest
+from pyflannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot
+from pyflannel.store.base import LeaseRevokedError
+from pyflannel.store.etcd import EtcdOptions
+
+
+class RecordingBackend(Backend):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail_next = False
+
+    async def prepare(self) -> BackendAttrs:
+        return BackendAttrs("vxlan", None, None, 1450)
+
+    async def start(self, own: Lease) -> None:
+        pass
+
+    async def add_peer(self, lease: Lease) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise BackendError("no such device")
+        self.calls.append(("add", lease.key))
+
+    async def remove_peer(self, lease: Lease) -> None:
+        self.calls.append(("remove", lease.key))
+
+    async def reconcile(self, peers: Sequence[Lease]) -> None:
+        self.calls.append(("reconcile", ",".join(sorted(p.key for p in peers))))
+
+    async def close(self) -> None:
+        pass
+
+
+def lease(n: int, ip: str = "192.168.77.20", mac: str = "0a:00:00:00:00:01", exp: float | None = 1.0) -> Lease:
+    attrs = LeaseAttrs(IPv4Address(ip), None, "vxlan", {"VNI": 1, "VtepMAC": mac})
+    return Lease(IPv4Network(f"10.244.{n}.0/24"), None, attrs, expiration=exp)
+
+
+def agent() -> tuple[Agent, RecordingBackend]:
+    cfg = AgentConfig(etcd=EtcdOptions(), subnet_file="/nonexistent", iface=IfaceRequest())
+    a = Agent(cfg=cfg, store=cast(Any, None), netlink=cast(Any, None))
+    b = RecordingBackend()
+    a.backend = b
+    a.own = lease(1, ip="192.168.77.11")
+    return a, b
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_snapshot_reconciles_peers_without_our_own_lease() -> None:
+    a, b = agent()
+    run(a._apply(LeaseSnapshot((lease(1, ip="192.168.77.11"), lease(2), lease(3)))))
+    assert b.calls == [("reconcile", "10.244.2.0-24,10.244.3.0-24")]
+    assert a.synced
+
+
+def test_snapshot_without_our_lease_means_revoked() -> None:
+    a, _ = agent()
+    with pytest.raises(LeaseRevokedError):
+        run(a._apply(LeaseSnapshot((lease(2),))))
+
+
+def test_renewal_touches_nothing_but_a_changed_peer_is_replaced_in_place() -> None:
+    a, b = agent()
+    run(a._apply(LeaseSnapshot((lease(1, ip="192.168.77.11"), lease(2)))))
+    b.calls.clear()
+    run(a._apply([LeaseEvent(EventType.ADDED, lease(2, exp=99.0))]))  # a renewal: only the TTL moved
+    assert b.calls == []
+    run(a._apply([LeaseEvent(EventType.ADDED, lease(2, mac="0a:00:00:00:00:02"))]))  # the peer restarted
+    assert b.calls == [("add", "10.244.2.0-24")]  # replaced, never removed first
+    run(a._apply([LeaseEvent(EventType.REMOVED, lease(2))]))
+    assert b.calls[-1] == ("remove", "10.244.2.0-24")
+    assert a.peers == {}
+
+
+def test_deleting_our_own_lease_is_revocation() -> None:
+    a, _ = agent()
+    with pytest.raises(LeaseRevokedError):
+        run(a._apply([LeaseEvent(EventType.REMOVED, lease(1, ip="192.168.77.11"))]))
+
+
+def test_a_kernel_failure_asks_for_repair_instead_of_stopping_the_agent() -> None:
+    a, b = agent()
+    b.fail_next = True
+    run(a._apply([LeaseEvent(EventType.ADDED, lease(4)), LeaseEvent(EventType.ADDED, lease(5))]))
+    assert a.repair.is_set()
+    assert set(a.peers) == {"10.244.4.0-24", "10.244.5.0-24"}  # the repair pass programs both
+    assert b.calls == [("add", "10.244.5.0-24")]
