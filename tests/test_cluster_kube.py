@@ -8,6 +8,7 @@ of every node, the Node annotations the agents wrote, and pings between pod name
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -116,7 +117,10 @@ def test_kube_mode_three_nodes(cluster: KubeCluster) -> None:
         others = {c for n, c in CIDRS.items() if n != name}
         assert netns.wait_for(peers_are(node, others)), routes(node)
 
-    pods = {name: tb.add_pod(node) for name, node in nodes.items()}
+    # Pods through the real chain: the flannel plugin reads the subnet.env flanneld wrote, then bridge/host-local.
+    pods = {name: tb.add_cni_pod(node) for name, node in nodes.items()}
+    for name, pod in pods.items():
+        assert ipaddress.ip_address(pod.ip) in ipaddress.ip_network(CIDRS[name])
     for src in pods.values():
         for dst in pods.values():
             if src is not dst:

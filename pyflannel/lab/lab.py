@@ -19,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
-from ..cni.launcher import install as install_launcher
+from ..cni.driver import CNIError, Driver, RuntimeConf
 from ..subnetenv import read_subnet_env
 from . import netns
 from .netns import NetnsError, RunScope
 from .state import MARKER, LabError, LabOptions, LabState, NodeState, PodState, load_state
-from .testbed import Node, Testbed
+from .testbed import REF_PLUGINS, Node, Testbed, cni_runtime
 
-REF_PLUGINS = Path("/usr/lib/cni")
 READY_TIMEOUT = 40.0
 
 Say = Callable[[str], None]
@@ -69,30 +67,9 @@ def pid_in_ns(pid: int | None, ns: str) -> bool:
     return pid is not None and pid in netns.ns_pids(ns)
 
 
-def _plugin_bin_dir(state_dir: Path) -> Path:
-    """A CNI bin dir with `flannel`: the fast launcher of this interpreter's pyflannel (see cni.launcher)."""
-    d = state_dir / "cni-bin"
-    d.mkdir(exist_ok=True)
-    target = d / "flannel"
-    if not target.exists():
-        install_launcher(target)
-    return d
-
-
 def node_cni(st: LabState, node: NodeState) -> tuple[Driver, dict[str, Any]]:
     """The node's runtime: kube-flannel's conflist with every data dir inside the node's run directory."""
-    d = Path(node.dir)
-    conflist = kube_flannel_conflist(
-        subnet_file=str(d / "subnet.env"),
-        data_dir=str(d / "cni" / "flannel"),
-        ipam_data_dir=str(d / "cni" / "ipam"),
-    )
-    driver = Driver(
-        [_plugin_bin_dir(Path(st.state_dir)), REF_PLUGINS],
-        d / "cni" / "cache",
-        exec_prefix=["ip", "netns", "exec", node.netns],
-    )
-    return driver, conflist
+    return cni_runtime(Path(st.state_dir), Path(node.dir), node.netns)
 
 
 class Lab:

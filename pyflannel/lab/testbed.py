@@ -22,11 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cni.driver import Driver, RuntimeConf
+from ..cni.driver import Driver, RuntimeConf, kube_flannel_conflist
+from ..cni.launcher import install as install_launcher
 from ..subnetenv import SubnetEnv, read_subnet_env
 from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, start_etcd, veth
 
 DEFAULT_UNDERLAY = "192.168.77.0/24"
+REF_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+
+
+def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, dict[str, Any]]:
+    """A node's CNI runtime: kube-flannel's conflist with every data dir under `node_dir` (never /var/lib/cni),
+    the `flannel` launcher in `bin_root`/cni-bin, and the plugins exec'd inside the node namespace, where the
+    bridge and portmap plugins make their links and rules."""
+    bin_dir = bin_root / "cni-bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    if not (bin_dir / "flannel").exists():
+        install_launcher(bin_dir / "flannel")
+    conflist = kube_flannel_conflist(
+        subnet_file=str(node_dir / "subnet.env"),
+        data_dir=str(node_dir / "cni" / "flannel"),
+        ipam_data_dir=str(node_dir / "cni" / "ipam"),
+    )
+    driver = Driver([bin_dir, REF_PLUGINS], node_dir / "cni" / "cache", exec_prefix=["ip", "netns", "exec", node_ns])
+    return driver, conflist
 
 
 @dataclass
@@ -234,8 +253,14 @@ class Testbed:
         node.pods.append(pod)
         return pod
 
-    def add_cni_pod(self, node: Node, driver: Driver, conflist: dict[str, Any], name: str) -> Pod:
-        """A pod namespace attached through the real CNI chain (`driver` execs the plugins inside the node)."""
+    def add_cni_pod(
+        self, node: Node, driver: Driver | None = None, conflist: dict[str, Any] | None = None, name: str = ""
+    ) -> Pod:
+        """A pod namespace attached through the real CNI chain (`driver` execs the plugins inside the node);
+        by default the node's kube-flannel runtime from cni_runtime()."""
+        if driver is None or conflist is None:
+            driver, conflist = cni_runtime(self.scope.tmpdir, node.dir, node.ns)
+        name = name or f"{node.name}p{len(node.pods) + 1}"
         ns = self.scope.add_ns(name)
         rt = RuntimeConf(
             container_id=f"{self.scope.prefix}{name}",
