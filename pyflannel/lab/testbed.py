@@ -179,10 +179,11 @@ class Testbed:
             *node.extra_args, *extra,
         ]  # fmt: skip
 
-    def start_agent(self, node: Node, *extra: str) -> subprocess.Popen[bytes]:
+    def start_agent(self, node: Node, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start flanneld in the node's namespace; `env` entries override the inherited environment."""
         if node.proc is not None and node.proc.poll() is None:
             raise NetnsError(f"agent on {node.name} is already running")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         node.proc = self.scope.spawn(node.ns, self.agent_cmd(node, *extra), log=node.log_file, env=env)
         return node.proc
 
