@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump curl
-          containernetworking-plugins procps
+          containernetworking-plugins procps librsvg2-bin
           python3.11 gcc libc6-dev patchelf file strace)  # scripts/build-cni.sh and its test
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -1,6 +1,6 @@
 """flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
 
-flannel-lab up [--nodes N] [--backend vxlan|host-gw] [--pods-per-node K] [--ip-masq] [--network CIDR]
+flannel-lab up [--nodes N] [--backend vxlan|host-gw] [--pods-per-node K] [--[no-]ip-masq] [--network CIDR]
 flannel-lab status [--json] | check | show NODE | trace SRC_POD DST_POD | exec POD|NODE -- CMD...
 flannel-lab add-node | remove-node NAME | restart-agent NAME | diagram [-o FILE.svg|png] | down
 """
@@ -41,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--nodes", type=int, default=3)
     u.add_argument("--backend", default="vxlan", help="vxlan or host-gw (default vxlan)")
     u.add_argument("--pods-per-node", type=int, default=2)
-    u.add_argument("--ip-masq", action="store_true", help="run flanneld with --ip-masq (SNAT for traffic leaving)")
+    # On by default as kube-flannel runs it: flanneld masquerades only what leaves the pod network, so pods see
+    # each other's real addresses (with it off, the bridge plugin SNATs everything leaving the node's subnet).
+    u.add_argument(
+        "--ip-masq",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run flanneld with --ip-masq, as kube-flannel does (default on; --no-ip-masq for the bridge's SNAT)",
+    )
     u.add_argument("--nftables", action="store_true", help="EnableNFTables in net-conf.json")
     u.add_argument("--network", default="10.244.0.0/16")
     u.add_argument("--force", action="store_true", help="replace a lab that is up")
