@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ NETLINK_ROUTE = 0
 # nlmsghdr types and flags
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
@@ -99,7 +102,31 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 IFF_UP = 0x1
 
+# multicast groups of the kernel-change monitor
+RTNLGRP_LINK = 1
+RTNLGRP_NEIGH = 3  # neighbours, and bridge/vxlan FDB entries (AF_BRIDGE)
+RTNLGRP_IPV4_ROUTE = 7
+RTNLGRP_IPV6_ROUTE = 11
+MONITOR_GROUPS = (RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE)
+
+# links (only what Link carries)
+IFLA_ADDRESS = 1
+IFLA_IFNAME = 3
+IFLA_MTU = 4
+IFLA_LINKINFO = 18
+IFLA_INFO_KIND = 1
+IFLA_INFO_DATA = 2
+IFLA_VXLAN_ID = 1
+IFLA_VXLAN_LINK = 3
+IFLA_VXLAN_LOCAL = 4
+IFLA_VXLAN_LEARNING = 7
+IFLA_VXLAN_PORT = 15
+IFLA_VXLAN_LOCAL6 = 17
+IFLA_VXLAN_GBP = 23
+
 _HDR = struct.Struct("=IHHII")
+_IFINFO = struct.Struct("=BxHiII")
+_BE16 = struct.Struct("!H")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _NLA = struct.Struct("=HH")
@@ -109,6 +136,11 @@ _RTNH = struct.Struct("=HBBi")
 # A sendmsg() may carry at most about sk_sndbuf bytes; stay well below the default.
 _CHUNK_BYTES = 64 * 1024
 _SOCK_BUF = 8 * 1024 * 1024
+# Programming 5000 peers makes 15000 notifications of ~1 KiB kernel memory each; the monitor's queue must hold
+# a burst that the event loop is slow to read, or every bulk write would end in an overrun and a full resync.
+_MONITOR_BUF = 32 * 1024 * 1024
+# Decoded events waiting for the consumer; beyond this we drop them and ask for a resync instead.
+_MONITOR_MAX_PENDING = 100_000
 _TIMEOUT = 30.0
 
 T = TypeVar("T")
@@ -368,6 +400,200 @@ def decode_neigh(buf: bytes | memoryview, off: int, end: int) -> Neigh | Fdb | N
     )
 
 
+def _decode_vxlan(buf: bytes | memoryview, off: int, end: int) -> VxlanInfo:
+    vni = port = 0
+    local: IPAddress | None = None
+    link: int | None = None
+    learning = gbp = False
+    for kind, a, b in _iter_nla(buf, off, end):
+        if kind == IFLA_VXLAN_ID:
+            vni = _U32.unpack_from(buf, a)[0]
+        elif kind == IFLA_VXLAN_LINK:
+            link = _U32.unpack_from(buf, a)[0] or None
+        elif kind == IFLA_VXLAN_LOCAL and b - a == 4:
+            local = IPv4Address(bytes(buf[a:b]))
+        elif kind == IFLA_VXLAN_LOCAL6 and b - a == 16:
+            local = IPv6Address(bytes(buf[a:b]))
+        elif kind == IFLA_VXLAN_LEARNING:
+            learning = bool(buf[a])
+        elif kind == IFLA_VXLAN_PORT:
+            port = _BE16.unpack_from(buf, a)[0]
+        elif kind == IFLA_VXLAN_GBP:
+            gbp = True
+    return VxlanInfo(vni=vni, local=local, port=port, learning=learning, gbp=gbp, link=link)
+
+
+def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
+    """An RTM_NEWLINK/RTM_DELLINK body, in the same shape as the pyroute2-based link queries return."""
+    _fam, _type, index, flags, _change = _IFINFO.unpack_from(buf, off)
+    name = ""
+    mtu = 0
+    mac: str | None = None
+    kind: str | None = None
+    vx: VxlanInfo | None = None
+    for t, a, b in _iter_nla(buf, off + _IFINFO.size, end):
+        if t == IFLA_IFNAME:
+            name = bytes(buf[a:b]).rstrip(b"\0").decode(errors="replace")
+        elif t == IFLA_MTU:
+            mtu = _U32.unpack_from(buf, a)[0]
+        elif t == IFLA_ADDRESS and b - a == 6:
+            mac = format_mac(bytes(buf[a:b]))
+        elif t == IFLA_LINKINFO:
+            data: tuple[int, int] | None = None
+            for t2, a2, b2 in _iter_nla(buf, a, b):
+                if t2 == IFLA_INFO_KIND:
+                    kind = bytes(buf[a2:b2]).rstrip(b"\0").decode(errors="replace")
+                elif t2 == IFLA_INFO_DATA:
+                    data = (a2, b2)
+            if kind == "vxlan" and data is not None:
+                vx = _decode_vxlan(buf, *data)
+    return Link(index=index, name=name, kind=kind, mtu=mtu, mac=mac, up=bool(flags & IFF_UP), vxlan=vx)
+
+
+EventKind = Literal["link", "route", "neigh", "fdb", "resync"]
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """One change the kernel announced. kind "resync": notifications were lost (socket overrun), so the
+    consumer must re-read the kernel state; action and obj carry nothing then."""
+
+    kind: EventKind
+    action: Literal["new", "del"]
+    obj: Link | Route | Neigh | Fdb | None
+
+
+RESYNC = KernelEvent("resync", "new", None)
+
+
+def decode_event(buf: bytes | memoryview, off: int, end: int, mtype: int) -> KernelEvent | None:
+    """Decode one notification (header at off) into a KernelEvent; None for messages we do not follow."""
+    body = off + 16
+    if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+        r = decode_route(buf, body, end)
+        return None if r is None else KernelEvent("route", "new" if mtype == RTM_NEWROUTE else "del", r)
+    if mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
+        n = decode_neigh(buf, body, end)
+        if n is None:
+            return None
+        return KernelEvent("fdb" if isinstance(n, Fdb) else "neigh", "new" if mtype == RTM_NEWNEIGH else "del", n)
+    if mtype in (RTM_NEWLINK, RTM_DELLINK):
+        return KernelEvent("link", "new" if mtype == RTM_NEWLINK else "del", decode_link(buf, body, end))
+    return None
+
+
+def _route_socket(netns: str | None) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    from pyroute2 import netns as pr_netns
+
+    # flags=0: fail on a missing namespace instead of silently creating an empty one.
+    sock: socket.socket = pr_netns.create_socket(
+        netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE, flags=0
+    )
+    return sock
+
+
+def _set_buf(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+# ---------------------------------------------------------------- the kernel-change monitor (event loop thread)
+
+
+class KernelMonitor:
+    """Kernel notifications (links, IPv4/IPv6 routes, neighbours, FDB) of one namespace as an async iterator
+    of KernelEvent. The socket is read by the event loop (add_reader), never by the netlink worker thread, so
+    a long dump or batch there does not delay events, and events never delay requests. Iteration ends when
+    close() is called (also by Netlink.close())."""
+
+    def __init__(
+        self, sock: socket.socket, loop: asyncio.AbstractEventLoop, on_close: Callable[[KernelMonitor], None]
+    ) -> None:
+        self._sock: socket.socket | None = sock
+        self._loop = loop
+        self._on_close = on_close
+        self._pending: deque[KernelEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.overruns = 0
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def fileno(self) -> int:
+        return -1 if self._sock is None else self._sock.fileno()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _resync(self, why: str) -> None:
+        self.overruns += 1
+        log.warning("kernel monitor: %s; notifications were lost, a full resync is needed", why)
+        self._pending.clear()
+        self._pending.append(RESYNC)
+
+    def _readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        pending = self._pending
+        # Bounded per call so that a flood of notifications cannot starve the rest of the loop.
+        for _ in range(512):
+            try:
+                buf = sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self._resync("socket overrun (ENOBUFS)")
+                    continue
+                log.error("kernel monitor: receive failed, stopping: %s", e)
+                self.close()
+                return
+            off = 0
+            size = len(buf)
+            while off + 16 <= size:
+                n, mtype, _flags, _seq, _pid = _HDR.unpack_from(buf, off)
+                if n < 16 or off + n > size:
+                    break
+                ev = decode_event(buf, off, off + n, mtype)
+                if ev is not None:
+                    pending.append(ev)
+                off += (n + 3) & ~3
+            if len(pending) > _MONITOR_MAX_PENDING:
+                self._resync(f"more than {_MONITOR_MAX_PENDING} events unread")
+        if pending:
+            self._wake()
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        self._on_close(self)
+        self._wake()
+
+    def __aiter__(self) -> KernelMonitor:
+        return self
+
+    async def __anext__(self) -> KernelEvent:
+        while not self._pending:
+            if self._sock is None:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._pending.popleft()
+
+
 # ---------------------------------------------------------------- the raw socket (worker thread only)
 
 
@@ -375,21 +601,10 @@ class _RawRoute:
     """A NETLINK_ROUTE socket with batched requests and hand-decoded dumps. Not thread safe."""
 
     def __init__(self, netns: str | None) -> None:
-        if netns is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        else:
-            from pyroute2 import netns as pr_netns
-
-            # flags=0: fail on a missing namespace instead of silently creating an empty one.
-            sock = pr_netns.create_socket(
-                netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE, flags=0
-            )
+        sock = _route_socket(netns)
         self.sock = sock
         for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, _SOCK_BUF)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, plain, _SOCK_BUF)
+            _set_buf(sock, force, plain, _SOCK_BUF)
         # Error replies without an echo of the request keep the receive queue small; ext-ack gives the
         # kernel's reason text.
         with contextlib.suppress(OSError):
@@ -572,6 +787,7 @@ class Netlink:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._ipr: Any = None
         self._raw: _RawRoute | None = None
+        self._monitors: set[KernelMonitor] = set()
 
     async def __aenter__(self) -> Netlink:
         return self
@@ -613,9 +829,41 @@ class Netlink:
             self._raw = None
 
     async def close(self) -> None:
+        for mon in list(self._monitors):
+            mon.close()
         with contextlib.suppress(RuntimeError):
             await self._run(self._close_w)
         self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------ kernel-change monitor
+
+    @staticmethod
+    def _monitor_socket_w(netns: str | None, rcvbuf: int) -> socket.socket:
+        try:
+            sock = _route_socket(netns)
+        except OSError as e:
+            raise NetlinkError(e.errno or errno.EIO, f"cannot open netlink in netns {netns}: {e}") from e
+        try:
+            _set_buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
+            groups = 0
+            for g in MONITOR_GROUPS:
+                groups |= 1 << (g - 1)
+            sock.bind((0, groups))
+        except OSError as e:
+            sock.close()
+            raise NetlinkError(e.errno or errno.EIO, f"cannot subscribe to kernel notifications: {e}") from e
+        return sock
+
+    async def monitor(self, *, rcvbuf: int = _MONITOR_BUF) -> KernelMonitor:
+        """Subscribe to link, route (IPv4 and IPv6), neighbour and FDB changes in this instance's namespace.
+
+        Iterate the result for KernelEvents; our own writes are announced too. A "resync" event means
+        notifications were lost. The socket is open (subscribed) when this returns; close() or Netlink.close()
+        ends the iteration."""
+        sock = await self._run(self._monitor_socket_w, self.netns, rcvbuf)
+        mon = KernelMonitor(sock, asyncio.get_running_loop(), self._monitors.discard)
+        self._monitors.add(mon)
+        return mon
 
     # ------------------------------------------------------------ links
 
