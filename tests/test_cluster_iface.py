@@ -67,3 +67,15 @@ def test_unknown_interface_is_a_clear_error(scope: netns.RunScope) -> None:
     log = node.log_file.read_text()
     assert "--iface nosuch" in log and "Traceback" not in log
     node.proc = None
+
+
+def test_several_etcd_endpoints_one_of_them_down(scope: netns.RunScope) -> None:
+    tb, node = two_homed(scope)
+    # Nothing listens on .250: the agent must use the endpoint that answers.
+    endpoints = f"--etcd-endpoints=http://192.168.77.250:2379,{tb.endpoint}"
+    t0 = time.time()
+    tb.start_agent(node, endpoints)
+    env = tb.wait_ready(node, since=t0 - 1)
+    assert env.subnet is not None
+    assert f"{env.subnet.network_address}-{env.subnet.prefixlen}" in tb.leases()
+    assert tb.stop_agent(node) == 0
