@@ -14,7 +14,20 @@ from ipaddress import IPv4Network, IPv6Network
 
 from ..config import NetConfig
 from ..lease import Lease
-from ..netlink import AF_INET, AF_INET6, IPAddress, IPNetwork, Netlink, NetlinkError, Op, Route, is_missing
+from ..netlink import (
+    AF_INET,
+    AF_INET6,
+    RT_TABLE_MAIN,
+    IPAddress,
+    IPNetwork,
+    KernelEvent,
+    Link,
+    Netlink,
+    NetlinkError,
+    Op,
+    Route,
+    is_missing,
+)
 from .base import Backend, BackendAttrs, BackendError, ExternalInterface
 
 log = logging.getLogger(__name__)
@@ -174,6 +187,28 @@ class HostGwBackend(Backend):
             return r.oif == idx and r.gateway is not None and in_network(r.dst, family_net) and r.dst not in own
 
         return ours
+
+    def kernel_event_needs_repair(self, ev: KernelEvent) -> bool:
+        obj = ev.obj
+        if ev.kind == "resync":
+            return True
+        if isinstance(obj, Link):
+            # Taking the external interface down flushes our routes without a route notification.
+            return obj.index == self.ext.index
+        if not isinstance(obj, Route) or obj.table != RT_TABLE_MAIN:
+            return False
+        have = self._programmed.get(obj.dst)
+        if have is not None and route_key(have) == route_key(obj):
+            # A "new" equal to what we programmed is our own write (or a no-op replace).
+            return ev.action == "del" or have != obj
+        if ev.action != "new":
+            return False
+        net: IPNetwork | None
+        if obj.dst.version == 4:
+            net = self.cfg.network if self.cfg.enable_ipv4 else None
+        else:
+            net = self.cfg.ipv6_network if self.cfg.enable_ipv6 else None
+        return net is not None and self._ours(net)(obj)
 
     async def reconcile(self, peers: Sequence[Lease]) -> None:
         async with self._lock:

@@ -28,11 +28,13 @@ from ..netlink import (
     AF_INET6,
     NTF_SELF,
     NUD_PERMANENT,
+    RT_TABLE_MAIN,
     RTN_UNICAST,
     RTPROT_KERNEL,
     Fdb,
     IPAddress,
     IPNetwork,
+    KernelEvent,
     Link,
     Neigh,
     Netlink,
@@ -91,10 +93,37 @@ class _Dev:
     addr: IPv4Interface | IPv6Interface | None = None
     network: IPNetwork | None = None
     programmed: dict[IPNetwork, list[Route | Neigh | Fdb]] = field(default_factory=dict)
+    # Every programmed entry by its kernel key (_key()), so a kernel event is matched with one dict lookup.
+    by_key: dict[tuple[object, ...], Route | Neigh | Fdb] = field(default_factory=dict)
 
     @property
     def family(self) -> int:
         return AF_INET if self.version == 4 else AF_INET6
+
+    def set_programmed(self, programmed: dict[IPNetwork, list[Route | Neigh | Fdb]]) -> None:
+        self.programmed = programmed
+        self.by_key = {_key(o): o for es in programmed.values() for o in es}
+
+    def program(self, sn: IPNetwork, entries: list[Route | Neigh | Fdb]) -> None:
+        self.unprogram(sn)
+        self.programmed[sn] = entries
+        for o in entries:
+            self.by_key[_key(o)] = o
+
+    def unprogram(self, sn: IPNetwork) -> list[Route | Neigh | Fdb] | None:
+        old = self.programmed.pop(sn, None)
+        for o in old or ():
+            self.by_key.pop(_key(o), None)
+        return old
+
+
+def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
+    """What the kernel identifies the entry by: a replace with the same key overwrites it."""
+    if isinstance(o, Route):
+        return ("r", o.dst, o.table, o.priority)
+    if isinstance(o, Neigh):
+        return ("n", o.ifindex, o.dst)
+    return ("f", o.ifindex, o.lladdr)
 
 
 class VxlanBackend(Backend):
@@ -306,11 +335,7 @@ class VxlanBackend(Backend):
 
     @staticmethod
     def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
-        if isinstance(o, Route):
-            return ("r", o.dst, o.table, o.priority)
-        if isinstance(o, Neigh):
-            return ("n", o.ifindex, o.dst)
-        return ("f", o.ifindex, o.lladdr)
+        return _key(o)
 
     async def _apply(self, what: str, ops: list[Op]) -> None:
         errs = await self.nl.apply(ops)
@@ -330,14 +355,14 @@ class VxlanBackend(Backend):
                 ops += [Op.delete(o) for o in old if self._key(o) not in new_keys]
                 ops += [Op.replace(o) for o in new]
                 if new:
-                    dev.programmed[sn] = new
+                    dev.program(sn, new)
                     log.info(
                         "vxlan: peer %s via %s",
                         sn,
                         lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6,
                     )
                 else:
-                    dev.programmed.pop(sn, None)
+                    dev.unprogram(sn)
             await self._apply(f"vxlan add {lease.key}", ops)
 
     async def remove_peer(self, lease: Lease) -> None:
@@ -347,7 +372,7 @@ class VxlanBackend(Backend):
                 sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
                 if sn is None or sn in self._own_subnets():
                     continue
-                old = dev.programmed.pop(sn, None)
+                old = dev.unprogram(sn)
                 if old is None:
                     # Not programmed by this process (e.g. before a restart): delete what the lease implies.
                     _, old = self._entries(dev, lease, warn=False)
@@ -360,8 +385,65 @@ class VxlanBackend(Backend):
             await self._l2.refresh()
             for dev in self.devs.values():
                 if await self._ensure_device(dev):
-                    dev.programmed.clear()
+                    dev.set_programmed({})
                 await self._reconcile_dev(dev, peers)
+
+    def _ours_route(self, dev: _Dev, r: Route, own: set[IPNetwork]) -> bool:
+        """A route a reconcile pass of `dev` owns: kept when a lease wants it, swept otherwise."""
+        if r.type != RTN_UNICAST or r.protocol == RTPROT_KERNEL or r.dst in own:
+            return False
+        if not in_network(r.dst, dev.network):
+            return False
+        # Direct routes via the external interface are ours only when DirectRouting could have made them.
+        return r.oif == dev.index or (self.direct_routing and r.oif == self.ext.index and r.gateway is not None)
+
+    def kernel_event_needs_repair(self, ev: KernelEvent) -> bool:
+        obj = ev.obj
+        if ev.kind == "resync":
+            return True
+        if isinstance(obj, Route):
+            if obj.table != RT_TABLE_MAIN:
+                return False
+            dev = self.devs.get(obj.dst.version)
+            if dev is None:
+                return False
+            have = dev.by_key.get(("r", obj.dst, obj.table, obj.priority))
+            if have is not None:
+                # A "new" equal to what we programmed is our own write.
+                return ev.action == "del" or have != obj
+            return ev.action == "new" and self._ours_route(dev, obj, self._own_subnets())
+        if isinstance(obj, Neigh):
+            dev = self.devs.get(obj.dst.version)
+            if dev is None or obj.ifindex != dev.index:
+                return False
+            have = dev.by_key.get(("n", obj.ifindex, obj.dst))
+            if isinstance(have, Neigh):
+                return ev.action == "del" or have.lladdr != obj.lladdr or not obj.state & NUD_PERMANENT
+            # Same rule as the sweep: only static unicast entries can be ours.
+            return ev.action == "new" and bool(obj.state & NUD_PERMANENT) and not obj.dst.is_multicast
+        if isinstance(obj, Fdb):
+            if not obj.flags & NTF_SELF or obj.lladdr == ZERO_MAC:
+                return False
+            for dev in self.devs.values():
+                if dev.index == obj.ifindex:
+                    have = dev.by_key.get(("f", obj.ifindex, obj.lladdr))
+                    if isinstance(have, Fdb):
+                        # Another dst for our MAC may have replaced ours; deleting another dst leaves ours.
+                        return ev.action == "del" if have.dst == obj.dst else ev.action == "new"
+                    return ev.action == "new" and bool(obj.state & NUD_PERMANENT)
+            return False
+        if isinstance(obj, Link):
+            for dev in self.devs.values():
+                if not dev.index:
+                    continue
+                if obj.index == dev.index:
+                    # Down flushes our routes without route notifications; a rename loses the device.
+                    if ev.action == "del" or not obj.up or obj.name != dev.name:
+                        return True
+                elif obj.name == dev.name:
+                    return True  # another device now has our name: ours is gone or being replaced
+            return self.direct_routing and obj.index == self.ext.index
+        return False
 
     async def _reconcile_dev(self, dev: _Dev, peers: Sequence[Lease]) -> None:
         desired: dict[IPNetwork, list[Route | Neigh | Fdb]] = {}
@@ -376,18 +458,7 @@ class VxlanBackend(Backend):
 
         state = await self.nl.snapshot(dev.family, neigh_ifindex=dev.index, fdb_ifindex=dev.index)
         own = self._own_subnets()
-        ext_idx = self.ext.index
-        direct = self.direct_routing
-
-        def ours(r: Route) -> bool:
-            if r.type != RTN_UNICAST or r.protocol == RTPROT_KERNEL or r.dst in own:
-                return False
-            if not in_network(r.dst, dev.network):
-                return False
-            # Direct routes via the external interface are ours only when DirectRouting could have made them.
-            return r.oif == dev.index or (direct and r.oif == ext_idx and r.gateway is not None)
-
-        route_ops = diff_routes(state.routes, want_routes, ours)
+        route_ops = diff_routes(state.routes, want_routes, lambda r: self._ours_route(dev, r, own))
         neigh_del: list[Op] = []
         neigh_add: list[Op] = []
         seen_neigh: set[object] = set()
@@ -418,7 +489,7 @@ class VxlanBackend(Backend):
         # Stale entries go first; then upstream's order per peer: neighbour and FDB before the route, so the
         # kernel never has to resolve the onlink gateway by ARP over the overlay.
         ops = route_del + neigh_del + fdb_del + neigh_add + fdb_add + route_add
-        dev.programmed = desired
+        dev.set_programmed(desired)
         if ops:
             log.info(
                 "vxlan reconcile %s: %d peers; removing %d routes, %d neighbours, %d fdb; adding %d/%d/%d",
