@@ -60,7 +60,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("set-node-network-unavailable", bool, True, "set the NetworkUnavailable node condition to False"),
     Flag("v", int, 0, "log level verbosity"),
     # Not upstream: how often backends re-check their kernel entries (upstream never does).
-    Flag("reconcile-interval", int, 5, "seconds between checks that the kernel holds every peer's entries"),
+    Flag(
+        "reconcile-interval",
+        int,
+        30,
+        "seconds between full checks that the kernel holds every peer's entries "
+        "(a backstop: kernel change notifications trigger a repair at once)",
+    ),
 )
 _BY_NAME = {f.name: f for f in FLAGS}
 

@@ -27,7 +27,7 @@ from .config import ConfigError, NetConfig
 from .health import HealthServer
 from .iface import IfaceError, IfaceRequest, external_interface
 from .lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
-from .netlink import Netlink, NetlinkError
+from .netlink import KernelMonitor, Netlink, NetlinkError
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
 from .store.etcd import EtcdOptions, EtcdStore
 from .store.kube import KubeStore, kube_options_from_cli
@@ -52,7 +52,8 @@ class AgentConfig:
     ip_blackhole_route: bool = False
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
-    reconcile_interval: float = 5.0
+    # The periodic full pass is only a backstop: kernel change notifications trigger repairs at once.
+    reconcile_interval: float = 30.0
 
 
 def agent_config_from_options(opts: Options) -> AgentConfig:
@@ -99,7 +100,8 @@ class Agent:
     synced: bool = False
     ready_reason: str = "starting"
     traffic: TrafficManager | None = None
-    # Set when applying a lease event failed: the reconcile loop runs at once instead of at its next tick.
+    # Set when applying a lease event failed or the kernel lost one of our entries: the reconcile loop runs at
+    # once instead of at its next tick.
     repair: asyncio.Event = field(default_factory=asyncio.Event)
 
     def readiness(self) -> tuple[bool, str]:
@@ -219,7 +221,10 @@ class Agent:
         )
         log.info("wrote %s", self.cfg.subnet_file)
         self.ready_reason = ""
+        # Subscribed before the first snapshot's pass, so no change after that pass's reads goes unnoticed.
+        monitor = await self.netlink.monitor()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._kernel_monitor_loop(monitor), name="kernel-monitor")
             tg.create_task(self._watch_loop(), name="watch")
             tg.create_task(self._renew_loop(), name="renew")
             tg.create_task(self._reconcile_loop(), name="reconcile")
@@ -350,6 +355,21 @@ class Agent:
         except (BackendError, NetlinkError) as e:
             log.warning("reconcile failed, will retry: %s", e)
             self.repair.set()
+
+    async def _kernel_monitor_loop(self, monitor: KernelMonitor) -> None:
+        backend = self.backend
+        assert backend is not None
+        try:
+            async for ev in monitor:
+                if self.repair.is_set():
+                    continue  # a pass is already due; it reads the whole state anyway
+                if ev.kind == "resync" or backend.kernel_event_needs_repair(ev):
+                    log.info("kernel change needs a repair: %s %s %s", ev.action, ev.kind, ev.obj or "(events lost)")
+                    self.repair.set()
+        finally:
+            monitor.close()
+        # The socket failed (already logged): the periodic pass is all that is left.
+        log.warning("kernel change monitor stopped; repairs rely on the pass every %gs", self.cfg.reconcile_interval)
 
     async def _reconcile_loop(self) -> None:
         while True:
