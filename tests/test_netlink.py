@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_network
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,9 @@ from pyflannel.lab.netns import RunScope, list_ns, run, veth
 from pyflannel.netlink import (
     AF_INET6,
     Fdb,
+    KernelEvent,
+    KernelMonitor,
+    Link,
     Neigh,
     Netlink,
     NetlinkError,
@@ -252,3 +257,109 @@ def test_bulk_apply_5000_peers(scope: RunScope) -> None:
     assert run(["ip", "-n", a, "route", "show", "dev", "vx0"]).count("onlink") == count
     assert run(["bridge", "-n", a, "fdb", "show", "dev", "vx0"]).count("self permanent") == count
     assert run(["ip", "-n", a, "neigh", "show", "dev", "vx0"]).count("PERMANENT") == count
+
+
+async def until_marker(mon: KernelMonitor, ns: str, n: int) -> list[KernelEvent]:
+    """Every event up to a marker route added now in `ns`: the kernel announces changes in order, so all
+    events of earlier changes in that namespace have been read once the marker's arrives."""
+    marker = IPv4Network(f"172.30.{n}.0/24")
+    run(["ip", "-n", ns, "route", "add", str(marker), "dev", "eth0"])
+    out: list[KernelEvent] = []
+    async with asyncio.timeout(10):
+        async for ev in mon:
+            if ev.kind == "route" and isinstance(ev.obj, Route) and ev.obj.dst == marker:
+                return out
+            out.append(ev)
+    raise AssertionError(f"monitor ended before the marker; got {out}")
+
+
+def test_monitor_decodes_changes_made_by_hand(scope: RunScope) -> None:
+    a, b = two_ns(scope)
+
+    async def go(nl: Netlink) -> None:
+        mon = await nl.monitor()
+        run(["ip", "-n", a, "link", "add", "vx0", "type", "vxlan", "id", "5", "local", "192.168.0.1", "dev", "eth0",
+             "dstport", "4789", "nolearning"])  # fmt: skip
+        run(["ip", "-n", a, "link", "set", "vx0", "up"])
+        evs = await until_marker(mon, a, 1)
+        vx = await nl.link_by_name("vx0")
+        assert vx is not None and vx.up
+        # Decoded like the pyroute2-based query: equal, vxlan parameters included.
+        assert KernelEvent("link", "new", vx) in evs
+        assert any(e.kind == "link" and e.action == "new" and e.obj == dataclasses.replace(vx, up=False) for e in evs)
+
+        sn = IPv4Network("10.7.2.0/24")
+        r = Route(dst=sn, gateway=sn.network_address, oif=vx.index, onlink=True)
+        n = Neigh(ifindex=vx.index, dst=sn.network_address, lladdr="0a:00:00:00:02:00")
+        f = Fdb(ifindex=vx.index, lladdr="0a:00:00:00:02:00", dst=IPv4Address("192.168.0.2"))
+        r6 = Route(dst=IPv6Network("fd00:7:2::/64"), gateway=IPv6Address("fd00:1::2"), oif=vx.index - 1)
+        await nl.apply([Op.replace(n), Op.replace(f), Op.replace(r), Op.replace(r6)])
+        evs = await until_marker(mon, a, 2)
+        assert [e for e in evs if e.obj in (n, f, r, r6)] == [
+            KernelEvent("neigh", "new", n),
+            KernelEvent("fdb", "new", f),
+            KernelEvent("route", "new", r),
+            KernelEvent("route", "new", r6),
+        ]
+        fdb_ev = next(e.obj for e in evs if e.kind == "fdb")
+        assert isinstance(fdb_ev, Fdb) and fdb_ev.flags & 0x02  # NTF_SELF, as a dump reports it
+
+        # Deleted by hand with the usual tools.
+        run(["ip", "-n", a, "route", "del", str(sn)])
+        run(["ip", "-n", a, "neigh", "del", str(sn.network_address), "dev", "vx0"])
+        run(["bridge", "-n", a, "fdb", "del", "0a:00:00:00:02:00", "dev", "vx0", "dst", "192.168.0.2", "self"])
+        run(["ip", "-n", a, "-6", "route", "del", "fd00:7:2::/64"])
+        evs = await until_marker(mon, a, 3)
+        assert [e for e in evs if e.obj in (f, r, r6)] == [
+            KernelEvent("route", "del", r),
+            KernelEvent("fdb", "del", f),
+            KernelEvent("route", "del", r6),
+        ]
+        # A deleted neighbour is first announced as FAILED, then deleted; neither carries the lladdr any more.
+        gone = Neigh(ifindex=vx.index, dst=sn.network_address, lladdr=None, state=0x20)
+        assert [(e.action, e.obj) for e in evs if e.kind == "neigh" and e.obj == gone] == [("new", gone), ("del", gone)]
+
+        # The socket lives in the instance's namespace: a change in another one is not seen.
+        run(["ip", "-n", b, "route", "add", "10.8.0.0/24", "dev", "eth0"])
+        run(["ip", "-n", a, "link", "del", "vx0"])
+        evs = await until_marker(mon, a, 4)
+        assert not any(isinstance(e.obj, Route) and e.obj.dst == IPv4Network("10.8.0.0/24") for e in evs)
+        assert KernelEvent("link", "del", dataclasses.replace(vx, up=False)) in [
+            dataclasses.replace(e, obj=dataclasses.replace(e.obj, up=False)) for e in evs if isinstance(e.obj, Link)
+        ]
+
+        # Netlink.close() ends the iteration.
+        await nl.close()
+        async with asyncio.timeout(5):
+            async for _ in mon:
+                pass
+        assert mon.fileno() == -1
+
+    in_ns(a, go)
+
+
+def test_monitor_overrun_asks_for_a_resync(scope: RunScope, tmp_path: Path) -> None:
+    a, _ = two_ns(scope)
+    count = 3000
+    batch = tmp_path / "routes"
+    batch.write_text("".join(f"route add 10.{64 + (i >> 8)}.{i & 255}.0/24 dev eth0\n" for i in range(count)))
+
+    async def go(nl: Netlink) -> None:
+        # A tiny receive buffer, and an event loop that reads nothing while the changes happen.
+        mon = await nl.monitor(rcvbuf=4096)
+        run(["ip", "-n", a, "-batch", str(batch)])
+        async with asyncio.timeout(10):
+            first = await anext(mon)
+        assert first.kind == "resync" and mon.overruns >= 1
+        await asyncio.sleep(0.2)  # the reader empties the full socket, so the marker below is not dropped too
+        evs = await until_marker(mon, a, 1)
+        seen = [e for e in evs if e.kind == "route"]
+        assert len(seen) < count  # most were dropped by the kernel...
+        # ...and the socket keeps working after the overrun.
+        run(["ip", "-n", a, "route", "del", "10.64.0.0/24"])
+        evs = await until_marker(mon, a, 2)
+        assert [e.action for e in evs if isinstance(e.obj, Route) and e.obj.dst == IPv4Network("10.64.0.0/24")] == [
+            "del"
+        ]
+
+    in_ns(a, go)
