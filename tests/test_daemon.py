@@ -13,6 +13,7 @@ from pyflannel.backend.base import Backend, BackendAttrs, BackendError
 from pyflannel.daemon import Agent, AgentConfig
 from pyflannel.iface import IfaceRequest
 from pyflannel.lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot
+from pyflannel.netlink import RESYNC, KernelEvent, Route
 from pyflannel.store.base import LeaseRevokedError
 from pyflannel.store.etcd import EtcdOptions
 
@@ -21,6 +22,7 @@ class RecordingBackend(Backend):
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.fail_next = False
+        self.events: list[KernelEvent] = []
 
     async def prepare(self) -> BackendAttrs:
         return BackendAttrs("vxlan", None, None, 1450)
@@ -42,6 +44,10 @@ class RecordingBackend(Backend):
 
     async def close(self) -> None:
         pass
+
+    def kernel_event_needs_repair(self, ev: KernelEvent) -> bool:
+        self.events.append(ev)
+        return ev.action == "del"
 
 
 def lease(n: int, ip: str = "192.168.77.20", mac: str = "0a:00:00:00:00:01", exp: float | None = 1.0) -> Lease:
@@ -101,3 +107,71 @@ def test_a_kernel_failure_asks_for_repair_instead_of_stopping_the_agent() -> Non
     assert a.repair.is_set()
     assert set(a.peers) == {"10.244.4.0-24", "10.244.5.0-24"}  # the repair pass programs both
     assert b.calls == [("add", "10.244.5.0-24")]
+
+
+class FakeMonitor:
+    """KernelMonitor's interface over a fixed list of events."""
+
+    def __init__(self, events: list[KernelEvent]) -> None:
+        self.events = list(events)
+        self.closed = False
+
+    def __aiter__(self) -> FakeMonitor:
+        return self
+
+    async def __anext__(self) -> KernelEvent:
+        if not self.events:
+            raise StopAsyncIteration
+        return self.events.pop(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def route_event(action: str, n: int) -> KernelEvent:
+    r = Route(dst=IPv4Network(f"10.244.{n}.0/24"), gateway=IPv4Address(f"10.244.{n}.0"), oif=3, onlink=True)
+    return KernelEvent("route", cast(Any, action), r)
+
+
+def test_kernel_events_ask_for_repair_only_when_the_backend_says_so() -> None:
+    a, b = agent()
+    ours = [route_event("new", 2), route_event("new", 3)]  # our own writes being announced
+    mon = FakeMonitor(ours)
+    run(a._kernel_monitor_loop(cast(Any, mon)))
+    assert b.events == ours
+    assert not a.repair.is_set()
+    assert mon.closed
+
+    mon = FakeMonitor([route_event("new", 2), route_event("del", 3), route_event("del", 4)])
+    run(a._kernel_monitor_loop(cast(Any, mon)))
+    assert a.repair.is_set()
+    # Once a pass is due, further events are not even looked at.
+    assert b.events[-1] == route_event("del", 3)
+
+    a.repair.clear()
+    b.events.clear()
+    run(a._kernel_monitor_loop(cast(Any, FakeMonitor([RESYNC]))))
+    assert a.repair.is_set()  # lost notifications: always a full pass
+    assert b.events == []
+
+
+def test_repair_runs_a_pass_only_once_synced() -> None:
+    a, b = agent()
+    a.cfg.reconcile_interval = 300  # only the repair event can wake the loop within this test
+
+    async def main() -> None:
+        loop = asyncio.create_task(a._reconcile_loop())
+        a.repair.set()
+        await asyncio.sleep(0.8)
+        assert b.calls == []  # no snapshot yet: the peers are unknown
+        a.peers = {"10.244.2.0-24": lease(2)}
+        a.synced = True
+        a.repair.set()
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if b.calls:
+                break
+        loop.cancel()
+        assert b.calls == [("reconcile", "10.244.2.0-24")]
+
+    run(main())
