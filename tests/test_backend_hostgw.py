@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
-from test_backend_vxlan import Node, build, count_ops, ext_for, ping
+from test_backend_vxlan import Node, Verdicts, build, count_ops, ext_for, ping
 
 from pyflannel.backend.hostgw import HostGwBackend
 from pyflannel.backend.registry import create_backend
@@ -145,5 +145,40 @@ def test_hostgw_ipv6(scope: RunScope) -> None:
         assert sum(calls) == 0
         await backends[0].remove_peer(leases[1])
         assert flannel_routes(nodes[0].ns, six=True) == []
+
+    run_async(nodes, go)
+
+
+def test_hostgw_kernel_events_ask_for_repair_only_when_needed(scope: RunScope) -> None:
+    nodes = build(scope, 3, pods=False)
+    n1 = nodes[0].ns
+    text = json.dumps({"Network": NET, "Backend": {"Type": "host-gw"}})
+    ours = ["10.5.2.0/24 via 192.168.100.2", "10.5.3.0/24 via 192.168.100.3"]
+
+    async def go(nls: list[Netlink]) -> None:
+        backends, leases = await start_all(nodes, nls, text)
+        be = backends[0]
+        v = Verdicts(be, await nls[0].monitor(), n1)
+        for step in (be.remove_peer(leases[2]), be.add_peer(leases[2])):
+            await step
+            got = await v.after()
+            assert got and [e for e, r in got if r] == []
+        for cmds in (
+            [["ip", "-n", n1, "route", "del", "10.5.2.0/24"]],
+            [["ip", "-n", n1, "route", "replace", "10.5.3.0/24", "via", "192.168.100.7", "dev", "eth0"]],
+            [["ip", "-n", n1, "route", "add", "10.5.44.0/24", "via", "192.168.100.44", "dev", "eth0"]],
+            # Down flushes our routes without route notifications: the link event is what tells.
+            [["ip", "-n", n1, "link", "set", "eth0", "down"], ["ip", "-n", n1, "link", "set", "eth0", "up"]],
+        ):
+            await v.repair(*cmds)
+            await be.reconcile(leases)
+            await v.ignore()
+            assert flannel_routes(n1) == ours
+        await v.ignore(
+            ["ip", "-n", n1, "route", "add", "172.31.0.0/24", "via", "192.168.100.3", "dev", "eth0"],
+            ["ip", "-n", n1, "route", "add", "10.5.0.0/16", "via", "192.168.100.3", "dev", "eth0"],
+            ["ip", "-n", n1, "route", "add", "10.5.55.0/24", "dev", "eth0"],
+            ["ip", "-n", n1, "route", "add", "10.5.1.0/24", "via", "192.168.100.3", "dev", "eth0"],  # our own subnet
+        )
 
     run_async(nodes, go)

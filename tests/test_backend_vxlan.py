@@ -4,6 +4,7 @@ behind a cni0 bridge in each node. Assertions read the kernel back with ip/bridg
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -14,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from pyflannel.backend.base import BackendError, ExternalInterface
+from pyflannel.backend.base import Backend, BackendError, ExternalInterface
 from pyflannel.backend.registry import create_backend
 from pyflannel.backend.vxlan import VxlanBackend
 from pyflannel.config import parse_net_config
 from pyflannel.lab.netns import RunScope, ns_exec, run, veth
 from pyflannel.lease import Lease, LeaseAttrs
-from pyflannel.netlink import Netlink
+from pyflannel.netlink import KernelEvent, KernelMonitor, Netlink, Route
 
 pytestmark = pytest.mark.integration
 
@@ -462,3 +463,88 @@ def test_backend_options_case_insensitive() -> None:
         assert (be.vni, be.port, be.devs[4].name, be.devs[4].mtu) == (7, 4789, "flannel.7", 1450)
     finally:
         asyncio.run(nl.close())
+
+
+async def until_marker(mon: KernelMonitor, ns: str, n: int) -> list[KernelEvent]:
+    """Every event up to a marker route added now in `ns` (the kernel announces changes in order)."""
+    marker = IPv4Network(f"172.30.{n}.0/24")
+    run(["ip", "-n", ns, "route", "add", str(marker), "dev", "eth0"])
+    out: list[KernelEvent] = []
+    async with asyncio.timeout(10):
+        async for ev in mon:
+            if isinstance(ev.obj, Route) and ev.obj.dst == marker:
+                return out
+            out.append(ev)
+    raise AssertionError(f"monitor ended before the marker; got {out}")
+
+
+class Verdicts:
+    """Runs changes in a node's namespace and returns the kernel's events with the backend's verdict on each."""
+
+    def __init__(self, be: Backend, mon: KernelMonitor, ns: str) -> None:
+        self.be, self.mon, self.ns = be, mon, ns
+        self.marks = itertools.count(1)
+
+    async def after(self, *cmds: list[str]) -> list[tuple[KernelEvent, bool]]:
+        for c in cmds:
+            run(c)
+        evs = await until_marker(self.mon, self.ns, next(self.marks))
+        return [(e, self.be.kernel_event_needs_repair(e)) for e in evs]
+
+    async def repair(self, *cmds: list[str]) -> None:
+        got = await self.after(*cmds)
+        assert any(r for _, r in got), f"{cmds} did not ask for a repair: {got}"
+
+    async def ignore(self, *cmds: list[str]) -> None:
+        got = await self.after(*cmds)
+        assert [e for e, r in got if r] == [], f"{cmds} asked for a repair"
+
+
+def test_vxlan_kernel_events_ask_for_repair_only_when_needed(scope: RunScope) -> None:
+    nodes = build(scope, 3, pods=False)
+    n1 = nodes[0].ns
+    dev = ["dev", "flannel.1"]
+
+    async def go(nls: list[Netlink]) -> None:
+        backends, leases = await start_all(nodes, nls, conf())
+        be = backends[0]
+        v = Verdicts(be, await nls[0].monitor(), n1)
+        mac2, mac3 = mac_of(leases[1]), mac_of(leases[2])
+        # Our own writes are announced too, and must not ask for a pass (or every write would cause one).
+        moved = lease_of(nodes[2], {"VNI": 1, "VtepMAC": "0a:00:00:00:03:99"})
+        for step in (be.remove_peer(leases[2]), be.add_peer(leases[2]), be.add_peer(moved), be.add_peer(leases[2])):
+            await step
+            got = await v.after()
+            assert got and [e for e, r in got if r] == []
+        # Hand-made damage and stale entries: each asks for a pass, and the pass's own writes do not.
+        for cmd in (
+            ["ip", "-n", n1, "route", "del", "10.5.2.0/24"],
+            ["ip", "-n", n1, "route", "replace", "10.5.2.0/24", "via", "192.168.100.3", "dev", "eth0"],
+            ["ip", "-n", n1, "neigh", "del", "10.5.3.0", *dev],
+            ["ip", "-n", n1, "neigh", "replace", "10.5.3.0", "lladdr", "0a:00:00:00:00:33", "nud", "permanent", *dev],
+            ["bridge", "-n", n1, "fdb", "del", mac2, *dev, "dst", "192.168.100.2", "self"],
+            ["bridge", "-n", n1, "fdb", "replace", mac3, *dev, "dst", "192.168.100.9", "self", "permanent"],
+            ["ip", "-n", n1, "route", "add", "10.5.9.0/24", "via", "10.5.9.0", *dev, "onlink"],
+            ["ip", "-n", n1, "neigh", "add", "10.5.9.0", "lladdr", "0a:00:00:00:00:09", "nud", "permanent", *dev],
+            ["bridge", "-n", n1, "fdb", "append", "0a:00:00:00:00:09", *dev, "dst", "192.168.100.9", "self",
+             "permanent"],
+            ["ip", "-n", n1, "link", "set", "flannel.1", "down"],
+        ):  # fmt: skip
+            await v.repair(cmd)
+            await be.reconcile(leases)
+            await v.ignore()
+            assert_exact(n1, [(nodes[1], mac2), (nodes[2], mac3)])
+        # Not ours: outside the Network, via the external interface without DirectRouting, other devices.
+        await v.ignore(
+            ["ip", "-n", n1, "route", "add", "172.31.0.0/24", "via", "192.168.100.3", "dev", "eth0"],
+            ["ip", "-n", n1, "route", "add", "10.5.77.0/24", "via", "192.168.100.3", "dev", "eth0"],
+            ["ip", "-n", n1, "neigh", "add", "192.168.100.50", "lladdr", "0a:00:00:00:00:50", "dev", "eth0"],
+            ["ip", "-n", n1, "link", "add", "br9", "type", "bridge"],
+            ["ip", "-n", n1, "link", "del", "br9"],
+        )
+        # The device itself deleted.
+        await v.repair(["ip", "-n", n1, "link", "del", "flannel.1"])
+        await be.reconcile(leases)
+        assert_exact(n1, [(nodes[1], mac2), (nodes[2], mac3)])
+
+    with_netlinks(nodes, go)
