@@ -317,6 +317,21 @@ def test_stored_file_modes(bed: Bed) -> None:
     assert sorted(os.listdir(bed.data_dir)) == ["some-container-id"]
 
 
+def test_stored_file_in_missing_nested_data_dir(bed: Bed) -> None:
+    """Parents are created as os.makedirs would (the plugin does without `os` for start-up time)."""
+    bed.write_env(IPV4_ENV)
+    nested = bed.tmp / "a" / "b" / "data"
+    assert bed.run("ADD", bed.conf(dataDir=f"{nested}/"))[0] == 0
+    assert stat.S_IMODE(nested.stat().st_mode) == 0o700
+    assert (nested / "some-container-id").read_bytes() == EXPECTED_IPV4
+    assert bed.run("DEL", bed.conf(dataDir=str(nested)))[0] == 0
+    assert os.listdir(nested) == []
+    (bed.tmp / "file").touch()
+    rc, res, _ = bed.run("ADD", bed.conf(dataDir=str(bed.tmp / "file" / "data")))
+    assert (rc, res["code"]) == (1, 999)
+    assert res["msg"].startswith(f"failed to save delegate config in {bed.tmp / 'file' / 'data'}: ")
+
+
 @pytest.mark.parametrize(
     ("delegate", "msg"),
     [
