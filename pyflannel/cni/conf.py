@@ -5,11 +5,11 @@ Everything here mirrors upstream flannel-io/cni-plugin (flannel.go, flannel_linu
 delegate config is byte-identical to what the Go plugin writes.
 """
 
-from __future__ import annotations
-
 from pyflannel.cni import _fastjson
 
-# typing and dataclasses cost about 15 ms of start-up together: annotations only.
+# typing and dataclasses cost about 15 ms of start-up together: annotations only. No `from __future__ import
+# annotations` either (importing __future__ scans the stdlib directory: ~0.2 ms): names that exist only for
+# the type checker are quoted.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -33,7 +33,7 @@ SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1
 CURRENT_VERSION = "1.1.0"
 
 # kube-flannel.yml's cni-conf.json, as containerd/cri-o read it from /etc/cni/net.d/10-flannel.conflist.
-KUBE_FLANNEL_CONFLIST: dict[str, Any] = {
+KUBE_FLANNEL_CONFLIST: "dict[str, Any]" = {
     "name": "cbr0",
     "cniVersion": "0.3.1",
     "plugins": [
@@ -52,7 +52,7 @@ class CNIError(Exception):
         self.msg = msg
         self.details = details
 
-    def to_dict(self, cni_version: str = CURRENT_VERSION) -> dict[str, Any]:
+    def to_dict(self, cni_version: str = CURRENT_VERSION) -> "dict[str, Any]":
         d: dict[str, Any] = {"cniVersion": cni_version, "code": self.code, "msg": self.msg}
         if self.details:
             d["details"] = self.details
@@ -82,7 +82,7 @@ def _go_float(f: float) -> str:
     return f"{mant}e{sign}{digits}"
 
 
-def _go_numbers(obj: Any) -> Any:
+def _go_numbers(obj: "Any") -> "Any":
     """Numbers as Go sees them after decoding into interface{}: every number is a float64."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return obj
@@ -100,7 +100,7 @@ def _go_numbers(obj: Any) -> Any:
 class _GoRaw(float):
     """A pre-formatted number (kept as a float subclass so json emits it through float.__repr__)."""
 
-    def __new__(cls, text: str) -> _GoRaw:
+    def __new__(cls, text: str) -> "_GoRaw":
         self = super().__new__(cls, float(text))
         self.text = text
         return self
@@ -114,7 +114,7 @@ class _GoRaw(float):
 _HTML_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
-def go_json(obj: Any) -> bytes:
+def go_json(obj: "Any") -> bytes:
     """json.Marshal's bytes: compact, map keys sorted, <>& and U+2028/9 escaped, numbers as float64."""
     text = _encode_go_numbers(_go_numbers(obj)) if _needs_number_fixup(obj) else _fastjson.dumps_sorted(obj)
     for ch, esc in _HTML_ESCAPES:
@@ -123,7 +123,7 @@ def go_json(obj: Any) -> bytes:
     return text.encode("utf-8", "replace")
 
 
-def _encode_go_numbers(obj: Any) -> str:
+def _encode_go_numbers(obj: "Any") -> str:
     # Rare (non-integral or huge numbers in a user's config): the C encoder ignores float subclasses'
     # __repr__, the pure-Python one honours it.
     import json
@@ -135,7 +135,7 @@ def _encode_go_numbers(obj: Any) -> str:
     return "".join(chunks)
 
 
-def _needs_number_fixup(obj: Any) -> bool:
+def _needs_number_fixup(obj: "Any") -> bool:
     if isinstance(obj, bool):
         return False
     if isinstance(obj, float):
@@ -153,7 +153,7 @@ def _needs_number_fixup(obj: Any) -> bool:
 # The plugin's own netconf
 
 
-def go_get(d: dict[str, Any], key: str) -> tuple[bool, Any]:
+def go_get(d: "dict[str, Any]", key: str) -> "tuple[bool, Any]":
     """Go's struct decoding: keys match case-insensitively; the last matching key in the document wins."""
     found, value = False, None
     low = key.lower()
@@ -173,11 +173,11 @@ class FlannelNetConf:
         cni_version: str = "",
         subnet_file: str = DEFAULT_SUBNET_FILE,
         data_dir: str = DEFAULT_DATA_DIR,
-        delegate: dict[str, Any] | None = None,
-        ipam: dict[str, Any] | None = None,
-        runtime_config: dict[str, Any] | None = None,
-        prev_result: dict[str, Any] | None = None,
-        raw: dict[str, Any] | None = None,
+        delegate: "dict[str, Any] | None" = None,
+        ipam: "dict[str, Any] | None" = None,
+        runtime_config: "dict[str, Any] | None" = None,
+        prev_result: "dict[str, Any] | None" = None,
+        raw: "dict[str, Any] | None" = None,
     ) -> None:
         self.name = name
         self.type = type
@@ -191,7 +191,7 @@ class FlannelNetConf:
         self.raw: dict[str, Any] = raw if raw is not None else {}
 
 
-def _go_type(v: Any) -> str:
+def _go_type(v: "Any") -> str:
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, int | float):
@@ -203,7 +203,7 @@ def _go_type(v: Any) -> str:
     return "object"
 
 
-def decode_object(data: bytes) -> dict[str, Any]:
+def decode_object(data: bytes) -> "dict[str, Any]":
     """Decode stdin as a JSON object, with code 6 on anything else (as json.Unmarshal into a struct)."""
     try:
         obj = _fastjson.loads(data)
@@ -218,7 +218,7 @@ def decode_object(data: bytes) -> dict[str, Any]:
     return obj
 
 
-def _opt_str(raw: dict[str, Any], key: str, default: str) -> str:
+def _opt_str(raw: "dict[str, Any]", key: str, default: str) -> str:
     found, v = go_get(raw, key)
     if not found or v is None:
         return default
@@ -229,7 +229,7 @@ def _opt_str(raw: dict[str, Any], key: str, default: str) -> str:
     return v
 
 
-def _opt_obj(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
+def _opt_obj(raw: "dict[str, Any]", key: str) -> "dict[str, Any] | None":
     found, v = go_get(raw, key)
     if not found or v is None:
         return None
@@ -240,7 +240,7 @@ def _opt_obj(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
     return v
 
 
-def load_netconf(raw: dict[str, Any]) -> FlannelNetConf:
+def load_netconf(raw: "dict[str, Any]") -> FlannelNetConf:
     return FlannelNetConf(
         name=_opt_str(raw, "name", ""),
         type=_opt_str(raw, "type", ""),
@@ -363,7 +363,7 @@ _ROUTE_INT_KEYS = ("mtu", "advmss", "priority")
 _ROUTE_PTR_KEYS = ("table", "scope")
 
 
-def _route(r: Any) -> dict[str, Any]:
+def _route(r: "Any") -> "dict[str, Any]":
     """types.Route round trip: only its fields survive, in struct order (dst, gw, mtu, advmss, ...)."""
     if not isinstance(r, dict):
         raise CNIError(
@@ -406,7 +406,7 @@ class _Ordered(dict):  # type: ignore[type-arg]
     """A struct-like object whose keys keep declaration order even when the rest is sorted."""
 
 
-def delegate_ipam(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> dict[str, Any]:
+def delegate_ipam(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> "dict[str, Any]":
     """getDelegateIPAM: the user's ipam keys, type default host-local, ranges from subnet.env, routes appended."""
     ipam = dict(n.ipam) if n.ipam is not None else {}
     if "type" not in ipam:
@@ -432,7 +432,7 @@ def delegate_ipam(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> dict[str, Any]:
     return ipam
 
 
-def validate_delegate(delegate: dict[str, Any] | None) -> None:
+def validate_delegate(delegate: "dict[str, Any] | None") -> None:
     if delegate is None:
         return
     if "type" in delegate and not isinstance(delegate["type"], str):
@@ -443,7 +443,7 @@ def validate_delegate(delegate: dict[str, Any] | None) -> None:
         raise CNIError(ERR_INVALID_CONFIG, "'delegate' dictionary must not have 'ipam' field, it'll be set by flannel")
 
 
-def build_delegate(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> dict[str, Any]:
+def build_delegate(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> "dict[str, Any]":
     """cmdAdd + doCmdAdd: the delegate config the upstream plugin stores and hands to its delegate."""
     validate_delegate(n.delegate)
     d = dict(n.delegate) if n.delegate is not None else {}
@@ -464,12 +464,12 @@ def build_delegate(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> dict[str, Any]:
     return d
 
 
-def delegate_bytes(d: dict[str, Any]) -> bytes:
+def delegate_bytes(d: "dict[str, Any]") -> bytes:
     """The stored form: json.Marshal of the delegate map (routes keep types.Route field order)."""
     return go_json_ordered(d)
 
 
-def go_json_ordered(obj: Any) -> bytes:
+def go_json_ordered(obj: "Any") -> bytes:
     """go_json, except that _Ordered objects (Go structs) keep their own key order."""
     if not _has_ordered(obj):
         return go_json(obj)
@@ -478,7 +478,7 @@ def go_json_ordered(obj: Any) -> bytes:
     return b"".join(parts)
 
 
-def _has_ordered(obj: Any) -> bool:
+def _has_ordered(obj: "Any") -> bool:
     if isinstance(obj, _Ordered):
         return True
     if isinstance(obj, dict):
@@ -488,7 +488,7 @@ def _has_ordered(obj: Any) -> bool:
     return False
 
 
-def _emit(obj: Any, out: list[bytes]) -> None:
+def _emit(obj: "Any", out: list[bytes]) -> None:
     if isinstance(obj, dict) and _has_ordered(obj):
         keys = list(obj) if isinstance(obj, _Ordered) else sorted(obj)
         out.append(b"{")

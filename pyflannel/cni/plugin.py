@@ -15,8 +15,6 @@ empty or corrupt stored config is logged and removed, CHECK/STATUS/GC do real wo
 spoken to the delegate as 1.0.0 (the reference plugins stop at 1.0.0) and answered as 1.1.0.
 """
 
-from __future__ import annotations
-
 import posix
 import sys
 
@@ -48,6 +46,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, NoReturn
 
+# Quoted annotations instead of `from __future__ import annotations`: see conf.py.
 ABOUT = "CNI Plugin flannel version 0.1.0 (pyflannel)"
 _ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_.-")
@@ -97,7 +96,7 @@ def _validate_ifname(name: str) -> None:
         raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters")
 
 
-def _validate_name(raw: dict[str, Any]) -> None:
+def _validate_name(raw: "dict[str, Any]") -> None:
     _, name = go_get(raw, "name")
     if name is not None and not isinstance(name, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: json: cannot unmarshal name into a string")
@@ -107,7 +106,7 @@ def _validate_name(raw: dict[str, Any]) -> None:
         raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", name)
 
 
-def _config_version(raw: dict[str, Any]) -> str:
+def _config_version(raw: "dict[str, Any]") -> str:
     _, v = go_get(raw, "cniVersion")
     if v is not None and not isinstance(v, str):
         raise CNIError(ERR_DECODE, "decoding version from network config: cniVersion is not a string")
@@ -298,7 +297,7 @@ def save_scratch(data_dir: str, cid: str, data: bytes) -> None:
         posix.close(dfd)
 
 
-def _read_stored(data_dir: str, cid: str) -> tuple[bytes | None, dict[str, Any] | None]:
+def _read_stored(data_dir: str, cid: str) -> "tuple[bytes | None, dict[str, Any] | None]":
     """(bytes, parsed) of the stored config; (None, None) when missing; (bytes, None) when unusable."""
     try:
         with open(_stored_path(data_dir, cid), "rb") as f:
@@ -318,7 +317,7 @@ def _read_stored(data_dir: str, cid: str) -> tuple[bytes | None, dict[str, Any] 
 # commands
 
 
-def _load_fenv(n: FlannelNetConf, version: str) -> Any:
+def _load_fenv(n: FlannelNetConf, version: str) -> "Any":
     try:
         return load_subnet_env(n.subnet_file)
     except FileNotFoundError as e:
@@ -331,7 +330,7 @@ def _load_fenv(n: FlannelNetConf, version: str) -> Any:
         raise CNIError(ERR_INTERNAL, str(e)) from None
 
 
-def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
+def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     fenv = _load_fenv(n, version)
     d = build_delegate(n, fenv)
     data = delegate_bytes(d)
@@ -353,7 +352,7 @@ def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO)
     out.write(result)
 
 
-def cmd_del(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
+def cmd_del(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     cid = env["CNI_CONTAINERID"]
     data, d = _read_stored(n.data_dir, cid)
     path = _stored_path(n.data_dir, cid)
@@ -378,7 +377,7 @@ def _remove(path: str) -> None:
         _log(f"flannel DEL: cannot remove {path}: {e}")
 
 
-def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
+def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     cid = env["CNI_CONTAINERID"]
     data, d = _read_stored(n.data_dir, cid)
     if data is None:
@@ -391,7 +390,7 @@ def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryI
     call_delegate(env, "CHECK", d["type"], go_json(d), dver or version)
 
 
-def _explicit_route_gateways(prev: dict[str, Any]) -> dict[str, Any]:
+def _explicit_route_gateways(prev: "dict[str, Any]") -> "dict[str, Any]":
     """Give gateway-less routes the gateway ADD actually used.
 
     host-local returns flannel's network routes without `gw`, and the bridge installs them via the pod's
@@ -420,7 +419,7 @@ def _explicit_route_gateways(prev: dict[str, Any]) -> dict[str, Any]:
     return {**prev, "routes": fixed}
 
 
-def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
+def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     try:
         fenv = load_subnet_env(n.subnet_file)
     except (OSError, SubnetEnvError) as e:
@@ -434,7 +433,7 @@ def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: Binary
         call_delegate(env, "STATUS", d["type"], delegate_bytes(d), "")
 
 
-def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: BinaryIO) -> None:
+def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     try:
         fenv = load_subnet_env(n.subnet_file)
     except (OSError, SubnetEnvError) as e:
@@ -465,7 +464,7 @@ _COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_s
 _FLOORS = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
 
 
-def run(env: dict[str, str], stdin: BinaryIO, out: BinaryIO, err: Any) -> int:
+def run(env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any") -> int:
     """The whole plugin as a function: reads env/stdin, writes the result or error JSON to `out`."""
     version = CURRENT_VERSION
     try:
@@ -508,7 +507,7 @@ def run(env: dict[str, str], stdin: BinaryIO, out: BinaryIO, err: Any) -> int:
         return 1
 
 
-def main() -> NoReturn:
+def main() -> "NoReturn":
     """The executable: runs the plugin and leaves with _exit, skipping the interpreter's shutdown."""
     enc, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     env = {k.decode(enc, errors): v.decode(enc, errors) for k, v in posix.environ.items()}
