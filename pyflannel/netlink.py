@@ -11,6 +11,8 @@ Threading: every socket belongs to one dedicated worker thread and every call ho
 run_in_executor. pyroute2's sync IPRoute runs its own event loop, so it cannot live on the daemon's loop
 thread; one thread also serialises requests, which keeps netlink sequence numbers trivially consistent.
 `Netlink(netns="name")` opens the sockets inside that (existing) namespace without moving the process.
+The one exception is the kernel-change monitor (Netlink.monitor()): its socket only receives notifications
+and is read by the event loop, so neither side waits for the other.
 """
 
 from __future__ import annotations
