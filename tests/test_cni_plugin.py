@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from pyflannel.cni import _fastjson, plugin
 from pyflannel.cni import conf as cniconf
-from pyflannel.cni import plugin
 
 IPV4_ENV = "\nFLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
 IPV6_ENV = "\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00::1/64\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
@@ -570,6 +571,45 @@ def test_bad_subnet_env(bed: Bed, text: str) -> None:
 )
 def test_go_json(value: Any, expected: bytes) -> None:
     assert cniconf.go_json(value) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1.2.3.4", "0.0.0.0", "255.255.255.255", "10.244.1.1", "256.1.1.1", "01.2.3.4", "00.1.1.1", "1.2.3",
+     "1.2.3.4.5", "1..3.4", " 1.2.3.4", "1.2.3.4 ", "\u0661.2.3.4", "+1.2.3.4", "1.2.3.0x1", "", "a.b.c.d", "1.2.3.-4"],
+)  # fmt: skip
+def test_ipv4_parsed_without_socket_like_inet_pton(text: str) -> None:
+    try:
+        ref: bytes | None = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        ref = None
+    if ref is None:
+        with pytest.raises(ValueError):
+            _fastjson.parse_ip(text)
+    else:
+        fam, packed = _fastjson.parse_ip(text)
+        assert packed == ref
+        assert _fastjson.format_ip(fam, packed) == socket.inet_ntop(socket.AF_INET, ref)
+
+
+def test_ipv4_add_and_del_load_no_socket_module(bed: Bed) -> None:
+    """_socket (0.3 ms of start-up) is for IPv6 addresses only."""
+    bed.write_env(IPV4_ENV)
+    root = str(Path(__file__).resolve().parents[1])
+    code = (
+        f"import sys, io, json; sys.path.insert(0, {root!r}); from pyflannel.cni import plugin; "
+        "env = json.loads(sys.argv[1]); out = io.BytesIO(); "
+        "rc = plugin.run(env, io.BytesIO(sys.argv[2].encode()), out, sys.stderr); "
+        "print(rc, '_socket' in sys.modules)"
+    )
+    conf = json.dumps(bed.conf())
+    for cmd in ("ADD", "DEL"):
+        p = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code, json.dumps(bed.env(cmd)), conf],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert p.stdout.split() == ["0", "False"], p.stdout + p.stderr
+    assert bed.calls() == ["ADD some-container-id eth0", "DEL some-container-id eth0"]
 
 
 # ---- as an executable ------------------------------------------------------------------------------------------
