@@ -6,8 +6,8 @@ time is the plugin's cost. `posix` stands in for `os` (whose import, _collection
 (about 10 ms to import), and the executable ends with _exit once its output is flushed: the interpreter's
 orderly shutdown (module teardown, a last GC) is another ~2 ms and frees nothing the kernel would not.
 (Exec'ing the delegate in place of the plugin on ADD was measured too: no gain over posix_spawn, which is
-a vfork.) Logging goes to stderr (the runtime collects it); the
-logging module is imported only on the rare paths that log.
+a vfork.) Logging goes to stderr (the runtime collects it); the logging module is imported only on the rare
+paths that log.
 
 Behaviour follows upstream flannel-io/cni-plugin plus the reference library's skel validation, with these
 deliberate differences: DEL keeps the stored config when the delegate's DEL fails (upstream loses it), an
