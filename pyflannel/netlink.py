@@ -85,6 +85,7 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RT_SCOPE_NOWHERE = 255
 RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
 RTNH_F_ONLINK = 4
 RTA_DST = 1
 RTA_OIF = 4
@@ -207,7 +208,8 @@ class Address:
 
 @dataclass(frozen=True)
 class Route:
-    """A unicast route. Equality covers what we program; kernel bookkeeping fields are compare=False."""
+    """A route: unicast (the default) or blackhole (`type=RTN_BLACKHOLE`, which has no gateway and no oif).
+    Equality covers what we program; kernel bookkeeping fields are compare=False."""
 
     dst: IPNetwork
     gateway: IPAddress | None = None
@@ -217,7 +219,7 @@ class Route:
     priority: int = 0
     protocol: int = field(default=RTPROT_BOOT, compare=False)
     scope: int = field(default=RT_SCOPE_UNIVERSE, compare=False)
-    type: int = field(default=RTN_UNICAST, compare=False)
+    type: int = RTN_UNICAST
 
 
 @dataclass(frozen=True)
@@ -298,19 +300,28 @@ def encode_op(op: Op, seq: int, ack: bool) -> bytes:
     base = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     if isinstance(o, Route):
         fam = _family(o.dst)
+        blackhole = o.type == RTN_BLACKHOLE
         attrs = [_nla(RTA_TABLE, _U32.pack(o.table))]
         if o.dst.prefixlen:
             attrs.append(_nla(RTA_DST, o.dst.network_address.packed))
-        if o.gateway is not None:
+        # A blackhole has no next hop; the kernel rejects one (and an IPv6 one read back names `lo`).
+        if o.gateway is not None and not blackhole:
             attrs.append(_nla(RTA_GATEWAY, o.gateway.packed))
-        if o.oif is not None:
+        if o.oif is not None and not blackhole:
             attrs.append(_nla(RTA_OIF, _U32.pack(o.oif)))
         if o.priority:
             attrs.append(_nla(RTA_PRIORITY, _U32.pack(o.priority)))
         table = o.table if o.table < 256 else RT_TABLE_UNSPEC
         if op.action == "delete":
-            rtm = _RTMSG.pack(fam, o.dst.prefixlen, 0, 0, table, 0, RT_SCOPE_NOWHERE, 0, 0)
+            # Type 0 deletes whatever route has the key; a blackhole delete names its type so that it cannot
+            # take a unicast route of the same prefix with it.
+            rtm = _RTMSG.pack(
+                fam, o.dst.prefixlen, 0, 0, table, 0, RT_SCOPE_NOWHERE, RTN_BLACKHOLE if blackhole else 0, 0
+            )
             return _msg(RTM_DELROUTE, base, seq, rtm + b"".join(attrs))
+        if blackhole:
+            rtm = _RTMSG.pack(fam, o.dst.prefixlen, 0, 0, table, o.protocol, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE, 0)
+            return _msg(RTM_NEWROUTE, base | NLM_F_CREATE | NLM_F_REPLACE, seq, rtm + b"".join(attrs))
         scope = RT_SCOPE_UNIVERSE if o.gateway is not None else RT_SCOPE_LINK
         flags = RTNH_F_ONLINK if o.onlink else 0
         rtm = _RTMSG.pack(fam, o.dst.prefixlen, 0, 0, table, o.protocol, scope, RTN_UNICAST, flags)
@@ -364,6 +375,8 @@ def decode_route(buf: bytes | memoryview, off: int, end: int) -> Route | None:
     dst: IPNetwork = ipaddress.ip_network((_ip(fam, dst_raw or zero), dst_len))
     if fam == AF_INET6 and prio == IP6_RT_PRIO_USER:
         prio = 0
+    if rtype == RTN_BLACKHOLE:
+        oif = None  # IPv6 reports `dev lo`: dropped so a blackhole read back equals the one we asked for
     return Route(
         dst=dst,
         gateway=_ip(fam, gw_raw) if gw_raw else None,

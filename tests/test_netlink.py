@@ -15,6 +15,7 @@ import pytest
 from pyflannel.lab.netns import RunScope, list_ns, run, veth
 from pyflannel.netlink import (
     AF_INET6,
+    RTN_BLACKHOLE,
     Fdb,
     KernelEvent,
     KernelMonitor,
@@ -223,6 +224,59 @@ def test_routes_neigh_fdb(scope: RunScope) -> None:
     in_ns(a, go)
     assert "10.7.2.0/24" not in run(["ip", "-n", a, "route"])
     assert run(["bridge", "-n", a, "fdb", "show", "dev", "vx0"]).strip() == ""
+
+
+def test_blackhole_route(scope: RunScope) -> None:
+    a, _ = two_ns(scope)
+    sn = IPv4Network("10.244.1.0/24")
+    sn6 = IPv6Network("fd00:10:244:1::/64")
+    bh = Route(dst=sn, type=RTN_BLACKHOLE)
+    bh6 = Route(dst=sn6, type=RTN_BLACKHOLE)
+    # The codec: no next hop on the wire, and a blackhole is not the unicast route of the same prefix.
+    buf = encode_op(Op.replace(bh), 5, ack=True)
+    assert decode_route(buf, 16, len(buf)) == bh
+    assert bh != Route(dst=sn)
+
+    def shown() -> str:
+        return run(["ip", "-n", a, "route", "show", "type", "blackhole"]) + run(
+            ["ip", "-n", a, "-6", "route", "show", "type", "blackhole"]
+        )
+
+    async def go(nl: Netlink) -> None:
+        eth = await nl.link_by_name("eth0")
+        assert eth is not None
+        mon = await nl.monitor()
+        assert await nl.apply([Op.replace(bh), Op.replace(bh6)]) == [None, None]
+        assert await nl.apply([Op.replace(bh), Op.replace(bh6)]) == [None, None]  # idempotent
+        out = shown()
+        assert out.count("blackhole 10.244.1.0/24") == 1 and out.count("blackhole fd00:10:244:1::/64") == 1, out
+        # Read back equal to what was asked for (IPv6's `dev lo` and default metric are not ours).
+        got = [r for r in await nl.routes() if r.dst == sn]
+        assert got == [bh] and (got[0].protocol, got[0].scope) == (3, 0)  # proto boot, scope universe
+        assert bh6 in await nl.routes(AF_INET6)
+        assert bh in (await nl.snapshot()).routes
+        evs = await until_marker(mon, a, 1)
+        assert KernelEvent("route", "new", bh) in evs and KernelEvent("route", "new", bh6) in evs
+        assert not any(e.action == "del" for e in evs)  # a replace of the same blackhole is not a delete
+
+        # A unicast route of the same prefix is a different route: deleting the blackhole leaves it.
+        uni = Route(dst=sn, gateway=IPv4Address("192.168.0.2"), oif=eth.index, priority=10)
+        await nl.replace_route(uni)
+        await nl.delete_route(bh, missing_ok=False)
+        routes = await nl.routes()
+        assert bh not in routes and uni in routes
+        assert "blackhole" not in run(["ip", "-n", a, "route", "show", "type", "blackhole"])
+        await nl.delete_route(bh6, missing_ok=False)
+        assert "fd00:10:244:1::/64" not in run(["ip", "-n", a, "-6", "route"])
+
+        # Deleted by hand: announced as a blackhole delete.
+        await nl.replace_route(bh)
+        run(["ip", "-n", a, "route", "del", "blackhole", str(sn)])
+        evs = await until_marker(mon, a, 2)
+        assert KernelEvent("route", "del", bh) in evs
+
+    in_ns(a, go)
+    assert shown().strip() == ""
 
 
 def test_bulk_apply_5000_peers(scope: RunScope) -> None:
