@@ -1,10 +1,12 @@
 """flanneld: wires config, store, backend, traffic rules and subnet.env together and runs the loops.
 
 Order at start (as upstream): network config -> external interface -> backend.prepare() (its attrs go into
-the lease) -> acquire lease -> backend.start() -> traffic rules -> subnet.env (the node is now ready) ->
-follow every lease. SIGTERM stops the loops but leaves the kernel as it is, so pods keep talking while the
-agent restarts; the restart reuses the same subnet (the lease carries our PublicIP) and re-applies the same
-entries, which the backends do without removing anything that is still right.
+the lease) -> acquire lease -> backend.start() -> blackhole route (--ip-blackhole-route) -> traffic rules ->
+subnet.env (the node is now ready) -> follow every lease. The blackhole route is kept like a backend's
+entries: re-applied by every reconcile pass and at once when the kernel announces its removal.
+SIGTERM stops the loops but leaves the kernel as it is (blackhole route included), so pods keep talking while
+the agent restarts; the restart reuses the same subnet (the lease carries our PublicIP) and re-applies the
+same entries, which the backends do without removing anything that is still right.
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from .config import ConfigError, NetConfig
 from .health import HealthServer
 from .iface import IfaceError, IfaceRequest, external_interface
 from .lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
-from .netlink import KernelMonitor, Netlink, NetlinkError
+from .netlink import (
+    RT_TABLE_MAIN,
+    RTN_BLACKHOLE,
+    RTPROT_KERNEL,
+    KernelEvent,
+    KernelMonitor,
+    Netlink,
+    NetlinkError,
+    Op,
+    Route,
+)
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
 from .store.etcd import EtcdOptions, EtcdStore
 from .store.kube import KubeStore, kube_options_from_cli
@@ -206,6 +218,7 @@ class Agent:
         self.own = own
         log.info("acquired lease %s", _describe_lease(own))
         await backend.start(own)
+        await self._ensure_blackholes()
         self.ready_reason = "waiting for the traffic rules"
         await self._traffic_rules(net, own, prev)
         write_subnet_env(
@@ -258,9 +271,9 @@ class Agent:
                 delay = min(delay * 2, 30)
 
     async def _traffic_rules(self, net: NetConfig, own: Lease, prev: SubnetEnv | None) -> None:
-        """ip-masq, forward rules and the blackhole route. A failure leaves /readyz at 503 with the reason and
-        is retried by the resync loop; it does not stop the agent (the overlay itself works without them)."""
-        if not (self.cfg.ip_masq or self.cfg.iptables_forward_rules or self.cfg.ip_blackhole_route):
+        """ip-masq and forward rules. A failure leaves /readyz at 503 with the reason and is retried by the
+        resync loop; it does not stop the agent (the overlay itself works without them)."""
+        if not (self.cfg.ip_masq or self.cfg.iptables_forward_rules):
             return
         tm = create_traffic_manager(net.enable_nftables)
         self.traffic = tm
@@ -271,8 +284,41 @@ class Agent:
             )
         if self.cfg.iptables_forward_rules:
             await tm.setup_and_ensure_forward_rules(net.network, net.ipv6_network)
-        if self.cfg.ip_blackhole_route:
-            await tm.set_blackhole_routes(own.subnet, own.ipv6_subnet)
+
+    def _blackholes(self) -> list[Route]:
+        """--ip-blackhole-route: traffic to an unused address of our own subnet(s) is dropped here instead of
+        following the default route out of the node."""
+        own = self.own
+        if not self.cfg.ip_blackhole_route or own is None:
+            return []
+        return [Route(dst=sn, type=RTN_BLACKHOLE) for sn in (own.subnet, own.ipv6_subnet) if sn is not None]
+
+    async def _ensure_blackholes(self) -> None:
+        """Replace is idempotent and one request per family, so every pass just re-applies it. A failure is
+        logged and retried by the reconcile loop; it never stops the agent."""
+        routes = self._blackholes()
+        if not routes:
+            return
+        try:
+            errs: list[NetlinkError | None] = list(await self.netlink.apply([Op.replace(r) for r in routes]))
+        except NetlinkError as e:
+            errs = [e]
+        failed = [str(e) for e in errs if e is not None]
+        if failed:
+            log.warning("cannot program the blackhole route, will retry: %s", "; ".join(failed))
+            self.repair.set()
+
+    def _blackhole_event_needs_repair(self, ev: KernelEvent) -> bool:
+        """Our blackhole was deleted, or replaced by another route with its key (the kernel then announces only
+        the new route). The connected route of an address in our subnet (cni0's) is not a replacement."""
+        r = ev.obj
+        if not isinstance(r, Route) or r.table != RT_TABLE_MAIN or r.priority != 0:
+            return False
+        if not any(r.dst == b.dst for b in self._blackholes()):
+            return False
+        if r.type == RTN_BLACKHOLE:
+            return ev.action == "del"
+        return ev.action == "new" and r.protocol != RTPROT_KERNEL
 
     async def _watch_loop(self) -> None:
         assert self.backend is not None and self.own is not None
@@ -350,6 +396,7 @@ class Agent:
 
     async def _reconcile(self) -> None:
         assert self.backend is not None
+        await self._ensure_blackholes()
         try:
             await self.backend.reconcile(list(self.peers.values()))
         except (BackendError, NetlinkError) as e:
@@ -363,7 +410,11 @@ class Agent:
             async for ev in monitor:
                 if self.repair.is_set():
                     continue  # a pass is already due; it reads the whole state anyway
-                if ev.kind == "resync" or backend.kernel_event_needs_repair(ev):
+                if (
+                    ev.kind == "resync"
+                    or backend.kernel_event_needs_repair(ev)
+                    or self._blackhole_event_needs_repair(ev)
+                ):
                     log.info("kernel change needs a repair: %s %s %s", ev.action, ev.kind, ev.obj or "(events lost)")
                     self.repair.set()
         finally:
@@ -381,6 +432,8 @@ class Agent:
                 await asyncio.sleep(0.5)
             if self.synced:  # before the first snapshot we do not know the peers: sweeping would drop live routes
                 await self._reconcile()
+            else:
+                await self._ensure_blackholes()
 
 
 def _describe(net: NetConfig) -> str:

@@ -355,26 +355,6 @@ def test_nftables_resync_restores_rule_chain_and_table(scope: RunScope) -> None:
     asyncio.run(body())
 
 
-def test_blackhole_route_is_kept(scope: RunScope) -> None:
-    ns = scope.add_ns("node")
-    m = mgr(ns, False)
-
-    def blackholes() -> str:
-        return ns_exec(ns, ["ip", "route", "show", "type", "blackhole"]) + ns_exec(
-            ns, ["ip", "-6", "route", "show", "type", "blackhole"]
-        )
-
-    async def body() -> None:
-        assert await m.set_blackhole_routes(POD, POD6)
-        assert "blackhole 10.244.1.0/24" in blackholes() and "blackhole fd00:10:244:1::/64" in blackholes()
-        ns_exec(ns, ["ip", "route", "del", "blackhole", "10.244.1.0/24"])
-        assert "10.244.1.0/24" not in blackholes()
-        assert await m.ensure_once()
-        assert blackholes().count("blackhole 10.244.1.0/24") == 1
-
-    asyncio.run(body())
-
-
 # --- subnet change and mode switch ------------------------------------------------------------------------
 
 

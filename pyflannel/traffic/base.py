@@ -119,7 +119,6 @@ class TrafficManager(ABC):
         self._errors: dict[str, str] = {}
         self._masq: dict[int, MasqSpec] = {}
         self._forward: dict[int, IPNetwork] = {}
-        self._blackholes: dict[int, IPNetwork] = {}
 
     # --- readiness -------------------------------------------------------------------------------------
 
@@ -186,21 +185,6 @@ class TrafficManager(ABC):
                 ok &= await self._apply_family(fam, f"ipv{fam} forward rules")
             return ok
 
-    async def set_blackhole_routes(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = None) -> bool:
-        """`--ip-blackhole-route`: a blackhole route for our own subnet, re-added by every resync.
-
-        Done with `ip route replace` through the same runner rather than through pyflannel.netlink so this
-        package stays independent of the netlink adapter and honours `cmd_prefix` in tests; `replace` makes
-        it idempotent.
-        """
-        async with self._lock:
-            for fam, sn in ((4, subnet), (6, ipv6_subnet)):
-                if sn is None:
-                    self._blackholes.pop(fam, None)
-                else:
-                    self._blackholes[fam] = sn
-            return await self._ensure_blackholes(force=True)
-
     async def ensure_once(self) -> bool:
         """One resync pass: re-check every installed rule set and restore what is missing or altered."""
         async with self._lock:
@@ -218,7 +202,6 @@ class TrafficManager(ABC):
                     continue
                 log.info("%s: some ipv%d rules are missing or changed; restoring them", self.mode, fam)
                 ok &= await self._apply_family(fam, what)
-            ok &= await self._ensure_blackholes(force=False)
             return ok
 
     async def run_resync(self, interval: float) -> None:
@@ -269,23 +252,3 @@ class TrafficManager(ABC):
 
     @abstractmethod
     async def _cleanup_other_mode(self) -> None: ...
-
-    async def _ensure_blackholes(self, *, force: bool) -> bool:
-        ok = True
-        for fam, sn in sorted(self._blackholes.items()):
-            try:
-                if force or not await self._has_blackhole(fam, sn):
-                    if not force:
-                        log.info("blackhole route for %s is missing; restoring it", sn)
-                    await self.runner.check("ip", [f"-{fam}", "route", "replace", "blackhole", str(sn)])
-            except TrafficError as e:
-                self._fail("blackhole route", e)
-                ok = False
-                continue
-        if ok:
-            self._ok("blackhole route")
-        return ok
-
-    async def _has_blackhole(self, fam: int, sn: IPNetwork) -> bool:
-        out = await self.runner.check("ip", [f"-{fam}", "route", "show", "type", "blackhole", "exact", str(sn)])
-        return bool(out.strip())
