@@ -48,6 +48,9 @@ from .traffic import TrafficManager, create_traffic_manager
 
 log = logging.getLogger(__name__)
 
+# Above the kernel's metric for connected routes (0 for IPv4, 256 for IPv6) and IPv6's default user metric.
+BLACKHOLE_METRIC = 4096
+
 # Failures that are the user's or the environment's, reported as one clear line rather than a traceback.
 FATAL = (ConfigError, IfaceError, BackendError, StoreError, NetlinkError)
 
@@ -287,11 +290,17 @@ class Agent:
 
     def _blackholes(self) -> list[Route]:
         """--ip-blackhole-route: traffic to an unused address of our own subnet(s) is dropped here instead of
-        following the default route out of the node."""
+        following the default route out of the node. The route has a high metric: with metric 0 (as upstream
+        adds it) it sorts before cni0's connected route of the same prefix and swallows the node's own pods'
+        traffic; above it, it only takes over while cni0 is down or not yet addressed."""
         own = self.own
         if not self.cfg.ip_blackhole_route or own is None:
             return []
-        return [Route(dst=sn, type=RTN_BLACKHOLE) for sn in (own.subnet, own.ipv6_subnet) if sn is not None]
+        return [
+            Route(dst=sn, type=RTN_BLACKHOLE, priority=BLACKHOLE_METRIC)
+            for sn in (own.subnet, own.ipv6_subnet)
+            if sn is not None
+        ]
 
     async def _ensure_blackholes(self) -> None:
         """Replace is idempotent and one request per family, so every pass just re-applies it. A failure is
@@ -312,7 +321,7 @@ class Agent:
         """Our blackhole was deleted, or replaced by another route with its key (the kernel then announces only
         the new route). The connected route of an address in our subnet (cni0's) is not a replacement."""
         r = ev.obj
-        if not isinstance(r, Route) or r.table != RT_TABLE_MAIN or r.priority != 0:
+        if not isinstance(r, Route) or r.table != RT_TABLE_MAIN or r.priority != BLACKHOLE_METRIC:
             return False
         if not any(r.dst == b.dst for b in self._blackholes()):
             return False

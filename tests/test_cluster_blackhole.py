@@ -28,8 +28,12 @@ def test_blackhole_route_kept_from_events_never_swept_left_on_sigterm(scope: net
     tb.start_agent(node, "--ip-blackhole-route", "--reconcile-interval=300", "--iptables-forward-rules=false")
     env = tb.wait_ready(node)
     assert env.subnet is not None
-    own = f"blackhole {env.subnet}"
+    own = f"blackhole {env.subnet} metric 4096"
     assert blackholes(node.ns) == [own]
+    # The node's own pods stay reachable: cni0's connected route wins over the blackhole while cni0 is up.
+    tb.ensure_bridge(node, env)
+    pod_ip = str(env.subnet.network_address + 5)
+    assert "dev cni0" in netns.run(["ip", "-n", node.ns, "route", "get", pod_ip])
     assert netns.wait_for(lambda: "synced" in node.log_file.read_text(), timeout=20), tb.log_tail(node)
 
     # A blackhole for a subnet of the Network that no lease holds looks like a peer's route to a sweep by its
@@ -50,7 +54,7 @@ def test_blackhole_route_kept_from_events_never_swept_left_on_sigterm(scope: net
     assert blackholes(node.ns) == sorted([own, f"blackhole {stray}"])
 
     # Deleted by hand, it comes back once, from the route-delete notification.
-    netns.run(["ip", "-n", node.ns, "route", "del", "blackhole", str(env.subnet)])
+    netns.run(["ip", "-n", node.ns, "route", "del", "blackhole", str(env.subnet), "metric", "4096"])
     assert netns.wait_for(lambda: blackholes(node.ns) == sorted([own, f"blackhole {stray}"]), timeout=10), (
         blackholes(node.ns),
         tb.log_tail(node),
@@ -58,7 +62,8 @@ def test_blackhole_route_kept_from_events_never_swept_left_on_sigterm(scope: net
     assert "kernel change needs a repair: del route" in node.log_file.read_text()
 
     # Replaced by another route of its key (same prefix and metric): the blackhole is put back.
-    netns.run(["ip", "-n", node.ns, "route", "replace", str(env.subnet), "via", tb.gateway, "dev", "eth0"])
+    netns.run(["ip", "-n", node.ns, "route", "replace", str(env.subnet), "via", tb.gateway, "dev", "eth0",
+               "metric", "4096"])  # fmt: skip
     assert netns.wait_for(lambda: own in blackholes(node.ns), timeout=10), tb.log_tail(node)
     assert f"{env.subnet} via" not in netns.run(["ip", "-n", node.ns, "route"])
 
