@@ -17,9 +17,12 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, NoReturn
 
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.registry import create_backend
@@ -47,6 +50,9 @@ from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
 from .traffic import TrafficManager, create_traffic_manager
 
 log = logging.getLogger(__name__)
+
+# How long each shutdown step may take before the agent gives up on it and exits anyway.
+SHUTDOWN_STEP_TIMEOUT = 5.0
 
 # Above the kernel's metric for connected routes (0 for IPv4, 256 for IPv6) and IPv6's default user metric.
 BLACKHOLE_METRIC = 4096
@@ -148,22 +154,32 @@ class Agent:
                 return self._exit_code(main)
             log.info("Exiting cleanly: the kernel keeps this node's routes and rules for the next start")
             main.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *FATAL):
-                await main
+            # Bounded: a stop request must end the process even if some call does not honour cancellation.
+            await asyncio.wait({main}, timeout=SHUTDOWN_STEP_TIMEOUT)
+            if not main.done():
+                log.warning("shutdown: the loops did not stop within %.0fs; exiting anyway", SHUTDOWN_STEP_TIMEOUT)
             return 0
         finally:
             stopper.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            if self.backend is not None:
-                with contextlib.suppress(Exception):
-                    await self.backend.close()
-            with contextlib.suppress(Exception):
-                await self.store.close()
-            with contextlib.suppress(Exception):
-                await self.netlink.close()
-            if health is not None:
-                await health.close()
+            await self._close(health)
+
+    async def _close(self, health: HealthServer | None) -> None:
+        """Release sockets and channels (never the data plane), each step bounded in time."""
+        steps: list[tuple[str, Coroutine[Any, Any, None]]] = []
+        if self.backend is not None:
+            steps.append(("backend", self.backend.close()))
+        steps += [("store", self.store.close()), ("netlink", self.netlink.close())]
+        if health is not None:
+            steps.append(("health server", health.close()))
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step, SHUTDOWN_STEP_TIMEOUT)
+            except TimeoutError:
+                log.warning("shutdown: closing the %s took over %.0fs; leaving it", name, SHUTDOWN_STEP_TIMEOUT)
+            except Exception as e:
+                log.warning("shutdown: closing the %s failed: %s", name, e)
 
     def _exit_code(self, main: asyncio.Task[None]) -> int:
         exc: BaseException | None = main.exception()
@@ -460,7 +476,7 @@ def _describe_lease(lease: Lease) -> str:
     return f"{subnets} (public IP {lease.attrs.public_ip}, backend {lease.attrs.backend_type or '-'})"
 
 
-def run_daemon(opts: Options) -> int:
+def run_daemon(opts: Options) -> NoReturn:
     cfg = agent_config_from_options(opts)
 
     async def _run() -> int:
@@ -475,6 +491,11 @@ def run_daemon(opts: Options) -> int:
         return await Agent(cfg=cfg, store=store, netlink=netlink).run()
 
     try:
-        return asyncio.run(_run())
+        code = asyncio.run(_run())
     except KeyboardInterrupt:
-        return 0
+        code = 0
+    # Leave without waiting for library threads (gRPC, a netlink worker stuck in a call): everything worth
+    # keeping is in the kernel and the store, and a stop request must not hang the node's restart.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)
