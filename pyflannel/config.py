@@ -101,7 +101,7 @@ def _int(raw: dict[str, Any], key: str) -> int:
     return v
 
 
-def _net4(raw: dict[str, Any], key: str) -> IPv4Network | None:
+def _net(raw: dict[str, Any], key: str, version: int) -> Any:
     v = ci_get(raw, key)
     if v in (None, ""):
         return None
@@ -109,21 +109,9 @@ def _net4(raw: dict[str, Any], key: str) -> IPv4Network | None:
         raise ConfigError(f"{key}: expected a CIDR string, got {json.dumps(v)}")
     try:
         # Go's net.ParseCIDR masks host bits, so "10.1.2.3/16" means 10.1.0.0/16 upstream too.
-        return IPv4Network(v, strict=False)
+        return IPv4Network(v, strict=False) if version == 4 else IPv6Network(v, strict=False)
     except ValueError:
-        raise ConfigError(f"{key}: {v!r} is not an IPv4 CIDR") from None
-
-
-def _net6(raw: dict[str, Any], key: str) -> IPv6Network | None:
-    v = ci_get(raw, key)
-    if v in (None, ""):
-        return None
-    if not isinstance(v, str):
-        raise ConfigError(f"{key}: expected a CIDR string, got {json.dumps(v)}")
-    try:
-        return IPv6Network(v, strict=False)
-    except ValueError:
-        raise ConfigError(f"{key}: {v!r} is not an IPv6 CIDR") from None
+        raise ConfigError(f"{key}: {v!r} is not an IPv{version} CIDR") from None
 
 
 def _addr(raw: dict[str, Any], key: str, version: int) -> Any:
@@ -179,7 +167,7 @@ def _family_layout(raw: dict[str, Any], version: int) -> tuple[Any, int, Any, An
     p = "" if version == 4 else "IPv6"
     net_key, len_key = f"{p}Network", f"{p}SubnetLen"
     max_len, default_len = (30, 24) if version == 4 else (126, 64)
-    network = _net4(raw, net_key) if version == 4 else _net6(raw, net_key)
+    network = _net(raw, net_key, version)
     if network is None:
         raise ConfigError(f"{net_key}: please define a correct {net_key} parameter in the flannel config")
     subnet_len = _int(raw, len_key)

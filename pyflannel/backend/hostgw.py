@@ -79,6 +79,13 @@ class L2Segment:
         return any(ip in n for n in self._nets if n.version == ip.version)
 
 
+async def apply_ops(nl: Netlink, what: str, ops: Sequence[Op]) -> None:
+    """One batch to the kernel; a BackendError naming `what` if any op failed."""
+    exc = errors_to_exception(what, ops, await nl.apply(ops))
+    if exc is not None:
+        raise exc
+
+
 def errors_to_exception(what: str, ops: Sequence[Op], errs: Sequence[NetlinkError | None]) -> BackendError | None:
     """Log every failed op (deletes of absent entries are fine) and summarise them in one BackendError."""
     bad = [
@@ -148,12 +155,6 @@ class HostGwBackend(Backend):
             out.append(Route(dst=sn, gateway=gw, oif=self.ext.index))
         return out
 
-    async def _apply(self, what: str, ops: list[Op]) -> None:
-        errs = await self.nl.apply(ops)
-        exc = errors_to_exception(what, ops, errs)
-        if exc is not None:
-            raise exc
-
     async def add_peer(self, lease: Lease) -> None:
         async with self._lock:
             routes = self._routes_for(lease)
@@ -161,7 +162,7 @@ class HostGwBackend(Backend):
             for r in routes:
                 self._programmed[r.dst] = r
                 log.info("host-gw: route %s via %s dev %s", r.dst, r.gateway, self.ext.name)
-            await self._apply(f"host-gw add {lease.key}", ops)
+            await apply_ops(self.nl, f"host-gw add {lease.key}", ops)
 
     async def remove_peer(self, lease: Lease) -> None:
         async with self._lock:
@@ -177,7 +178,7 @@ class HostGwBackend(Backend):
                     r = Route(dst=sn, gateway=gw, oif=self.ext.index)
                 if r is not None:
                     ops.append(Op.delete(r))
-            await self._apply(f"host-gw remove {lease.key}", ops)
+            await apply_ops(self.nl, f"host-gw remove {lease.key}", ops)
 
     def _ours(self, family_net: IPNetwork | None) -> Callable[[Route], bool]:
         own = self._own_subnets()
@@ -228,7 +229,7 @@ class HostGwBackend(Backend):
             self._programmed = {r.dst: r for r in desired}
             if ops:
                 log.info("host-gw reconcile: %d route changes", len(ops))
-            await self._apply("host-gw reconcile", ops)
+            await apply_ops(self.nl, "host-gw reconcile", ops)
 
     async def close(self) -> None:
         pass

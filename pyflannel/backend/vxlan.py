@@ -44,7 +44,7 @@ from ..netlink import (
     parse_mac,
 )
 from .base import Backend, BackendAttrs, BackendError, ExternalInterface
-from .hostgw import L2Segment, diff_routes, errors_to_exception, in_network
+from .hostgw import L2Segment, apply_ops, diff_routes, in_network
 from .registry import opt_bool, opt_int
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,6 @@ class VxlanBackend(Backend):
     def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
         return _key(o)
 
-    async def _apply(self, what: str, ops: list[Op]) -> None:
-        errs = await self.nl.apply(ops)
-        exc = errors_to_exception(what, ops, errs)
-        if exc is not None:
-            raise exc
-
     async def add_peer(self, lease: Lease) -> None:
         async with self._lock:
             ops: list[Op] = []
@@ -363,7 +357,7 @@ class VxlanBackend(Backend):
                     )
                 else:
                     dev.unprogram(sn)
-            await self._apply(f"vxlan add {lease.key}", ops)
+            await apply_ops(self.nl, f"vxlan add {lease.key}", ops)
 
     async def remove_peer(self, lease: Lease) -> None:
         async with self._lock:
@@ -378,7 +372,7 @@ class VxlanBackend(Backend):
                     _, old = self._entries(dev, lease, warn=False)
                 ops += [Op.delete(o) for o in reversed(old)]
                 log.info("vxlan: removing peer %s", sn)
-            await self._apply(f"vxlan remove {lease.key}", ops)
+            await apply_ops(self.nl, f"vxlan remove {lease.key}", ops)
 
     async def reconcile(self, peers: Sequence[Lease]) -> None:
         async with self._lock:
@@ -502,7 +496,7 @@ class VxlanBackend(Backend):
                 len(neigh_add),
                 len(fdb_add),
             )
-        await self._apply(f"vxlan reconcile {dev.name}", ops)
+        await apply_ops(self.nl, f"vxlan reconcile {dev.name}", ops)
 
     async def close(self) -> None:
         # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it.
