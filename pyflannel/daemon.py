@@ -31,7 +31,7 @@ from .cli import Options
 from .config import ConfigError, NetConfig
 from .health import HealthServer
 from .iface import IfaceError, IfaceRequest, external_interface
-from .lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
+from .lease import EventType, Lease, LeaseAttrs, LeaseSnapshot, WatchUpdate
 from .netlink import (
     RT_TABLE_MAIN,
     RTN_BLACKHOLE,
@@ -368,35 +368,45 @@ class Agent:
             await self._reconcile()
             log.info("synced %d peer leases (%d new, %d gone)", len(current), len(added), len(gone))
             return
+        # New and changed peers are collected and programmed in one kernel batch; a removal first flushes what
+        # was collected so the kernel sees the store's order.
+        pending: list[Lease] = []
         for ev in update:
-            try:
-                await self._apply_event(ev, own_key)
-            except (BackendError, NetlinkError) as e:
-                # The kernel refused (e.g. our device vanished): the reconcile pass rebuilds from self.peers.
-                log.warning("failed to apply %s of %s, repairing: %s", ev.type.value, ev.lease.key, e)
-                self.repair.set()
+            key = ev.lease.key
+            if key == own_key:
+                if ev.type is EventType.REMOVED:
+                    raise LeaseRevokedError(f"our lease {own_key} was deleted from the store")
+                continue
+            old = self.peers.get(key)
+            if ev.type is EventType.ADDED:
+                self.peers[key] = ev.lease
+                if old is not None and old.attrs == ev.lease.attrs:
+                    continue  # a renewal: nothing in the kernel changes
+                # Programming replaces what the subnet had (a restarted peer's new VtepMAC or IP) without
+                # removing the route first, so traffic to that peer is not interrupted by the update.
+                pending.append(ev.lease)
+                log.info("%s peer %s", "updated" if old else "added", _describe_lease(ev.lease))
+            elif old is not None:
+                await self._program(pending)
+                pending = []
+                del self.peers[key]
+                log.info("removed peer %s", _describe_lease(old))
+                await self._kernel_call(self.backend.remove_peer(old), f"removal of {key}")
+        await self._program(pending)
 
-    async def _apply_event(self, ev: LeaseEvent, own_key: str) -> None:
-        assert self.backend is not None
-        key = ev.lease.key
-        if key == own_key:
-            if ev.type is EventType.REMOVED:
-                raise LeaseRevokedError(f"our lease {own_key} was deleted from the store")
-            return
-        old = self.peers.get(key)
-        if ev.type is EventType.ADDED:
-            if old is not None and old.attrs == ev.lease.attrs:
-                self.peers[key] = ev.lease  # a renewal: nothing in the kernel changes
-                return
-            # add_peer replaces what the subnet had (a restarted peer's new VtepMAC or IP) without removing the
-            # route first, so traffic to that peer is not interrupted by the update.
-            self.peers[key] = ev.lease
-            await self.backend.add_peer(ev.lease)
-            log.info("%s peer %s", "updated" if old else "added", _describe_lease(ev.lease))
-        elif old is not None:
-            del self.peers[key]
-            await self.backend.remove_peer(old)
-            log.info("removed peer %s", _describe_lease(old))
+    async def _program(self, leases: list[Lease]) -> None:
+        if leases:
+            assert self.backend is not None
+            what = leases[0].key if len(leases) == 1 else f"{len(leases)} peers"
+            await self._kernel_call(self.backend.add_peers(leases), f"programming of {what}")
+
+    async def _kernel_call(self, call: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await call
+        except (BackendError, NetlinkError) as e:
+            # The kernel refused (e.g. our device vanished): the reconcile pass rebuilds from self.peers.
+            log.warning("%s failed, repairing: %s", what, e)
+            self.repair.set()
 
     async def _renew_loop(self) -> None:
         margin = self.cfg.etcd.renew_margin

@@ -30,11 +30,11 @@ class RecordingBackend(Backend):
     async def start(self, own: Lease) -> None:
         pass
 
-    async def add_peer(self, lease: Lease) -> None:
+    async def add_peers(self, leases: Sequence[Lease]) -> None:
         if self.fail_next:
             self.fail_next = False
             raise BackendError("no such device")
-        self.calls.append(("add", lease.key))
+        self.calls.append(("add", ",".join(lease.key for lease in leases)))
 
     async def remove_peer(self, lease: Lease) -> None:
         self.calls.append(("remove", lease.key))
@@ -100,13 +100,26 @@ def test_deleting_our_own_lease_is_revocation() -> None:
         run(a._apply([LeaseEvent(EventType.REMOVED, lease(1, ip="192.168.77.11"))]))
 
 
+def test_a_burst_of_events_is_one_batch_and_a_removal_keeps_the_order() -> None:
+    a, b = agent()
+    added = [LeaseEvent(EventType.ADDED, lease(n)) for n in (4, 5, 6)]
+    run(a._apply([*added, LeaseEvent(EventType.REMOVED, lease(5)), LeaseEvent(EventType.ADDED, lease(7))]))
+    assert b.calls == [
+        ("add", "10.244.4.0-24,10.244.5.0-24,10.244.6.0-24"),
+        ("remove", "10.244.5.0-24"),
+        ("add", "10.244.7.0-24"),
+    ]
+    assert set(a.peers) == {"10.244.4.0-24", "10.244.6.0-24", "10.244.7.0-24"}
+
+
 def test_a_kernel_failure_asks_for_repair_instead_of_stopping_the_agent() -> None:
     a, b = agent()
     b.fail_next = True
     run(a._apply([LeaseEvent(EventType.ADDED, lease(4)), LeaseEvent(EventType.ADDED, lease(5))]))
     assert a.repair.is_set()
     assert set(a.peers) == {"10.244.4.0-24", "10.244.5.0-24"}  # the repair pass programs both
-    assert b.calls == [("add", "10.244.5.0-24")]
+    run(a._apply([LeaseEvent(EventType.ADDED, lease(6))]))
+    assert b.calls == [("add", "10.244.6.0-24")]  # the agent goes on with the next events
 
 
 class FakeMonitor:

@@ -54,8 +54,12 @@ class Backend(ABC):
     async def start(self, own: Lease) -> None: ...
 
     @abstractmethod
+    async def add_peers(self, leases: Sequence[Lease]) -> None:
+        """Program peers in one kernel batch, each replacing whatever was programmed for its subnet before
+        (idempotent). A burst of new leases (a cluster scaling up) costs one round trip, not one per peer."""
+
     async def add_peer(self, lease: Lease) -> None:
-        """Program a peer, replacing whatever was programmed for its subnet before (idempotent)."""
+        await self.add_peers([lease])
 
     @abstractmethod
     async def remove_peer(self, lease: Lease) -> None: ...

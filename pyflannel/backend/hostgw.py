@@ -155,14 +155,14 @@ class HostGwBackend(Backend):
             out.append(Route(dst=sn, gateway=gw, oif=self.ext.index))
         return out
 
-    async def add_peer(self, lease: Lease) -> None:
+    async def add_peers(self, leases: Sequence[Lease]) -> None:
         async with self._lock:
-            routes = self._routes_for(lease)
-            ops = [Op.replace(r) for r in routes]
+            routes = [r for lease in leases for r in self._routes_for(lease)]
             for r in routes:
                 self._programmed[r.dst] = r
-                log.info("host-gw: route %s via %s dev %s", r.dst, r.gateway, self.ext.name)
-            await apply_ops(self.nl, f"host-gw add {lease.key}", ops)
+                log.debug("host-gw: route %s via %s dev %s", r.dst, r.gateway, self.ext.name)
+            what = f"host-gw add {leases[0].key}" if len(leases) == 1 else f"host-gw add {len(leases)} peers"
+            await apply_ops(self.nl, what, [Op.replace(r) for r in routes])
 
     async def remove_peer(self, lease: Lease) -> None:
         async with self._lock:

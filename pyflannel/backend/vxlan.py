@@ -337,27 +337,29 @@ class VxlanBackend(Backend):
     def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
         return _key(o)
 
-    async def add_peer(self, lease: Lease) -> None:
+    async def add_peers(self, leases: Sequence[Lease]) -> None:
         async with self._lock:
             ops: list[Op] = []
-            for dev in self.devs.values():
-                sn, new = self._entries(dev, lease)
-                if sn is None:
-                    continue
-                new_keys = {self._key(o) for o in new}
-                old = dev.programmed.get(sn, [])
-                ops += [Op.delete(o) for o in old if self._key(o) not in new_keys]
-                ops += [Op.replace(o) for o in new]
-                if new:
-                    dev.program(sn, new)
-                    log.info(
-                        "vxlan: peer %s via %s",
-                        sn,
-                        lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6,
-                    )
-                else:
-                    dev.unprogram(sn)
-            await apply_ops(self.nl, f"vxlan add {lease.key}", ops)
+            for lease in leases:
+                for dev in self.devs.values():
+                    sn, new = self._entries(dev, lease)
+                    if sn is None:
+                        continue
+                    new_keys = {self._key(o) for o in new}
+                    old = dev.programmed.get(sn, [])
+                    ops += [Op.delete(o) for o in old if self._key(o) not in new_keys]
+                    ops += [Op.replace(o) for o in new]
+                    if new:
+                        dev.program(sn, new)
+                        log.debug(
+                            "vxlan: peer %s via %s",
+                            sn,
+                            lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6,
+                        )
+                    else:
+                        dev.unprogram(sn)
+            what = f"vxlan add {leases[0].key}" if len(leases) == 1 else f"vxlan add {len(leases)} peers"
+            await apply_ops(self.nl, what, ops)
 
     async def remove_peer(self, lease: Lease) -> None:
         async with self._lock:
