@@ -25,7 +25,8 @@ from pyflannel.subnetenv import SubnetEnv
 
 
 def hand_vxlan(tb: Testbed, a: Node, b: Node, sa: str, sb: str) -> tuple[Pod, Pod]:
-    """Two nodes wired like flannel does it, by hand: vxlan, neighbour, FDB, onlink route, cni0 and a pod."""
+    """Two nodes wired like flannel does it, by hand: vxlan, neighbour, FDB, onlink route, forward rules, cni0
+    and a pod."""
     macs = {a.name: "0a:11:00:00:00:01", b.name: "0a:11:00:00:00:02"}
     subnets = {a.name: sa, b.name: sb}
     pods = []
@@ -41,6 +42,11 @@ def hand_vxlan(tb: Testbed, a: Node, b: Node, sa: str, sb: str) -> tuple[Pod, Po
                    "self", "permanent"])  # fmt: skip
         netns.run([*run, "route", "add", f"{subnets[peer.name]}.0/24", "via", f"{subnets[peer.name]}.0", "dev",
                    "flannel.1", "onlink"])  # fmt: skip
+        # The forward rules every flannel node carries (--iptables-forward-rules defaults to true): with them
+        # both sides pay the same netfilter cost, and the ratio measures what the agent programs.
+        for rule in (["-s", "10.99.0.0/16"], ["-d", "10.99.0.0/16"]):
+            netns.ns_exec(me.ns, ["iptables", "-A", "FORWARD", *rule, "-m", "comment", "--comment",
+                                  "flanneld forward", "-j", "ACCEPT"])  # fmt: skip
         env = SubnetEnv(subnet=ipaddress.IPv4Network(f"{subnets[me.name]}.0/24"), mtu=1450)
         pods.append(tb.add_pod(me, env))
     return pods[0], pods[1]
