@@ -115,7 +115,6 @@ class Agent:
     store: Store
     netlink: Netlink
     own: Lease | None = None
-    net: NetConfig | None = None
     backend: Backend | None = None
     peers: dict[str, Lease] = field(default_factory=dict)
     synced: bool = False
@@ -203,7 +202,6 @@ class Agent:
     async def _main(self) -> None:
         # Waits for <prefix>/config as long as it takes, as upstream does; SIGTERM ends the wait.
         net = await self.store.get_network_config()
-        self.net = net
         log.info("network config: %s", _describe(net))
         if isinstance(self.store, KubeStore):
             # <p>/node-public-ip(v6) on our Node win over --public-ip, as upstream.
@@ -264,7 +262,7 @@ class Agent:
                 tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
 
     async def _external_interface(self, net: NetConfig) -> ExternalInterface:
-        req = IfaceRequest(**{**self.cfg.iface.__dict__, "need_ipv4": net.enable_ipv4, "need_ipv6": net.enable_ipv6})
+        req = dataclasses.replace(self.cfg.iface, need_ipv4=net.enable_ipv4, need_ipv6=net.enable_ipv6)
         links = await self.netlink.links_with_addrs()
         default_index = await self.netlink.default_route_index(6 if not net.enable_ipv4 else 4)
         reach_index = None
