@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
-from test_backend_vxlan import Node, Verdicts, build, count_ops, ext_for, ping
+from test_backend_vxlan import Node, Verdicts, build, count_ops, ext_for, ping, with_netlinks
 
 from pyflannel.backend.hostgw import HostGwBackend
 from pyflannel.backend.registry import create_backend
@@ -36,18 +35,6 @@ def flannel_routes(ns: str, six: bool = False) -> list[str]:
     """The routes via eth0 with a gateway, as `ip route` prints them."""
     out = run(["ip", "-n", ns, "-6" if six else "-4", "route", "show", "dev", "eth0"])
     return sorted(ln.strip() for ln in out.splitlines() if " via " in ln)
-
-
-def run_async(nodes: list[Node], fn: Any) -> None:
-    async def main() -> None:
-        nls = [Netlink(netns=n.ns) for n in nodes]
-        try:
-            await fn(nls)
-        finally:
-            for nl in nls:
-                await nl.close()
-
-    asyncio.run(main())
 
 
 async def start_all(
@@ -92,7 +79,7 @@ def test_hostgw_routes_and_pods_talk(scope: RunScope) -> None:
         await backends[0].add_peer(leases[1])
         assert flannel_routes(nodes[0].ns) == ["10.5.2.0/24 via 192.168.100.2", "10.5.3.0/24 via 192.168.100.3"]
 
-    run_async(nodes, go)
+    with_netlinks(nodes, go)
 
 
 def test_hostgw_skips_and_sweeps(scope: RunScope) -> None:
@@ -126,7 +113,7 @@ def test_hostgw_skips_and_sweeps(scope: RunScope) -> None:
         # Our own subnet is never routed to the underlay.
         assert "10.5.1.0/24" not in run(["ip", "-n", n1, "route"])
 
-    run_async(nodes, go)
+    with_netlinks(nodes, go)
 
 
 def test_hostgw_ipv6(scope: RunScope) -> None:
@@ -146,7 +133,7 @@ def test_hostgw_ipv6(scope: RunScope) -> None:
         await backends[0].remove_peer(leases[1])
         assert flannel_routes(nodes[0].ns, six=True) == []
 
-    run_async(nodes, go)
+    with_netlinks(nodes, go)
 
 
 def test_hostgw_kernel_events_ask_for_repair_only_when_needed(scope: RunScope) -> None:
@@ -181,4 +168,4 @@ def test_hostgw_kernel_events_ask_for_repair_only_when_needed(scope: RunScope) -
             ["ip", "-n", n1, "route", "add", "10.5.1.0/24", "via", "192.168.100.3", "dev", "eth0"],  # our own subnet
         )
 
-    run_async(nodes, go)
+    with_netlinks(nodes, go)
