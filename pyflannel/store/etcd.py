@@ -167,6 +167,18 @@ class _Entry:
     taken: Taken | None
 
 
+def _translate(what: str, e: BaseException) -> StoreError:
+    """An etcd client error as the store reports it: EtcdUnavailableError when a retry may help."""
+    if isinstance(e, EtcdPermissionDeniedError):
+        return StoreError(f"etcd {what}: permission denied: {e}")
+    if isinstance(e, EtcdConnectionError | EtcdTransientError | TimeoutError):
+        return EtcdUnavailableError(f"etcd {what}: {e or 'timed out'}")
+    if isinstance(e, grpc.aio.AioRpcError):
+        cls = EtcdUnavailableError if e.code() in _RETRY_CODES else StoreError
+        return cls(f"etcd {what}: {e.code().name}: {e.details()}")
+    return StoreError(f"etcd {what}: {e}")
+
+
 class EtcdStore(Store):
     def __init__(self, opts: EtcdOptions) -> None:
         if not opts.endpoints:
@@ -284,15 +296,15 @@ class EtcdStore(Store):
             resp = await self._auth.authenticate(
                 self._opts.username or "", self._opts.password or "", timeout=self._opts.call_timeout
             )
-        except EtcdUnauthenticatedError as e:
-            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {e}") from None
-        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
-            raise EtcdUnavailableError(f"etcd authentication: {e or 'timed out'}") from None
-        except grpc.aio.AioRpcError as e:
+        except (EtcdUnauthenticatedError, grpc.aio.AioRpcError) as e:
             # Wrong credentials come back as INVALID_ARGUMENT, auth switched off as FAILED_PRECONDITION.
-            if e.code() in _RETRY_CODES:
-                raise EtcdUnavailableError(f"etcd authentication: {e.code().name}: {e.details()}") from None
-            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {e.details()}") from None
+            err = _translate("authentication", e)
+            if isinstance(err, EtcdUnavailableError):
+                raise err from None
+            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else e
+            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {detail}") from None
+        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
+            raise _translate("authentication", e) from None
         self._token = resp.token or None
         for svc in (self._kv, self._lease, self._auth):
             if svc is not None:
@@ -317,14 +329,10 @@ class EtcdStore(Store):
                     raise StoreError(f"etcd {what}: {e}") from None
                 log.info("etcd: auth token rejected (%s), authenticating again", e)
                 await self._authenticate()
-            except EtcdPermissionDeniedError as e:
-                raise StoreError(f"etcd {what}: permission denied: {e}") from None
-            except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
-                raise EtcdUnavailableError(f"etcd {what}: {e or 'timed out'}") from None
+            except (EtcdPermissionDeniedError, EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
+                raise _translate(what, e) from None
             except grpc.aio.AioRpcError as e:
-                if e.code() in _RETRY_CODES:
-                    raise EtcdUnavailableError(f"etcd {what}: {e.code().name}: {e.details()}") from None
-                raise StoreError(f"etcd {what}: {e.code().name}: {e.details()}") from None
+                raise _translate(what, e) from None
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
