@@ -26,7 +26,6 @@ from typing import Any, NoReturn
 
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.registry import create_backend
-from .backend.vxlan import VxlanBackend
 from .cli import Options
 from .config import ConfigError, NetConfig
 from .health import HealthServer
@@ -203,15 +202,14 @@ class Agent:
         # Waits for <prefix>/config as long as it takes, as upstream does; SIGTERM ends the wait.
         net = await self.store.get_network_config()
         log.info("network config: %s", _describe(net))
-        if isinstance(self.store, KubeStore):
-            # <p>/node-public-ip(v6) on our Node win over --public-ip, as upstream.
-            ip4, ip6 = await self.store.node_public_ip_override()
-            if ip4 or ip6:
-                self.cfg.iface = dataclasses.replace(
-                    self.cfg.iface,
-                    public_ip=str(ip4) if ip4 else self.cfg.iface.public_ip,
-                    public_ipv6=str(ip6) if ip6 else self.cfg.iface.public_ipv6,
-                )
+        # A store may name our public address (kube: <p>/node-public-ip); it wins over --public-ip, as upstream.
+        ip4, ip6 = await self.store.public_ip_overrides()
+        if ip4 or ip6:
+            self.cfg.iface = dataclasses.replace(
+                self.cfg.iface,
+                public_ip=str(ip4) if ip4 else self.cfg.iface.public_ip,
+                public_ipv6=str(ip6) if ip6 else self.cfg.iface.public_ipv6,
+            )
         ext = await self._external_interface(net)
         log.info(
             "using interface %s (index %d, MTU %d), public IP %s%s",
@@ -220,8 +218,7 @@ class Agent:
         )  # fmt: skip
         backend = create_backend(net, ext, self.netlink)
         self.backend = backend
-        if isinstance(self.store, KubeStore) and isinstance(backend, VxlanBackend):
-            backend.prefer_macs(*await self.store.stored_vtep_macs(net.backend.type))
+        backend.prefer_macs(*await self.store.previous_vtep_macs(net.backend.type))
         battrs = await backend.prepare()
         attrs = LeaseAttrs(
             public_ip=ext.public_ip,

@@ -329,7 +329,7 @@ def test_node_name_from_pod_and_public_ip_annotations(run: Any) -> None:
         kube.create_pod("kube-flannel", "kube-flannel-ds-abcde", "n1")
         st = store_for(fk, tmp, node="", pod_name="kube-flannel-ds-abcde", pod_namespace="kube-flannel")
         try:
-            assert await st.node_public_ip_override() == (IPv4Address("203.0.113.5"), None)
+            assert await st.public_ip_overrides() == (IPv4Address("203.0.113.5"), None)
             assert st.node_name == "n1"
             await st.acquire_lease(await st.get_network_config(), vx_attrs("203.0.113.5"), None)
         finally:
@@ -344,8 +344,8 @@ def test_vtep_mac_of_a_previous_run_is_offered_for_the_same_backend(run: Any) ->
         kube.create_node("n1", ["10.244.1.0/24"], annotations=peer_annotations("192.168.77.11", MAC))
         st = store_for(fk, tmp)
         try:
-            assert await st.stored_vtep_macs("vxlan") == (MAC, None)
-            assert await st.stored_vtep_macs("host-gw") == (None, None)
+            assert await st.previous_vtep_macs("vxlan") == (MAC, None)
+            assert await st.previous_vtep_macs("host-gw") == (None, None)
             assert await st.previous_backend_data("vxlan") == ({"VNI": 1, "VtepMAC": MAC}, None)
             # Same attributes as written before: nothing to patch but the condition.
             await st.acquire_lease(await st.get_network_config(), vx_attrs(mac=MAC), None)

@@ -61,6 +61,9 @@ class Backend(ABC):
     async def add_peer(self, lease: Lease) -> None:
         await self.add_peers([lease])
 
+    def prefer_macs(self, mac4: str | None, mac6: str | None) -> None:  # noqa: B027
+        """MACs to use if the backend has to create its devices (only backends with a VTEP MAC care)."""
+
     @abstractmethod
     async def remove_peer(self, lease: Lease) -> None: ...
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from ipaddress import IPv4Address, IPv6Address
 
 from ..config import NetConfig
 from ..lease import Lease, LeaseAttrs, WatchUpdate
@@ -39,6 +40,16 @@ class Store(ABC):
     def watch_leases(self) -> AsyncIterator[WatchUpdate]:
         """A LeaseSnapshot first and after every re-list, then batches of LeaseEvents. Never ends by itself;
         survives compaction and lost connections (re-lists and sends a fresh snapshot)."""
+
+    async def public_ip_overrides(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+        """Addresses the store says this node must advertise, winning over --public-ip(v6) (kube: the
+        `<p>/node-public-ip(v6)` annotations). None: no override."""
+        return None, None
+
+    async def previous_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
+        """The VTEP MACs this node advertised last for `backend_type`, when the store keeps them (kube: our
+        own backend-data annotations), so a recreated device keeps the MAC peers know."""
+        return None, None
 
     @abstractmethod
     async def close(self) -> None: ...

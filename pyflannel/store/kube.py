@@ -10,11 +10,9 @@ strategic-merge patch on the `status` subresource (the only write the upstream R
 
 Every Node annotated `kube-subnet-manager: "true"` is a peer; a list+watch on Nodes turns into lease events.
 
-What the daemon must do beyond the Store interface (upstream does the same in its main.go and vxlan backend):
-- before choosing the external interface, call `node_public_ip_override()` and, when it returns an address,
-  use it as --public-ip / --public-ipv6 (the `<p>/node-public-ip` annotations win over the flags);
-- before `backend.prepare()`, call `stored_vtep_macs(net.backend.type)` and give the MACs to the vxlan backend
-  so that a restarted agent keeps its VTEP MAC (peers hold it in their neighbour and FDB entries).
+Two optional Store hooks carry what upstream's main.go and vxlan backend read from the Node:
+`public_ip_overrides()` (the `<p>/node-public-ip` annotations win over the flags) and
+`previous_vtep_macs()` (a restarted agent keeps its VTEP MAC, which peers hold in their neighbour/FDB entries).
 """
 
 from __future__ import annotations
@@ -391,7 +389,7 @@ class KubeStore(Store):
         self._net = net
         return net
 
-    async def node_public_ip_override(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+    async def public_ip_overrides(self) -> tuple[IPv4Address | None, IPv6Address | None]:
         """The `<p>/node-public-ip` and `<p>/node-public-ipv6` annotations of our Node, if set."""
         node = await self.get_node()
         a = (node.get("metadata") or {}).get("annotations") or {}
@@ -406,7 +404,7 @@ class KubeStore(Store):
             raise ConfigError(f"node {self.node_name}: bad {self.ann.prefix}node-public-ip annotation: {e}") from None
         return v4, v6
 
-    async def stored_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
+    async def previous_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
         """The VtepMACs in our own backend-data / backend-v6-data annotations, when they were written by the
         same backend type; a restarted vxlan backend reuses them so that peers' entries stay right."""
         node = await self.get_node()
