@@ -9,6 +9,7 @@ of every node, the Node annotations the agents wrote, and pings between pod name
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -139,6 +140,23 @@ def test_kube_mode_three_nodes(cluster: KubeCluster) -> None:
         assert netns.wait_for(peers_are(node, cidrs)), routes(node)
     assert netns.wait_for(lambda: has_peers(n4, {"10.244.1.0/24", "10.244.2.0/24"})), routes(n4)
     assert tb.wait_ping(pods["n1"].ns, pods["n2"].ip)
+
+
+def test_restart_after_reboot_keeps_the_annotated_vtep_mac(cluster: KubeCluster) -> None:
+    """A node whose vxlan device vanished (a reboot) comes back with the VtepMAC its Node annotation holds,
+    so the peers' neighbour and FDB entries for it stay right."""
+    tb, kube = cluster.tb, cluster.kube
+    node = cluster.add_node("n1", CIDRS["n1"])
+    cluster.start(node)
+    tb.wait_ready(node)
+    mac = json.loads(kube.node("n1")["metadata"]["annotations"][P + "backend-data"])["VtepMAC"]
+    assert tb.stop_agent(node) == 0
+    netns.run(["ip", "-n", node.ns, "link", "del", "flannel.1"])
+    node.subnet_file.unlink()  # so that readiness below is the restarted agent's
+    cluster.start(node)
+    tb.wait_ready(node)
+    assert f"link/ether {mac}" in netns.run(["ip", "-n", node.ns, "link", "show", "flannel.1"])
+    assert json.loads(kube.node("n1")["metadata"]["annotations"][P + "backend-data"])["VtepMAC"] == mac
 
 
 def test_pod_cidr_outside_network_is_a_clear_error(cluster: KubeCluster) -> None:
