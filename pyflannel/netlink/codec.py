@@ -33,7 +33,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
-    from .iface import LinkAddrs
+    from ..iface import LinkAddrs
 
 log = logging.getLogger(__name__)
 
@@ -1098,7 +1098,7 @@ class Netlink:
 
     async def links_with_addrs(self) -> list[LinkAddrs]:
         """links_with_addresses() in the shape pyflannel.iface selects from."""
-        from .iface import LinkAddrs
+        from ..iface import LinkAddrs
 
         return [
             LinkAddrs(name=ln.name, index=ln.index, mtu=ln.mtu, addrs=tuple(a.address for a in addrs))
