@@ -1,0 +1,314 @@
+"""Netlink: the async API over the package's sockets, and the one owner of its worker thread.
+
+Each public coroutine hands a plain blocking function (of raw.py or iproute.py) to Netlink._run, which runs it
+on the instance's single worker thread; the monitor's socket is opened there too and then read by the event
+loop (monitor.py). The package docstring explains why, and is the place to change that model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import iproute
+from .codec import (
+    AF_BRIDGE,
+    AF_INET,
+    AF_INET6,
+    RT_TABLE_MAIN,
+    RTM_GETNEIGH,
+    RTM_GETROUTE,
+    RTN_UNICAST,
+    Address,
+    DefaultRouteInfo,
+    DeviceState,
+    Fdb,
+    IPAddress,
+    IPInterface,
+    Link,
+    Neigh,
+    NetlinkError,
+    Op,
+    Route,
+    is_missing,
+)
+from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
+from .raw import RawRoute
+
+if TYPE_CHECKING:
+    from ..iface import LinkAddrs
+
+T = TypeVar("T")
+
+
+class Netlink:
+    """rtnetlink bound to the current network namespace, or to `netns` (an existing named namespace).
+
+    Every method is a coroutine that runs on the instance's single worker thread. Call close() when done.
+    """
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+        self._ipr: Any = None
+        self._raw: RawRoute | None = None
+        self._monitors: set[KernelMonitor] = set()
+
+    async def __aenter__(self) -> Netlink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """The one way onto the worker thread: every socket call of a request goes through here."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    # worker-thread helpers: the sockets are opened lazily, on the worker thread, by the first call needing them
+    def _ipr_w(self) -> Any:
+        if self._ipr is None:
+            self._ipr = iproute.open_iproute(self.netns)
+        return self._ipr
+
+    def _raw_w(self) -> RawRoute:
+        if self._raw is None:
+            try:
+                self._raw = RawRoute(self.netns)
+            except OSError as e:
+                raise NetlinkError(e.errno or errno.EIO, f"cannot open netlink in netns {self.netns}: {e}") from e
+        return self._raw
+
+    def _close_w(self) -> None:
+        if self._ipr is not None:
+            with contextlib.suppress(Exception):
+                self._ipr.close()
+            self._ipr = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    async def close(self) -> None:
+        for mon in list(self._monitors):
+            mon.close()
+        with contextlib.suppress(RuntimeError):
+            await self._run(self._close_w)
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------ kernel-change monitor
+
+    async def monitor(self, *, rcvbuf: int = MONITOR_RCVBUF) -> KernelMonitor:
+        """Subscribe to link, route (IPv4 and IPv6), neighbour and FDB changes in this instance's namespace.
+
+        Iterate the result for KernelEvents; our own writes are announced too. A "resync" event means
+        notifications were lost. The socket is open (subscribed) when this returns; close() or Netlink.close()
+        ends the iteration."""
+        sock = await self._run(open_monitor_socket, self.netns, rcvbuf)
+        mon = KernelMonitor(sock, asyncio.get_running_loop(), self._monitors.discard)
+        self._monitors.add(mon)
+        return mon
+
+    # ------------------------------------------------------------ links
+
+    def _links_w(self) -> list[Link]:
+        return iproute.links(self._ipr_w())
+
+    async def links(self) -> list[Link]:
+        return await self._run(self._links_w)
+
+    def _link_get_w(self, **kw: Any) -> Link | None:
+        return iproute.link_get(self._ipr_w(), **kw)
+
+    async def link_by_name(self, name: str) -> Link | None:
+        return await self._run(self._link_get_w, ifname=name)
+
+    async def link_by_index(self, index: int) -> Link | None:
+        return await self._run(self._link_get_w, index=index)
+
+    def _create_w(self, name: str, kind: str, mtu: int | None, mac: str | None, attrs: dict[str, Any]) -> Link:
+        iproute.create_link(self._ipr_w(), name, kind, mtu, mac, attrs)
+        link = self._link_get_w(ifname=name)
+        if link is None:
+            raise NetlinkError(errno.ENODEV, f"{kind} {name} vanished right after creation")
+        return link
+
+    async def create_vxlan(
+        self,
+        name: str,
+        *,
+        vni: int,
+        local: IPAddress | None,
+        dev_index: int | None,
+        port: int = 0,
+        learning: bool = False,
+        gbp: bool = False,
+        mtu: int | None = None,
+        mac: str | None = None,
+    ) -> Link:
+        """`ip link add NAME type vxlan id VNI local LOCAL dev DEV [dstport PORT] [no]learning [gbp]`.
+
+        port 0 leaves the destination port to the kernel (8472)."""
+        attrs = iproute.vxlan_attrs(vni, local, dev_index, port, learning, gbp)
+        return await self._run(self._create_w, name, "vxlan", mtu, mac, attrs)
+
+    async def delete_link(self, index: int) -> None:
+        await self._run(lambda: iproute.link_op(self._ipr_w(), "del", index=index))
+
+    async def set_up(self, index: int) -> None:
+        await self._run(lambda: iproute.link_op(self._ipr_w(), "set", index=index, state="up"))
+
+    async def set_mtu(self, index: int, mtu: int) -> None:
+        await self._run(lambda: iproute.link_op(self._ipr_w(), "set", index=index, mtu=mtu))
+
+    # ------------------------------------------------------------ addresses
+
+    def _addresses_w(self, index: int | None, family: int | None) -> list[Address]:
+        return iproute.addresses(self._ipr_w(), index, family)
+
+    async def addresses(self, index: int | None = None, family: int | None = None) -> list[Address]:
+        return await self._run(self._addresses_w, index, family)
+
+    async def add_address(self, index: int, iface: IPInterface) -> None:
+        await self._run(lambda: iproute.addr_op(self._ipr_w(), "add", index, iface))
+
+    async def replace_address(self, index: int, iface: IPInterface) -> None:
+        await self._run(lambda: iproute.addr_op(self._ipr_w(), "replace", index, iface))
+
+    async def delete_address(self, index: int, iface: IPInterface) -> None:
+        await self._run(lambda: iproute.addr_op(self._ipr_w(), "del", index, iface))
+
+    async def links_with_addresses(self) -> list[tuple[Link, list[Address]]]:
+        """Every link with its addresses, for choosing the external interface (--iface, --iface-regex)."""
+
+        def work() -> list[tuple[Link, list[Address]]]:
+            addrs = self._addresses_w(None, None)
+            return [(ln, [a for a in addrs if a.index == ln.index]) for ln in self._links_w()]
+
+        return await self._run(work)
+
+    # ------------------------------------------------------------ routes, neighbours, FDB
+
+    def _routes_w(self, family: int, table: int | None, oif: int | None) -> list[Route]:
+        out = []
+        for r in self._raw_w().dump(RTM_GETROUTE, family):
+            assert isinstance(r, Route)
+            if (table is None or r.table == table) and (oif is None or r.oif == oif):
+                out.append(r)
+        return out
+
+    async def routes(
+        self, family: int = AF_INET, *, table: int | None = RT_TABLE_MAIN, oif: int | None = None
+    ) -> list[Route]:
+        """Unicast and other routes of `family` (table None: every table), optionally only those leaving by `oif`."""
+        return await self._run(self._routes_w, family, table, oif)
+
+    def _neigh_w(self, ifindex: int | None, family: int) -> list[Neigh]:
+        return [
+            n
+            for n in self._raw_w().dump(RTM_GETNEIGH, family)
+            if isinstance(n, Neigh) and (ifindex is None or n.ifindex == ifindex)
+        ]
+
+    async def neighbours(self, ifindex: int | None = None, family: int = AF_INET) -> list[Neigh]:
+        return await self._run(self._neigh_w, ifindex, family)
+
+    def _fdb_w(self, ifindex: int | None) -> list[Fdb]:
+        return [
+            f
+            for f in self._raw_w().dump(RTM_GETNEIGH, AF_BRIDGE)
+            if isinstance(f, Fdb) and (ifindex is None or f.ifindex == ifindex)
+        ]
+
+    async def fdb(self, ifindex: int | None = None) -> list[Fdb]:
+        return await self._run(self._fdb_w, ifindex)
+
+    def _snapshot_w(self, family: int, neigh_ifindex: int | None, fdb_ifindex: int | None) -> DeviceState:
+        routes = self._routes_w(family, RT_TABLE_MAIN, None)
+        neigh = self._neigh_w(neigh_ifindex, family) if neigh_ifindex is not None else []
+        fdb = self._fdb_w(fdb_ifindex) if fdb_ifindex is not None else []
+        return DeviceState(routes=routes, neighbours=neigh, fdb=fdb)
+
+    async def snapshot(
+        self, family: int = AF_INET, *, neigh_ifindex: int | None = None, fdb_ifindex: int | None = None
+    ) -> DeviceState:
+        """The main routing table of `family`, plus the neighbours/FDB of the given devices, in one hop."""
+        return await self._run(self._snapshot_w, family, neigh_ifindex, fdb_ifindex)
+
+    async def apply(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
+        """Send many route/neighbour/FDB requests in a few batched writes; one result per op (None = done).
+
+        Requests are processed in order, so a delete followed by a replace of the same key is well defined."""
+        if not ops:
+            return []
+        return await self._run(lambda: self._raw_w().apply(ops))
+
+    async def _one(self, op: Op, missing_ok: bool = False) -> None:
+        (err,) = await self.apply([op])
+        if err is not None and not (missing_ok and is_missing(err)):
+            raise err
+
+    async def replace_route(self, route: Route) -> None:
+        await self._one(Op.replace(route))
+
+    async def delete_route(self, route: Route, *, missing_ok: bool = True) -> None:
+        await self._one(Op.delete(route), missing_ok)
+
+    async def replace_neigh(self, neigh: Neigh) -> None:
+        await self._one(Op.replace(neigh))
+
+    async def delete_neigh(self, neigh: Neigh, *, missing_ok: bool = True) -> None:
+        await self._one(Op.delete(neigh), missing_ok)
+
+    async def replace_fdb(self, entry: Fdb) -> None:
+        await self._one(Op.replace(entry))
+
+    async def append_fdb(self, entry: Fdb) -> None:
+        await self._one(Op("append", entry))
+
+    async def delete_fdb(self, entry: Fdb, *, missing_ok: bool = True) -> None:
+        await self._one(Op.delete(entry), missing_ok)
+
+    # ------------------------------------------------------------ interface selection
+
+    async def links_with_addrs(self) -> list[LinkAddrs]:
+        """links_with_addresses() in the shape pyflannel.iface selects from."""
+        from ..iface import LinkAddrs
+
+        return [
+            LinkAddrs(name=ln.name, index=ln.index, mtu=ln.mtu, addrs=tuple(a.address for a in addrs))
+            for ln, addrs in await self.links_with_addresses()
+        ]
+
+    async def default_route_index(self, version: int = 4) -> int | None:
+        """The ifindex holding the IPv`version` default route, or None."""
+        info = await self.default_route(AF_INET if version == 4 else AF_INET6)
+        return info.link.index if info is not None else None
+
+    async def route_get_index(self, target: IPAddress) -> int | None:
+        """`ip route get TARGET`: the ifindex the kernel would send to `target` by (for --iface-can-reach)."""
+        return await self._run(lambda: iproute.route_get_index(self._ipr_w(), target))
+
+    async def default_route(self, family: int = AF_INET) -> DefaultRouteInfo | None:
+        """The interface holding the default route of `family` (lowest metric), with its addresses and MTU."""
+
+        def work() -> DefaultRouteInfo | None:
+            defaults = [
+                r
+                for r in self._routes_w(family, RT_TABLE_MAIN, None)
+                if r.dst.prefixlen == 0 and r.oif is not None and r.type == RTN_UNICAST
+            ]
+            if not defaults:
+                return None
+            best = min(defaults, key=lambda r: r.priority)
+            assert best.oif is not None
+            link = self._link_get_w(index=best.oif)
+            if link is None:
+                return None
+            return DefaultRouteInfo(link=link, gateway=best.gateway, addresses=self._addresses_w(best.oif, None))
+
+        return await self._run(work)

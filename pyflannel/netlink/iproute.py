@@ -1,0 +1,157 @@
+"""The calls that go through pyroute2's IPRoute: link create/set/delete, addresses, `ip route get`.
+
+Worker thread only (see the package docstring): pyroute2's sync IPRoute runs an event loop of its own, so it
+cannot be used on the daemon's loop thread. Every function takes the IPRoute handle that Netlink owns and
+turns pyroute2's exceptions into NetlinkError. pyroute2 is imported only when a handle is opened: importing it
+costs about 130 ms.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from typing import Any
+
+from .codec import IFF_UP, Address, IPAddress, IPInterface, Link, NetlinkError, VxlanInfo
+
+
+def open_iproute(netns: str | None) -> Any:
+    from pyroute2 import IPRoute
+
+    try:
+        # groups=0: no multicast subscriptions, whose unread notifications would pile up in the socket.
+        return IPRoute(netns=netns, flags=0, groups=0) if netns else IPRoute(groups=0)
+    except OSError as e:
+        raise NetlinkError(e.errno or errno.EIO, f"cannot open netlink in netns {netns}: {e}") from e
+
+
+def as_netlink_error(e: Exception, what: str) -> NetlinkError:
+    code = getattr(e, "code", None) or getattr(e, "errno", None) or errno.EIO
+    return NetlinkError(code, f"{what}: {e}")
+
+
+def link_from_msg(m: Any) -> Link:
+    kind = m.get(("linkinfo", "kind"))
+    vx: VxlanInfo | None = None
+    if kind == "vxlan":
+        d = m.get(("linkinfo", "data"))
+        if d is not None:
+            local = d.get("vxlan_local") or d.get("vxlan_local6")
+            vx = VxlanInfo(
+                vni=int(d.get("vxlan_id") or 0),
+                local=ipaddress.ip_address(local) if local else None,
+                port=int(d.get("vxlan_port") or 0),
+                learning=bool(d.get("vxlan_learning")),
+                gbp=bool(d.get("vxlan_gbp")),
+                link=d.get("vxlan_link") or None,
+            )
+    return Link(
+        index=int(m["index"]),
+        name=str(m.get("ifname")),
+        kind=kind,
+        mtu=int(m.get("mtu") or 0),
+        mac=m.get("address"),
+        up=bool(m["flags"] & IFF_UP),
+        vxlan=vx,
+    )
+
+
+def addr_from_msg(m: Any) -> Address | None:
+    a = m.get("address")
+    if a is None:
+        return None
+    # IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS is the peer there.
+    local = m.get("local") or a
+    return Address(index=int(m["index"]), address=ipaddress.ip_interface(f"{local}/{m['prefixlen']}"), scope=m["scope"])
+
+
+# ---------------------------------------------------------------- links
+
+
+def links(ipr: Any) -> list[Link]:
+    return [link_from_msg(m) for m in ipr.link("dump")]
+
+
+def link_get(ipr: Any, **kw: Any) -> Link | None:
+    try:
+        msgs = ipr.link("get", **kw)
+    except Exception as e:
+        if getattr(e, "code", None) in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise as_netlink_error(e, f"link get {kw}") from e
+    return link_from_msg(msgs[0]) if msgs else None
+
+
+def vxlan_attrs(
+    vni: int, local: IPAddress | None, dev_index: int | None, port: int, learning: bool, gbp: bool
+) -> dict[str, Any]:
+    """pyroute2's keywords for `type vxlan id VNI local LOCAL dev DEV [dstport PORT] [no]learning [gbp]`."""
+    kw: dict[str, Any] = {"vxlan_id": vni, "vxlan_learning": int(learning)}
+    if local is not None:
+        kw["vxlan_local" if local.version == 4 else "vxlan_local6"] = str(local)
+    if dev_index:
+        kw["vxlan_link"] = dev_index
+    if port:
+        kw["vxlan_port"] = port
+    if gbp:
+        kw["vxlan_gbp"] = True
+    return kw
+
+
+def create_link(ipr: Any, name: str, kind: str, mtu: int | None, mac: str | None, attrs: dict[str, Any]) -> None:
+    """`ip link add NAME [mtu MTU] [address MAC] type KIND ...` (attrs: pyroute2's keywords of that kind)."""
+    kw: dict[str, Any] = {"ifname": name, "kind": kind, **attrs}
+    if mtu:
+        kw["mtu"] = mtu
+    if mac:
+        kw["address"] = mac
+    try:
+        ipr.link("add", **kw)
+    except Exception as e:
+        raise as_netlink_error(e, f"create {kind} {name}") from e
+
+
+def link_op(ipr: Any, what: str, **kw: Any) -> None:
+    try:
+        ipr.link(what, **kw)
+    except Exception as e:
+        raise as_netlink_error(e, f"link {what} {kw}") from e
+
+
+# ---------------------------------------------------------------- addresses, route get
+
+
+def addresses(ipr: Any, index: int | None, family: int | None) -> list[Address]:
+    kw: dict[str, Any] = {}
+    if family is not None:
+        kw["family"] = family
+    out = []
+    for m in ipr.addr("dump", **kw):
+        if index is not None and m["index"] != index:
+            continue
+        a = addr_from_msg(m)
+        if a is not None:
+            out.append(a)
+    return out
+
+
+def addr_op(ipr: Any, what: str, index: int, iface: IPInterface) -> None:
+    try:
+        ipr.addr(what, index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+    except Exception as e:
+        raise as_netlink_error(e, f"addr {what} {iface} dev {index}") from e
+
+
+def route_get_index(ipr: Any, target: IPAddress) -> int | None:
+    """`ip route get TARGET`: the ifindex the kernel would send to `target` by; None when unreachable."""
+    try:
+        msgs = ipr.route("get", dst=str(target))
+    except Exception as e:
+        if getattr(e, "code", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH):
+            return None
+        raise as_netlink_error(e, f"route get {target}") from e
+    for m in msgs:
+        oif = m.get("oif")
+        if oif:
+            return int(oif)
+    return None

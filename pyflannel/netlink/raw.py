@@ -1,0 +1,188 @@
+"""The raw NETLINK_ROUTE socket: batched route/neighbour/FDB requests and hand-decoded dumps.
+
+Worker thread only (see the package docstring): RawRoute is not thread safe and blocks in send/recv.
+
+Requests are packed by codec.encode_op; many of them go out in one send() without per-request acks (the
+kernel processes a multi-message buffer in order and replies only on error; the last request of a chunk asks
+for an ack, so we know the chunk is done), and dumps are decoded by the codec. pyroute2 spends ~0.3 ms per
+request in Python, which is 5 s for 5000 peers; this path does the same in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections.abc import Callable, Sequence
+
+from .codec import (
+    HDR,
+    NDMSG,
+    NETLINK_CAP_ACK,
+    NETLINK_EXT_ACK,
+    NETLINK_ROUTE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    RTM_GETROUTE,
+    RTMSG,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOL_NETLINK,
+    Fdb,
+    Neigh,
+    NetlinkError,
+    Op,
+    Route,
+    decode_error,
+    decode_neigh,
+    decode_route,
+    encode_op,
+    pack_msg,
+)
+
+# A send() may carry at most about sk_sndbuf bytes; stay well below the default.
+_CHUNK_BYTES = 64 * 1024
+_SOCK_BUF = 8 * 1024 * 1024
+_TIMEOUT = 30.0
+
+
+def route_socket(netns: str | None) -> socket.socket:
+    if netns is None:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    from pyroute2 import netns as pr_netns
+
+    # flags=0: fail on a missing namespace instead of silently creating an empty one.
+    sock: socket.socket = pr_netns.create_socket(
+        netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE, flags=0
+    )
+    return sock
+
+
+def set_buf(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+class RawRoute:
+    """A NETLINK_ROUTE socket with batched requests and hand-decoded dumps. Not thread safe."""
+
+    def __init__(self, netns: str | None) -> None:
+        sock = route_socket(netns)
+        self.sock = sock
+        for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            set_buf(sock, force, plain, _SOCK_BUF)
+        # Error replies without an echo of the request keep the receive queue small; ext-ack gives the
+        # kernel's reason text.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        sock.bind((0, 0))
+        sock.settimeout(_TIMEOUT)
+        self.seq = 1
+        self.max_chunk = _CHUNK_BYTES
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
+        return self.seq
+
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(1 << 20)
+        except TimeoutError:
+            raise NetlinkError(errno.ETIMEDOUT, "netlink: no reply from the kernel") from None
+        except OSError as e:
+            # ENOBUFS: replies were dropped, so which requests succeeded is unknown; the caller must re-read.
+            raise NetlinkError(e.errno or errno.EIO, f"netlink receive: {e}") from e
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data)
+        except OSError as e:
+            raise NetlinkError(e.errno or errno.EIO, f"netlink send: {e}") from e
+
+    def apply(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
+        results: list[NetlinkError | None] = [None] * len(ops)
+        i = 0
+        while i < len(ops):
+            # One chunk: requests without acks, the last one with an ack that marks the chunk's end.
+            seq0 = self.seq + 1
+            parts: list[bytes] = []
+            size = 0
+            j = i
+            while j < len(ops) and size < self.max_chunk:
+                last = j + 1 == len(ops) or size >= self.max_chunk - 512
+                m = encode_op(ops[j], self._next_seq(), ack=last)
+                parts.append(m)
+                size += len(m)
+                j += 1
+                if last:
+                    break
+            last_seq = self.seq
+            self._send(b"".join(parts))
+            done = False
+            while not done:
+                buf = self._recv()
+                off = 0
+                while off + 16 <= len(buf):
+                    n, kind, flags, seq, _pid = HDR.unpack_from(buf, off)
+                    if n < 16:
+                        break
+                    if kind == NLMSG_ERROR and seq0 <= seq <= last_seq:
+                        code, text = decode_error(buf, off + 16, off + n, flags)
+                        k = i + (seq - seq0)
+                        if code:
+                            results[k] = NetlinkError(
+                                code, f"{ops[k].action} {ops[k].obj}: {text or errno.errorcode.get(code, code)}"
+                            )
+                        if seq == last_seq:
+                            done = True
+                    off += (n + 3) & ~3
+            i = j
+        return results
+
+    def dump(self, kind: int, family: int) -> list[Route | Neigh | Fdb]:
+        for _attempt in range(5):
+            out, interrupted = self._dump_once(kind, family)
+            if not interrupted:
+                return out
+        raise NetlinkError(errno.EINTR, "netlink dump kept being interrupted by concurrent changes")
+
+    def _dump_once(self, kind: int, family: int) -> tuple[list[Route | Neigh | Fdb], bool]:
+        seq = self._next_seq()
+        body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) if kind == RTM_GETROUTE else NDMSG.pack(family, 0, 0, 0, 0)
+        self._send(pack_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
+        decode: Callable[[bytes, int, int], Route | Neigh | Fdb | None] = (
+            decode_route if kind == RTM_GETROUTE else decode_neigh
+        )
+        out: list[Route | Neigh | Fdb] = []
+        interrupted = False
+        while True:
+            buf = self._recv()
+            off = 0
+            while off + 16 <= len(buf):
+                n, mtype, flags, mseq, _pid = HDR.unpack_from(buf, off)
+                if n < 16:
+                    break
+                if mseq == seq:
+                    if flags & NLM_F_DUMP_INTR:
+                        interrupted = True
+                    if mtype == NLMSG_DONE:
+                        return out, interrupted
+                    if mtype == NLMSG_ERROR:
+                        code, text = decode_error(buf, off + 16, off + n, flags)
+                        if code:
+                            raise NetlinkError(code, f"dump {kind}: {text or errno.errorcode.get(code, code)}")
+                        return out, interrupted
+                    obj = decode(buf, off + 16, off + n)
+                    if obj is not None:
+                        out.append(obj)
+                off += (n + 3) & ~3
