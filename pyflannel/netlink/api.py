@@ -13,7 +13,7 @@ import errno
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from . import iproute
 from .codec import (
@@ -39,9 +39,6 @@ from .codec import (
 )
 from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
 from .raw import RawRoute
-
-if TYPE_CHECKING:
-    from ..iface import LinkAddrs
 
 T = TypeVar("T")
 
@@ -274,15 +271,6 @@ class Netlink:
         await self._one(Op.delete(entry), missing_ok)
 
     # ------------------------------------------------------------ interface selection
-
-    async def links_with_addrs(self) -> list[LinkAddrs]:
-        """links_with_addresses() in the shape pyflannel.iface selects from."""
-        from ..iface import LinkAddrs
-
-        return [
-            LinkAddrs(name=ln.name, index=ln.index, mtu=ln.mtu, addrs=tuple(a.address for a in addrs))
-            for ln, addrs in await self.links_with_addresses()
-        ]
 
     async def default_route_index(self, version: int = 4) -> int | None:
         """The ifindex holding the IPv`version` default route, or None."""
