@@ -1,161 +1,13 @@
-"""flanneld's command line: upstream's flags, their FLANNELD_* environment forms, Go flag syntax.
-
-Go's flag package accepts `-flag`, `--flag`, `-flag=value` and `-flag value`; booleans take a value only
-with `=` (`--ip-masq=false`). Every flag can also come from `FLANNELD_<NAME_WITH_UNDERSCORES>`; the flag wins.
-"""
+"""flanneld's entry point: parse the flags, then run the agent (see pyflannel.flags and pyflannel.daemon)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
-
-DEFAULT_ETCD_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
-
-
-class UsageError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Flag:
-    name: str
-    kind: type  # str, int, bool, or list (repeatable string)
-    default: Any
-    help: str
-
-
-FLAGS: tuple[Flag, ...] = (
-    Flag("etcd-endpoints", str, DEFAULT_ETCD_ENDPOINTS, "a comma-delimited list of etcd endpoints"),
-    Flag("etcd-prefix", str, "/coreos.com/network", "etcd prefix"),
-    Flag("etcd-keyfile", str, "", "SSL key file used to secure etcd communication"),
-    Flag("etcd-certfile", str, "", "SSL certification file used to secure etcd communication"),
-    Flag("etcd-cafile", str, "", "SSL Certificate Authority file used to secure etcd communication"),
-    Flag("etcd-username", str, "", "username for BasicAuth to etcd"),
-    Flag("etcd-password", str, "", "password for BasicAuth to etcd"),
-    Flag("iface", list, [], "interface to use (IP or name) for inter-host communication; may be repeated"),
-    Flag("iface-regex", list, [], "regex expression to match the first interface to use; may be repeated"),
-    Flag("iface-can-reach", str, "", "detect the interface to use by the route to this IP"),
-    Flag("subnet-file", str, "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) are written"),
-    Flag("public-ip", str, "", "IP accessible by other nodes for inter-host communication"),
-    Flag("public-ipv6", str, "", "IPv6 accessible by other nodes for inter-host communication"),
-    Flag("subnet-lease-renew-margin", int, 60, "subnet lease renewal margin, in minutes (1..1439)"),
-    Flag("ip-masq", bool, False, "setup IP masquerade rule for traffic destined outside of overlay network"),
-    Flag("ip-masq-fully-random-disable", bool, False, "disable --random-fully on the MASQUERADE rules"),
-    Flag("kube-subnet-mgr", bool, False, "contact the Kubernetes API for subnet assignment instead of etcd"),
-    Flag("kube-api-url", str, "", "Kubernetes API server URL; only with --kube-subnet-mgr out of cluster"),
-    Flag("kubeconfig-file", str, "", "kubeconfig file location; only with --kube-subnet-mgr"),
-    Flag("kube-annotation-prefix", str, "flannel.alpha.coreos.com", "Kubernetes annotation prefix"),
-    Flag("version", bool, False, "print version and exit"),
-    Flag("healthz-ip", str, "0.0.0.0", "the IP address for the healthz server to listen on"),
-    Flag("healthz-port", int, 0, "the port for the healthz server to listen on (0 to disable)"),
-    Flag("iptables-resync", int, 5, "resync period for iptables rules, in seconds"),
-    Flag("iptables-forward-rules", bool, True, "add default accept rules to the FORWARD chain"),
-    Flag("ip-blackhole-route", bool, False, "add a blackhole route for this node's subnet"),
-    Flag("net-config-path", str, "/etc/kube-flannel/net-conf.json", "path to the network configuration file"),
-    Flag("set-node-network-unavailable", bool, True, "set the NetworkUnavailable node condition to False"),
-    Flag("v", int, 0, "log level verbosity"),
-    # Not upstream: how often backends re-check their kernel entries (upstream never does).
-    Flag(
-        "reconcile-interval",
-        int,
-        30,
-        "seconds between full checks that the kernel holds every peer's entries "
-        "(a backstop: kernel change notifications trigger a repair at once)",
-    ),
-)
-_BY_NAME = {f.name: f for f in FLAGS}
-
-
-@dataclass
-class Options:
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.values[name]
-
-
-def _convert(flag: Flag, raw: str, source: str) -> Any:
-    if flag.kind is bool:
-        low = raw.strip().lower()
-        if low in ("1", "t", "true"):
-            return True
-        if low in ("0", "f", "false"):
-            return False
-        raise UsageError(f"invalid boolean value {raw!r} for {source}")
-    if flag.kind is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise UsageError(f"invalid integer value {raw!r} for {source}") from None
-    return raw
-
-
-def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
-    values: dict[str, Any] = {f.name: (list(f.default) if f.kind is list else f.default) for f in FLAGS}
-    from_flags: set[str] = set()
-    i = 0
-    args = list(argv)
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            break
-        if not arg.startswith("-") or arg == "-":
-            raise UsageError(f"unexpected argument {arg!r}")
-        name, eq, val = arg.lstrip("-").partition("=")
-        if name in ("h", "help"):
-            raise UsageError("")
-        flag = _BY_NAME.get(name)
-        if flag is None:
-            raise UsageError(f"flag provided but not defined: -{name}")
-        if not eq:
-            if flag.kind is bool:
-                val = "true"
-            else:
-                if i >= len(args):
-                    raise UsageError(f"flag needs an argument: -{name}")
-                val = args[i]
-                i += 1
-        v = _convert(flag, val, f"-{name}")
-        if flag.kind is list:
-            if name not in from_flags:
-                values[name] = []
-            values[name].append(v)
-        else:
-            values[name] = v
-        from_flags.add(name)
-    for flag in FLAGS:
-        if flag.name in from_flags:
-            continue
-        env = "FLANNELD_" + flag.name.upper().replace("-", "_")
-        if env in environ:
-            raw = environ[env]
-            if flag.kind is list:
-                values[flag.name] = [p.strip() for p in raw.split(",") if p.strip()]
-            else:
-                values[flag.name] = _convert(flag, raw, env)
-    margin = values["subnet-lease-renew-margin"]
-    if not 1 <= margin <= 1439:
-        raise UsageError("--subnet-lease-renew-margin must be between 1 and 1439 minutes")
-    if values["iptables-resync"] < 1:
-        raise UsageError("--iptables-resync must be at least 1 second")
-    if values["reconcile-interval"] < 1:
-        raise UsageError("--reconcile-interval must be at least 1 second")
-    return Options(values)
-
-
-def usage() -> str:
-    lines = ["Usage: flanneld [OPTION]...", ""]
-    for f in FLAGS:
-        kind = {str: " string", int: " int", bool: "", list: " value"}[f.kind]
-        default = f" (default {f.default!r})" if f.default not in ("", [], False, 0) else ""
-        lines.append(f"  -{f.name}{kind}\n    \t{f.help}{default}")
-    return "\n".join(lines)
+from .flags import DEFAULT_ETCD_ENDPOINTS, FLAGS, Options, UsageError, parse_args, usage
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(opts["v"])
     return run_daemon(opts)
 
+
+__all__ = ["DEFAULT_ETCD_ENDPOINTS", "FLAGS", "Options", "UsageError", "main", "parse_args", "usage"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,23 +19,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, NoReturn
 
 from .backend.base import Backend, BackendError, ExternalInterface
+from .backend.entries import OwnedEntries
 from .backend.registry import create_backend
-from .cli import Options
 from .config import ConfigError, NetConfig
+from .flags import Options
 from .health import HealthServer
-from .iface import IfaceError, IfaceRequest, external_interface
+from .iface import IfaceError, IfaceRequest, external_interface, link_addrs
 from .lease import EventType, Lease, LeaseAttrs, LeaseSnapshot, WatchUpdate
 from .netlink import (
-    RT_TABLE_MAIN,
     RTN_BLACKHOLE,
-    RTPROT_KERNEL,
-    KernelEvent,
     KernelMonitor,
     Netlink,
     NetlinkError,
@@ -44,7 +42,7 @@ from .netlink import (
 )
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
 from .store.etcd import EtcdOptions, EtcdStore
-from .store.kube import KubeStore, kube_options_from_cli
+from .store.kube import KubeOptions, KubeStore
 from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
 from .traffic import TrafficManager, create_traffic_manager
 
@@ -108,6 +106,22 @@ def agent_config_from_options(opts: Options) -> AgentConfig:
     )
 
 
+def kube_options_from_cli(opts: Options, environ: Mapping[str, str]) -> KubeOptions:
+    """The flags and environment upstream's kube subnet manager reads."""
+    return KubeOptions(
+        api_url=str(opts["kube-api-url"]),
+        kubeconfig_file=str(opts["kubeconfig-file"]),
+        annotation_prefix=str(opts["kube-annotation-prefix"]),
+        node_name=environ.get("NODE_NAME", ""),
+        pod_name=environ.get("POD_NAME", ""),
+        pod_namespace=environ.get("POD_NAMESPACE", ""),
+        net_config_path=str(opts["net-config-path"]),
+        set_node_network_unavailable=bool(opts["set-node-network-unavailable"]),
+        service_host=environ.get("KUBERNETES_SERVICE_HOST", ""),
+        service_port=environ.get("KUBERNETES_SERVICE_PORT", ""),
+    )
+
+
 @dataclass
 class Agent:
     cfg: AgentConfig
@@ -122,6 +136,8 @@ class Agent:
     # Set when applying a lease event failed or the kernel lost one of our entries: the reconcile loop runs at
     # once instead of at its next tick.
     repair: asyncio.Event = field(default_factory=asyncio.Event)
+    # The --ip-blackhole-route routes, which kernel events are matched against like a backend's entries.
+    blackholes: OwnedEntries[str] = field(default_factory=OwnedEntries)
 
     def readiness(self) -> tuple[bool, str]:
         if self.ready_reason:
@@ -218,7 +234,7 @@ class Agent:
         )  # fmt: skip
         backend = create_backend(net, ext, self.netlink)
         self.backend = backend
-        backend.prefer_macs(*await self.store.previous_vtep_macs(net.backend.type))
+        backend.restore_backend_data(*await self.store.previous_backend_data(net.backend.type))
         battrs = await backend.prepare()
         attrs = LeaseAttrs(
             public_ip=ext.public_ip,
@@ -255,12 +271,13 @@ class Agent:
             tg.create_task(self._watch_loop(), name="watch")
             tg.create_task(self._renew_loop(), name="renew")
             tg.create_task(self._reconcile_loop(), name="reconcile")
+            tg.create_task(backend.run(), name="backend")
             if self.traffic is not None:
                 tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
 
     async def _external_interface(self, net: NetConfig) -> ExternalInterface:
         req = dataclasses.replace(self.cfg.iface, need_ipv4=net.enable_ipv4, need_ipv6=net.enable_ipv6)
-        links = await self.netlink.links_with_addrs()
+        links = link_addrs(await self.netlink.links_with_addresses())
         default_index = await self.netlink.default_route_index(6 if not net.enable_ipv4 else 4)
         reach_index = None
         if req.can_reach:
@@ -317,6 +334,7 @@ class Agent:
         """Replace is idempotent and one request per family, so every pass just re-applies it. A failure is
         logged and retried by the reconcile loop; it never stops the agent."""
         routes = self._blackholes()
+        self.blackholes.reset({"blackhole": routes})
         if not routes:
             return
         try:
@@ -327,18 +345,6 @@ class Agent:
         if failed:
             log.warning("cannot program the blackhole route, will retry: %s", "; ".join(failed))
             self.repair.set()
-
-    def _blackhole_event_needs_repair(self, ev: KernelEvent) -> bool:
-        """Our blackhole was deleted, or replaced by another route with its key (the kernel then announces only
-        the new route). The connected route of an address in our subnet (cni0's) is not a replacement."""
-        r = ev.obj
-        if not isinstance(r, Route) or r.table != RT_TABLE_MAIN or r.priority != BLACKHOLE_METRIC:
-            return False
-        if not any(r.dst == b.dst for b in self._blackholes()):
-            return False
-        if r.type == RTN_BLACKHOLE:
-            return ev.action == "del"
-        return ev.action == "new" and r.protocol != RTPROT_KERNEL
 
     async def _watch_loop(self) -> None:
         assert self.backend is not None and self.own is not None
@@ -440,11 +446,7 @@ class Agent:
             async for ev in monitor:
                 if self.repair.is_set():
                     continue  # a pass is already due; it reads the whole state anyway
-                if (
-                    ev.kind == "resync"
-                    or backend.kernel_event_needs_repair(ev)
-                    or self._blackhole_event_needs_repair(ev)
-                ):
+                if ev.kind == "resync" or backend.kernel_event_needs_repair(ev) or self.blackholes.verdict(ev) is True:
                     log.info("kernel change needs a repair: %s %s %s", ev.action, ev.kind, ev.obj or "(events lost)")
                     self.repair.set()
         finally:

@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from typing import TYPE_CHECKING
 
-from .backend.base import ExternalInterface
+if TYPE_CHECKING:
+    from .netlink import Address, Link
 
 
 class IfaceError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The underlay interface packets leave by, and the addresses peers reach us on."""
+
+    name: str
+    index: int
+    mtu: int
+    iface_addr: IPv4Address | None  # the interface's own IPv4 address (tunnel `local`, unless public_ip differs)
+    iface_addr6: IPv6Address | None
+    public_ip: IPv4Address | None  # what we advertise in the lease (--public-ip, else iface_addr)
+    public_ipv6: IPv6Address | None
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,14 @@ class LinkAddrs:
     def v6(self) -> list[IPv6Interface]:
         # Link-local addresses cannot carry tunnel traffic between nodes.
         return [a for a in self.addrs if isinstance(a, IPv6Interface) and not a.ip.is_link_local]
+
+
+def link_addrs(pairs: Iterable[tuple[Link, Sequence[Address]]]) -> list[LinkAddrs]:
+    """Netlink's (link, addresses) pairs in the shape the selection works on."""
+    return [
+        LinkAddrs(name=ln.name, index=ln.index, mtu=ln.mtu, addrs=tuple(a.address for a in addrs))
+        for ln, addrs in pairs
+    ]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from fakekube import FakeKube, KubeAdmin
 
 from pyflannel.cli import parse_args
 from pyflannel.config import ConfigError, parse_net_config
+from pyflannel.daemon import kube_options_from_cli
 from pyflannel.lab import netns
 from pyflannel.lease import EventType, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from pyflannel.store.base import StoreError
@@ -30,7 +31,6 @@ from pyflannel.store.kube import (
     KubeNodeError,
     KubeOptions,
     KubeStore,
-    kube_options_from_cli,
     node_to_lease,
 )
 
@@ -339,13 +339,12 @@ def test_node_name_from_pod_and_public_ip_annotations(run: Any) -> None:
     run(body)
 
 
-def test_vtep_mac_of_a_previous_run_is_offered_for_the_same_backend(run: Any) -> None:
+def test_backend_data_of_a_previous_run_is_offered_for_the_same_backend(run: Any) -> None:
     async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:
         kube.create_node("n1", ["10.244.1.0/24"], annotations=peer_annotations("192.168.77.11", MAC))
         st = store_for(fk, tmp)
         try:
-            assert await st.previous_vtep_macs("vxlan") == (MAC, None)
-            assert await st.previous_vtep_macs("host-gw") == (None, None)
+            assert await st.previous_backend_data("host-gw") == (None, None)
             assert await st.previous_backend_data("vxlan") == ({"VNI": 1, "VtepMAC": MAC}, None)
             # Same attributes as written before: nothing to patch but the condition.
             await st.acquire_lease(await st.get_network_config(), vx_attrs(mac=MAC), None)

@@ -1,34 +1,26 @@
-"""The backend interface. A backend owns the kernel objects that carry pod traffic between nodes."""
+"""The backend interface. A backend owns the kernel objects that carry pod traffic between nodes.
+
+A backend is one module of this package exposing `BACKEND`, a callable `(NetConfig, ExternalInterface,
+Netlink) -> Backend`, and one line in `registry.BACKENDS`. The daemon knows nothing else about it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from ..iface import ExternalInterface
 from ..lease import Lease
 
 if TYPE_CHECKING:
-    from ..netlink import KernelEvent
+    from ..config import NetConfig
+    from ..netlink import KernelEvent, Netlink
 
 
 class BackendError(RuntimeError):
     """The backend could not program the kernel; the message says what and why."""
-
-
-@dataclass(frozen=True)
-class ExternalInterface:
-    """The underlay interface packets leave by, and the addresses peers reach us on."""
-
-    name: str
-    index: int
-    mtu: int
-    iface_addr: IPv4Address | None  # the interface's own IPv4 address (vxlan `local`, unless public_ip differs)
-    iface_addr6: IPv6Address | None
-    public_ip: IPv4Address | None  # what we advertise in the lease (--public-ip, else iface_addr)
-    public_ipv6: IPv6Address | None
 
 
 @dataclass(frozen=True)
@@ -42,16 +34,27 @@ class BackendAttrs:
 
 
 class Backend(ABC):
-    """Lifecycle: prepare() before the lease (its attrs go into the lease), start(own lease), then peer
-    updates. reconcile() is the bulk path and the periodic repair: it makes the kernel hold exactly the
-    entries for `peers` on the backend's own devices, adding what is missing and sweeping what matches no
-    lease. close() releases resources but leaves the data plane in place so pods keep talking."""
+    """Lifecycle: restore_backend_data() with what the store kept of our last lease, prepare() before the lease
+    (its attrs go into the lease), start(own lease), then run() beside peer updates. reconcile() is the bulk path
+    and the periodic repair: it makes the kernel hold exactly the entries for `peers` on the backend's own
+    devices, adding what is missing and sweeping what matches no lease. close() releases resources but leaves the
+    data plane in place so pods keep talking."""
+
+    def restore_backend_data(self, data: Any, v6_data: Any) -> None:  # noqa: B027
+        """The BackendData / BackendV6Data this node advertised last with this backend type, when the store kept
+        them (None otherwise). State that peers hold about us (a VTEP MAC, a public key) is taken from here when
+        the backend has to recreate it, so a restart does not make every peer reprogram us. Untrusted input: a
+        backend validates it and ignores what it cannot use."""
 
     @abstractmethod
     async def prepare(self) -> BackendAttrs: ...
 
     @abstractmethod
     async def start(self, own: Lease) -> None: ...
+
+    async def run(self) -> None:  # noqa: B027
+        """A long-running task for a userspace data path, run beside the watch and reconcile loops until the
+        agent stops (cancelled then). An exception ends the agent. Kernel-only backends have none."""
 
     @abstractmethod
     async def add_peers(self, leases: Sequence[Lease]) -> None:
@@ -60,9 +63,6 @@ class Backend(ABC):
 
     async def add_peer(self, lease: Lease) -> None:
         await self.add_peers([lease])
-
-    def prefer_macs(self, mac4: str | None, mac6: str | None) -> None:  # noqa: B027
-        """MACs to use if the backend has to create its devices (only backends with a VTEP MAC care)."""
 
     @abstractmethod
     async def remove_peer(self, lease: Lease) -> None: ...
@@ -79,3 +79,8 @@ class Backend(ABC):
         give False, or every write would trigger a pass. Called for every event (15000 while 5000 peers are
         programmed), so it must be cheap and must not await. The default relies on the periodic pass alone."""
         return False
+
+
+BackendFactory = Callable[["NetConfig", ExternalInterface, "Netlink"], Backend]
+
+__all__ = ["Backend", "BackendAttrs", "BackendError", "BackendFactory", "ExternalInterface"]

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
+from typing import Any
 
 from ..config import NetConfig, ci_get
 from ..lease import Lease
@@ -44,8 +45,10 @@ from ..netlink import (
     parse_mac,
 )
 from .base import Backend, BackendAttrs, BackendError, ExternalInterface
-from .hostgw import L2Segment, apply_ops, diff_routes, in_network
-from .registry import opt_bool, opt_int
+from .device import configure_device, delete_device, device_event_needs_repair
+from .entries import OwnedEntries, apply_ops
+from .options import opt_bool, opt_int
+from .route_network import L2Segment, diff_routes, in_network
 
 log = logging.getLogger(__name__)
 
@@ -92,38 +95,12 @@ class _Dev:
     index: int = 0
     addr: IPv4Interface | IPv6Interface | None = None
     network: IPNetwork | None = None
-    programmed: dict[IPNetwork, list[Route | Neigh | Fdb]] = field(default_factory=dict)
-    # Every programmed entry by its kernel key (_key()), so a kernel event is matched with one dict lookup.
-    by_key: dict[tuple[object, ...], Route | Neigh | Fdb] = field(default_factory=dict)
+    # What we programmed on this device, by peer subnet; it answers the kernel's events about them.
+    owned: OwnedEntries[IPNetwork] = field(default_factory=OwnedEntries)
 
     @property
     def family(self) -> int:
         return AF_INET if self.version == 4 else AF_INET6
-
-    def set_programmed(self, programmed: dict[IPNetwork, list[Route | Neigh | Fdb]]) -> None:
-        self.programmed = programmed
-        self.by_key = {_key(o): o for es in programmed.values() for o in es}
-
-    def program(self, sn: IPNetwork, entries: list[Route | Neigh | Fdb]) -> None:
-        self.unprogram(sn)
-        self.programmed[sn] = entries
-        for o in entries:
-            self.by_key[_key(o)] = o
-
-    def unprogram(self, sn: IPNetwork) -> list[Route | Neigh | Fdb] | None:
-        old = self.programmed.pop(sn, None)
-        for o in old or ():
-            self.by_key.pop(_key(o), None)
-        return old
-
-
-def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
-    """What the kernel identifies the entry by: a replace with the same key overwrites it."""
-    if isinstance(o, Route):
-        return ("r", o.dst, o.table, o.priority)
-    if isinstance(o, Neigh):
-        return ("n", o.ifindex, o.dst)
-    return ("f", o.ifindex, o.lladdr)
 
 
 class VxlanBackend(Backend):
@@ -211,10 +188,7 @@ class VxlanBackend(Backend):
             why = self._incompat(dev, link)
             if why:
                 log.warning("%r already exists with incompatible configuration: %s; recreating device", dev.name, why)
-                try:
-                    await self.nl.delete_link(link.index)
-                except NetlinkError as e:
-                    raise BackendError(f"failed to delete interface {dev.name}: {e}") from e
+                await delete_device(self.nl, link)
                 link = None
             elif dev.mac is None:
                 # Reuse across restarts: keeping the MAC keeps every peer's neighbour/FDB entry for us valid.
@@ -223,10 +197,7 @@ class VxlanBackend(Backend):
             elif link.mac != dev.mac:
                 # Someone recreated it with another MAC; ours is what peers were told.
                 log.warning("%s has MAC %s but we advertise %s; recreating", dev.name, link.mac, dev.mac)
-                try:
-                    await self.nl.delete_link(link.index)
-                except NetlinkError as e:
-                    raise BackendError(f"failed to delete interface {dev.name}: {e}") from e
+                await delete_device(self.nl, link)
                 link = None
         if link is None:
             if dev.index:
@@ -240,33 +211,15 @@ class VxlanBackend(Backend):
                 raise BackendError(f"failed to set MTU {dev.mtu} on {dev.name}: {e}") from e
         dev.index = link.index
         if dev.addr is not None:
-            await self._configure(dev, link)
+            await configure_device(self.nl, link, dev.addr)
         return created
 
-    async def _configure(self, dev: _Dev, link: Link) -> None:
-        """Exactly our address on the device (stale ones from an earlier subnet removed), and the link up."""
-        assert dev.addr is not None
-        try:
-            addrs = await self.nl.addresses(dev.index, dev.family)
-            have = False
-            for a in addrs:
-                if a.address == dev.addr:
-                    have = True
-                elif dev.version == 4 or not a.address.ip.is_link_local:
-                    log.info("removing stale address %s from %s", a.address, dev.name)
-                    await self.nl.delete_address(dev.index, a.address)
-            if not have:
-                await self.nl.add_address(dev.index, dev.addr)
-            if not link.up:
-                await self.nl.set_up(dev.index)
-        except NetlinkError as e:
-            raise BackendError(f"failed to configure interface {dev.name}: {e}") from e
-
-    def prefer_macs(self, mac4: str | None, mac6: str | None) -> None:
-        """MACs to use when a device has to be created (the kube store keeps the one we advertised last in our
-        Node's annotation): a node whose device vanished in a reboot comes back with the MAC peers know."""
-        for v, mac in ((4, mac4), (6, mac6)):
+    def restore_backend_data(self, data: Any, v6_data: Any) -> None:
+        """The VtepMACs we advertised last (the kube store keeps them in our Node's annotations) are the ones to
+        create a device with: a node whose device vanished in a reboot comes back with the MAC peers know."""
+        for v, d in ((4, data), (6, v6_data)):
             dev = self.devs.get(v)
+            mac = _vtep_mac(d)
             if mac and dev is not None and dev.mac is None:
                 dev.mac = mac
 
@@ -300,7 +253,7 @@ class VxlanBackend(Backend):
                 if link is None or link.name != dev.name:
                     await self._ensure_device(dev)
                 else:
-                    await self._configure(dev, link)
+                    await configure_device(self.nl, link, dev.addr)
 
     def _own_subnets(self) -> set[IPNetwork]:
         own = self._own
@@ -333,10 +286,6 @@ class VxlanBackend(Backend):
             Route(dst=sn, gateway=gw, oif=dev.index, onlink=True),
         ]
 
-    @staticmethod
-    def _key(o: Route | Neigh | Fdb) -> tuple[object, ...]:
-        return _key(o)
-
     async def add_peers(self, leases: Sequence[Lease]) -> None:
         async with self._lock:
             ops: list[Op] = []
@@ -345,19 +294,13 @@ class VxlanBackend(Backend):
                     sn, new = self._entries(dev, lease)
                     if sn is None:
                         continue
-                    new_keys = {self._key(o) for o in new}
-                    old = dev.programmed.get(sn, [])
-                    ops += [Op.delete(o) for o in old if self._key(o) not in new_keys]
-                    ops += [Op.replace(o) for o in new]
+                    ops += dev.owned.program(sn, new)
                     if new:
-                        dev.program(sn, new)
                         log.debug(
                             "vxlan: peer %s via %s",
                             sn,
                             lease.attrs.public_ip if dev.version == 4 else lease.attrs.public_ipv6,
                         )
-                    else:
-                        dev.unprogram(sn)
             what = f"vxlan add {leases[0].key}" if len(leases) == 1 else f"vxlan add {len(leases)} peers"
             await apply_ops(self.nl, what, ops)
 
@@ -368,7 +311,7 @@ class VxlanBackend(Backend):
                 sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
                 if sn is None or sn in self._own_subnets():
                     continue
-                old = dev.unprogram(sn)
+                old = dev.owned.pop(sn)
                 if old is None:
                     # Not programmed by this process (e.g. before a restart): delete what the lease implies.
                     _, old = self._entries(dev, lease, warn=False)
@@ -381,7 +324,7 @@ class VxlanBackend(Backend):
             await self._l2.refresh()
             for dev in self.devs.values():
                 if await self._ensure_device(dev):
-                    dev.set_programmed({})
+                    dev.owned.reset()
                 await self._reconcile_dev(dev, peers)
 
     def _ours_route(self, dev: _Dev, r: Route, own: set[IPNetwork]) -> bool:
@@ -397,49 +340,37 @@ class VxlanBackend(Backend):
         obj = ev.obj
         if ev.kind == "resync":
             return True
+        if isinstance(obj, Link):
+            if any(device_event_needs_repair(ev, dev.name, dev.index) for dev in self.devs.values()):
+                return True
+            return self.direct_routing and obj.index == self.ext.index
         if isinstance(obj, Route):
             if obj.table != RT_TABLE_MAIN:
                 return False
             dev = self.devs.get(obj.dst.version)
-            if dev is None:
-                return False
-            have = dev.by_key.get(("r", obj.dst, obj.table, obj.priority))
-            if have is not None:
-                # A "new" equal to what we programmed is our own write.
-                return ev.action == "del" or have != obj
-            return ev.action == "new" and self._ours_route(dev, obj, self._own_subnets())
-        if isinstance(obj, Neigh):
+        elif isinstance(obj, Neigh):
             dev = self.devs.get(obj.dst.version)
             if dev is None or obj.ifindex != dev.index:
                 return False
-            have = dev.by_key.get(("n", obj.ifindex, obj.dst))
-            if isinstance(have, Neigh):
-                return ev.action == "del" or have.lladdr != obj.lladdr or not obj.state & NUD_PERMANENT
-            # Same rule as the sweep: only static unicast entries can be ours.
-            return ev.action == "new" and bool(obj.state & NUD_PERMANENT) and not obj.dst.is_multicast
-        if isinstance(obj, Fdb):
+        elif isinstance(obj, Fdb):
             if not obj.flags & NTF_SELF or obj.lladdr == ZERO_MAC:
                 return False
-            for dev in self.devs.values():
-                if dev.index == obj.ifindex:
-                    have = dev.by_key.get(("f", obj.ifindex, obj.lladdr))
-                    if isinstance(have, Fdb):
-                        # Another dst for our MAC may have replaced ours; deleting another dst leaves ours.
-                        return ev.action == "del" if have.dst == obj.dst else ev.action == "new"
-                    return ev.action == "new" and bool(obj.state & NUD_PERMANENT)
+            dev = next((d for d in self.devs.values() if d.index == obj.ifindex), None)
+        else:
             return False
-        if isinstance(obj, Link):
-            for dev in self.devs.values():
-                if not dev.index:
-                    continue
-                if obj.index == dev.index:
-                    # Down flushes our routes without route notifications; a rename loses the device.
-                    if ev.action == "del" or not obj.up or obj.name != dev.name:
-                        return True
-                elif obj.name == dev.name:
-                    return True  # another device now has our name: ours is gone or being replaced
-            return self.direct_routing and obj.index == self.ext.index
-        return False
+        if dev is None:
+            return False
+        verdict = dev.owned.verdict(ev)
+        if verdict is not None:
+            return verdict
+        if ev.action != "new":
+            return False
+        # Not ours: a repair only when a pass would sweep it (the same rules as the sweep below).
+        if isinstance(obj, Route):
+            return self._ours_route(dev, obj, self._own_subnets())
+        if isinstance(obj, Neigh):
+            return bool(obj.state & NUD_PERMANENT) and not obj.dst.is_multicast
+        return bool(obj.state & NUD_PERMANENT)
 
     async def _reconcile_dev(self, dev: _Dev, peers: Sequence[Lease]) -> None:
         desired: dict[IPNetwork, list[Route | Neigh | Fdb]] = {}
@@ -485,7 +416,7 @@ class VxlanBackend(Backend):
         # Stale entries go first; then upstream's order per peer: neighbour and FDB before the route, so the
         # kernel never has to resolve the onlink gateway by ARP over the overlay.
         ops = route_del + neigh_del + fdb_del + neigh_add + fdb_add + route_add
-        dev.set_programmed(desired)
+        dev.owned.reset(desired)
         if ops:
             log.info(
                 "vxlan reconcile %s: %d peers; removing %d routes, %d neighbours, %d fdb; adding %d/%d/%d",
@@ -503,3 +434,6 @@ class VxlanBackend(Backend):
     async def close(self) -> None:
         # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it.
         pass
+
+
+BACKEND = VxlanBackend

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from ..config import NetConfig
 from ..lease import Lease, LeaseAttrs, WatchUpdate
@@ -46,9 +47,10 @@ class Store(ABC):
         `<p>/node-public-ip(v6)` annotations). None: no override."""
         return None, None
 
-    async def previous_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
-        """The VTEP MACs this node advertised last for `backend_type`, when the store keeps them (kube: our
-        own backend-data annotations), so a recreated device keeps the MAC peers know."""
+    async def previous_backend_data(self, backend_type: str) -> tuple[Any, Any]:
+        """The BackendData and BackendV6Data this node advertised last, when the store keeps them and they were
+        written by `backend_type` (kube: our own Node's backend-data annotations); (None, None) otherwise. The
+        backend restores what peers know about us from them (Backend.restore_backend_data)."""
         return None, None
 
     @abstractmethod

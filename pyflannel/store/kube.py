@@ -12,7 +12,7 @@ Every Node annotated `kube-subnet-manager: "true"` is a peer; a list+watch on No
 
 Two optional Store hooks carry what upstream's main.go and vxlan backend read from the Node:
 `public_ip_overrides()` (the `<p>/node-public-ip` annotations win over the flags) and
-`previous_vtep_macs()` (a restarted agent keeps its VTEP MAC, which peers hold in their neighbour/FDB entries).
+`previous_backend_data()` (a restarted agent keeps its VTEP MAC, which peers hold in their neighbour/FDB entries).
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import ConfigError, NetConfig, parse_net_config
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
 from .base import Store, StoreError
-
-if TYPE_CHECKING:
-    from ..cli import Options
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +126,6 @@ class KubeOptions:
     request_timeout: float = 30.0
     patch_attempts: int = 5
     retry_delay: float = 0.5  # first backoff step for patches and re-lists, doubled up to 16x
-
-
-def kube_options_from_cli(opts: Options, environ: Mapping[str, str]) -> KubeOptions:
-    """The flags and environment upstream's kube subnet manager reads."""
-    return KubeOptions(
-        api_url=str(opts["kube-api-url"]),
-        kubeconfig_file=str(opts["kubeconfig-file"]),
-        annotation_prefix=str(opts["kube-annotation-prefix"]),
-        node_name=environ.get("NODE_NAME", ""),
-        pod_name=environ.get("POD_NAME", ""),
-        pod_namespace=environ.get("POD_NAMESPACE", ""),
-        net_config_path=str(opts["net-config-path"]),
-        set_node_network_unavailable=bool(opts["set-node-network-unavailable"]),
-        service_host=environ.get("KUBERNETES_SERVICE_HOST", ""),
-        service_port=environ.get("KUBERNETES_SERVICE_PORT", ""),
-    )
 
 
 class _ApiError(StoreError):
@@ -404,23 +385,6 @@ class KubeStore(Store):
             raise ConfigError(f"node {self.node_name}: bad {self.ann.prefix}node-public-ip annotation: {e}") from None
         return v4, v6
 
-    async def previous_vtep_macs(self, backend_type: str) -> tuple[str | None, str | None]:
-        """The VtepMACs in our own backend-data / backend-v6-data annotations, when they were written by the
-        same backend type; a restarted vxlan backend reuses them so that peers' entries stay right."""
-        node = await self.get_node()
-        a = (node.get("metadata") or {}).get("annotations") or {}
-        if a.get(self.ann.backend_type, "").lower() != backend_type.lower():
-            return None, None
-        out: list[str | None] = []
-        for key in (self.ann.backend_data, self.ann.backend_v6_data):
-            try:
-                data = _decode_data(a.get(key))
-            except json.JSONDecodeError:
-                data = None
-            mac = data.get("VtepMAC") if isinstance(data, dict) else None
-            out.append(mac if isinstance(mac, str) and mac else None)
-        return out[0], out[1]
-
     async def previous_backend_data(self, backend_type: str) -> tuple[Any, Any]:
         """Our own decoded backend-data and backend-v6-data, when written by the same backend type."""
         node = await self.get_node()
@@ -431,7 +395,7 @@ class KubeStore(Store):
         for key in (self.ann.backend_data, self.ann.backend_v6_data):
             try:
                 res.append(_decode_data(a.get(key)))
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # garbage in our own annotation: nothing to restore
                 res.append(None)
         return res[0], res[1]
 

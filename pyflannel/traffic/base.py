@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
@@ -87,6 +87,10 @@ class CommandRunner:
         return r.stdout
 
 
+# Removes every rule one mode installs (run by the other mode at start: EnableNFTables changed across restarts).
+LeftoverCleanup = Callable[[CommandRunner], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class MasqSpec:
     network: IPNetwork
@@ -113,8 +117,10 @@ class TrafficManager(ABC):
 
     mode: str = ""
 
-    def __init__(self, runner: CommandRunner) -> None:
+    def __init__(self, runner: CommandRunner, other_mode_cleanup: LeftoverCleanup | None = None) -> None:
         self.runner = runner
+        # The other mode's remover of its own rules (wired by traffic.manager, so the modes never import each other).
+        self._other_mode_cleanup = other_mode_cleanup
         self._lock = asyncio.Lock()
         self._errors: dict[str, str] = {}
         self._masq: dict[int, MasqSpec] = {}
@@ -219,8 +225,10 @@ class TrafficManager(ABC):
     async def cleanup_other_mode(self) -> bool:
         """Remove what the other mode may have left behind (an agent restarted with a changed EnableNFTables)."""
         async with self._lock:
+            if self._other_mode_cleanup is None:
+                return True
             try:
-                await self._cleanup_other_mode()
+                await self._other_mode_cleanup(self.runner)
             except TrafficError as e:
                 log.warning("%s: could not clean up the other mode's rules: %s", self.mode, e)
                 return False
@@ -249,6 +257,3 @@ class TrafficManager(ABC):
     @abstractmethod
     async def _check_family(self, fam: int) -> bool:
         """True when the installed rules of one family are exactly the desired ones."""
-
-    @abstractmethod
-    async def _cleanup_other_mode(self) -> None: ...

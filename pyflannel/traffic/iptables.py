@@ -14,7 +14,7 @@ import platform
 import re
 from dataclasses import dataclass
 
-from pyflannel.traffic.base import CommandRunner, IPNetwork, MasqSpec, TrafficError, TrafficManager
+from pyflannel.traffic.base import CommandRunner, IPNetwork, LeftoverCleanup, MasqSpec, TrafficError, TrafficManager
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 class IPTablesManager(TrafficManager):
     mode = "iptables"
 
-    def __init__(self, runner: CommandRunner) -> None:
-        super().__init__(runner)
+    def __init__(self, runner: CommandRunner, other_mode_cleanup: LeftoverCleanup | None = None) -> None:
+        super().__init__(runner, other_mode_cleanup)
         # rules as iptables-save printed them right after our apply: the resync compares against this, so a
         # tool that canonicalises differently from our text cannot cause a restore on every pass
         self._fingerprint: dict[tuple[int, str], tuple[str, ...]] = {}
@@ -192,17 +192,6 @@ class IPTablesManager(TrafficManager):
             if _fix_hook(lines, cs):
                 return False
         return True
-
-    async def _cleanup_other_mode(self) -> None:
-        """iptables is in use: remove the nftables mode's tables."""
-        try:
-            self.runner.which("nft")
-        except TrafficError:
-            log.debug("nft not installed: no nftables leftovers to clean up")
-            return
-        from pyflannel.traffic.nftables import delete_tables  # local: the modules only meet here
-
-        await delete_tables(self.runner)
 
 
 def _chain_rules(lines: list[str], chain: str) -> tuple[str, ...]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pyflannel.traffic.base import CommandRunner, TrafficManager
-from pyflannel.traffic.iptables import IPTablesManager
-from pyflannel.traffic.nftables import NFTablesManager
+from pyflannel.traffic.iptables import IPTablesManager, remove_chains
+from pyflannel.traffic.nftables import NFTablesManager, delete_tables
 
 
 def create_traffic_manager(
@@ -22,4 +22,6 @@ def create_traffic_manager(
     inside its node namespace, leaves it empty. `search_path` overrides $PATH for finding the tools.
     """
     runner = CommandRunner(cmd_prefix=tuple(cmd_prefix), search_path=search_path, timeout=timeout)
-    return NFTablesManager(runner) if use_nftables else IPTablesManager(runner)
+    if use_nftables:
+        return NFTablesManager(runner, other_mode_cleanup=remove_chains)
+    return IPTablesManager(runner, other_mode_cleanup=delete_tables)

@@ -17,8 +17,7 @@ import json
 import logging
 from typing import Any
 
-from pyflannel.traffic.base import CommandRunner, IPNetwork, TrafficError, TrafficManager
-from pyflannel.traffic.iptables import remove_chains
+from pyflannel.traffic.base import CommandRunner, IPNetwork, LeftoverCleanup, TrafficError, TrafficManager
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +104,8 @@ def parse_table_json(text: str) -> Snapshot:
 class NFTablesManager(TrafficManager):
     mode = "nftables"
 
-    def __init__(self, runner: CommandRunner) -> None:
-        super().__init__(runner)
+    def __init__(self, runner: CommandRunner, other_mode_cleanup: LeftoverCleanup | None = None) -> None:
+        super().__init__(runner, other_mode_cleanup)
         self._fingerprint: dict[int, Snapshot] = {}
         self._fully_random: bool | None = None
 
@@ -160,13 +159,14 @@ class NFTablesManager(TrafficManager):
             return False  # never applied successfully: an absent table must not look "as expected"
         return await self._list(fam) == self._fingerprint[fam]
 
-    async def _cleanup_other_mode(self) -> None:
-        """nftables is in use: remove the iptables mode's chains and jumps."""
-        await remove_chains(self.runner)
-
 
 async def delete_tables(runner: CommandRunner) -> None:
     """Remove both flannel tables in one transaction (the iptables mode's cleanup); absent ones are skipped."""
+    try:
+        runner.which("nft")
+    except TrafficError:
+        log.debug("nft not installed: no nftables leftovers to clean up")
+        return
     out = await runner.check("nft", ["-j", "list", "tables"])
     present = {(t["table"]["family"], t["table"]["name"]) for t in json.loads(out).get("nftables", []) if "table" in t}
     script = "".join(
