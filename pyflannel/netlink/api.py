@@ -113,23 +113,23 @@ class Netlink:
     # ------------------------------------------------------------ links
 
     def _links_w(self) -> list[Link]:
-        return iproute.links(self._ipr_w())
+        return self._raw_w().links()
 
     async def links(self) -> list[Link]:
         return await self._run(self._links_w)
 
-    def _link_get_w(self, **kw: Any) -> Link | None:
-        return iproute.link_get(self._ipr_w(), **kw)
+    def _link_get_w(self, index: int = 0, name: str | None = None) -> Link | None:
+        return self._raw_w().link(index=index, name=name)
 
     async def link_by_name(self, name: str) -> Link | None:
-        return await self._run(self._link_get_w, ifname=name)
+        return await self._run(self._link_get_w, name=name)
 
     async def link_by_index(self, index: int) -> Link | None:
         return await self._run(self._link_get_w, index=index)
 
     def _create_w(self, name: str, kind: str, mtu: int | None, mac: str | None, attrs: dict[str, Any]) -> Link:
         iproute.create_link(self._ipr_w(), name, kind, mtu, mac, attrs)
-        link = self._link_get_w(ifname=name)
+        link = self._link_get_w(name=name)
         if link is None:
             raise NetlinkError(errno.ENODEV, f"{kind} {name} vanished right after creation")
         return link

@@ -31,6 +31,7 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 RTM_NEWLINK = 16
 RTM_DELLINK = 17
+RTM_GETLINK = 18
 RTM_NEWROUTE = 24
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
@@ -96,6 +97,8 @@ IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_LINKINFO = 18
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # in IFLA_EXT_MASK: leave the counters out of link replies
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_VXLAN_ID = 1
@@ -406,7 +409,7 @@ def _decode_vxlan(buf: bytes | memoryview, off: int, end: int) -> VxlanInfo:
 
 
 def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
-    """An RTM_NEWLINK/RTM_DELLINK body, in the same shape as the pyroute2-based link queries return."""
+    """An RTM_NEWLINK/RTM_DELLINK body: the one link decoder, for dumps, gets and notifications alike."""
     _fam, _type, index, flags, _change = IFINFO.unpack_from(buf, off)
     name = ""
     mtu = 0
@@ -430,6 +433,20 @@ def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
             if kind == "vxlan" and data is not None:
                 vx = _decode_vxlan(buf, *data)
     return Link(index=index, name=name, kind=kind, mtu=mtu, mac=mac, up=bool(flags & IFF_UP), vxlan=vx)
+
+
+def encode_link_get(seq: int, *, index: int = 0, name: str | None = None) -> bytes:
+    """RTM_GETLINK for one link, by index or (index 0) by name; the reply is one RTM_NEWLINK or an error."""
+    attrs = pack_nla(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+    if name is not None:
+        attrs += pack_nla(IFLA_IFNAME, name.encode() + b"\0")
+    return pack_msg(RTM_GETLINK, NLM_F_REQUEST, seq, IFINFO.pack(0, 0, index, 0, 0) + attrs)
+
+
+def encode_link_dump(seq: int) -> bytes:
+    """RTM_GETLINK dump of every link (AF_UNSPEC: each link once)."""
+    attrs = pack_nla(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+    return pack_msg(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, IFINFO.pack(0, 0, 0, 0, 0) + attrs)
 
 
 EventKind = Literal["link", "route", "neigh", "fdb", "resync"]
@@ -471,6 +488,7 @@ __all__ = [
     "IFF_UP",
     "IFINFO",
     "IFLA_ADDRESS",
+    "IFLA_EXT_MASK",
     "IFLA_IFNAME",
     "IFLA_INFO_DATA",
     "IFLA_INFO_KIND",
@@ -514,10 +532,12 @@ __all__ = [
     "RTA_OIF",
     "RTA_PRIORITY",
     "RTA_TABLE",
+    "RTEXT_FILTER_SKIP_STATS",
     "RTMSG",
     "RTM_DELLINK",
     "RTM_DELNEIGH",
     "RTM_DELROUTE",
+    "RTM_GETLINK",
     "RTM_GETNEIGH",
     "RTM_GETROUTE",
     "RTM_NEWLINK",
@@ -559,6 +579,8 @@ __all__ = [
     "decode_link",
     "decode_neigh",
     "decode_route",
+    "encode_link_dump",
+    "encode_link_get",
     "encode_op",
     "format_mac",
     "is_missing",

@@ -12,7 +12,7 @@ import errno
 import ipaddress
 from typing import Any
 
-from .codec import IFF_UP, Address, IPAddress, IPInterface, Link, NetlinkError, VxlanInfo
+from .codec import Address, IPAddress, IPInterface, NetlinkError
 
 
 def open_iproute(netns: str | None) -> Any:
@@ -30,32 +30,6 @@ def as_netlink_error(e: Exception, what: str) -> NetlinkError:
     return NetlinkError(code, f"{what}: {e}")
 
 
-def link_from_msg(m: Any) -> Link:
-    kind = m.get(("linkinfo", "kind"))
-    vx: VxlanInfo | None = None
-    if kind == "vxlan":
-        d = m.get(("linkinfo", "data"))
-        if d is not None:
-            local = d.get("vxlan_local") or d.get("vxlan_local6")
-            vx = VxlanInfo(
-                vni=int(d.get("vxlan_id") or 0),
-                local=ipaddress.ip_address(local) if local else None,
-                port=int(d.get("vxlan_port") or 0),
-                learning=bool(d.get("vxlan_learning")),
-                gbp=bool(d.get("vxlan_gbp")),
-                link=d.get("vxlan_link") or None,
-            )
-    return Link(
-        index=int(m["index"]),
-        name=str(m.get("ifname")),
-        kind=kind,
-        mtu=int(m.get("mtu") or 0),
-        mac=m.get("address"),
-        up=bool(m["flags"] & IFF_UP),
-        vxlan=vx,
-    )
-
-
 def addr_from_msg(m: Any) -> Address | None:
     a = m.get("address")
     if a is None:
@@ -66,20 +40,6 @@ def addr_from_msg(m: Any) -> Address | None:
 
 
 # ---------------------------------------------------------------- links
-
-
-def links(ipr: Any) -> list[Link]:
-    return [link_from_msg(m) for m in ipr.link("dump")]
-
-
-def link_get(ipr: Any, **kw: Any) -> Link | None:
-    try:
-        msgs = ipr.link("get", **kw)
-    except Exception as e:
-        if getattr(e, "code", None) in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise as_netlink_error(e, f"link get {kw}") from e
-    return link_from_msg(msgs[0]) if msgs else None
 
 
 def vxlan_attrs(

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .codec import (
     HDR,
@@ -27,18 +28,23 @@ from .codec import (
     NLMSG_DONE,
     NLMSG_ERROR,
     RTM_GETROUTE,
+    RTM_NEWLINK,
     RTMSG,
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOL_NETLINK,
     Fdb,
+    Link,
     Neigh,
     NetlinkError,
     Op,
     Route,
     decode_error,
+    decode_link,
     decode_neigh,
     decode_route,
+    encode_link_dump,
+    encode_link_get,
     encode_op,
     pack_msg,
 )
@@ -47,6 +53,8 @@ from .codec import (
 _CHUNK_BYTES = 64 * 1024
 _SOCK_BUF = 8 * 1024 * 1024
 _TIMEOUT = 30.0
+
+T = TypeVar("T")
 
 
 def route_socket(netns: str | None) -> socket.socket:
@@ -150,20 +158,54 @@ class RawRoute:
         return results
 
     def dump(self, kind: int, family: int) -> list[Route | Neigh | Fdb]:
+        """Every route (kind RTM_GETROUTE) or neighbour/FDB entry (RTM_GETNEIGH; AF_BRIDGE: FDB) of `family`."""
+        decode: Callable[[bytes, int, int], Route | Neigh | Fdb | None]
+        if kind == RTM_GETROUTE:
+            body, decode = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0), decode_route
+        else:
+            body, decode = NDMSG.pack(family, 0, 0, 0, 0), decode_neigh
+        return self._dump(lambda seq: pack_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body), decode, f"dump {kind}")
+
+    def links(self) -> list[Link]:
+        return self._dump(encode_link_dump, decode_link, "dump links")
+
+    def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
+        """One link, by index or (index 0) by name; None when there is no such link."""
+        seq = self._next_seq()
+        self._send(encode_link_get(seq, index=index, name=name))
+        while True:
+            buf = self._recv()
+            off = 0
+            while off + 16 <= len(buf):
+                n, mtype, flags, mseq, _pid = HDR.unpack_from(buf, off)
+                if n < 16:
+                    break
+                if mseq == seq:
+                    if mtype == RTM_NEWLINK:
+                        return decode_link(buf, off + 16, off + n)
+                    if mtype == NLMSG_ERROR:
+                        code, text = decode_error(buf, off + 16, off + n, flags)
+                        if code in (0, errno.ENODEV, errno.ENOENT):
+                            return None
+                        what = f"name {name}" if index == 0 else f"index {index}"
+                        raise NetlinkError(code, f"link get {what}: {text or errno.errorcode.get(code, code)}")
+                off += (n + 3) & ~3
+
+    def _dump(
+        self, request: Callable[[int], bytes], decode: Callable[[bytes, int, int], T | None], what: str
+    ) -> list[T]:
         for _attempt in range(5):
-            out, interrupted = self._dump_once(kind, family)
+            out, interrupted = self._dump_once(request, decode, what)
             if not interrupted:
                 return out
         raise NetlinkError(errno.EINTR, "netlink dump kept being interrupted by concurrent changes")
 
-    def _dump_once(self, kind: int, family: int) -> tuple[list[Route | Neigh | Fdb], bool]:
+    def _dump_once(
+        self, request: Callable[[int], bytes], decode: Callable[[bytes, int, int], T | None], what: str
+    ) -> tuple[list[T], bool]:
         seq = self._next_seq()
-        body = RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0) if kind == RTM_GETROUTE else NDMSG.pack(family, 0, 0, 0, 0)
-        self._send(pack_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, body))
-        decode: Callable[[bytes, int, int], Route | Neigh | Fdb | None] = (
-            decode_route if kind == RTM_GETROUTE else decode_neigh
-        )
-        out: list[Route | Neigh | Fdb] = []
+        self._send(request(seq))
+        out: list[T] = []
         interrupted = False
         while True:
             buf = self._recv()
@@ -180,7 +222,7 @@ class RawRoute:
                     if mtype == NLMSG_ERROR:
                         code, text = decode_error(buf, off + 16, off + n, flags)
                         if code:
-                            raise NetlinkError(code, f"dump {kind}: {text or errno.errorcode.get(code, code)}")
+                            raise NetlinkError(code, f"{what}: {text or errno.errorcode.get(code, code)}")
                         return out, interrupted
                     obj = decode(buf, off + 16, off + n)
                     if obj is not None:
