@@ -108,6 +108,17 @@ IFLA_VXLAN_LEARNING = 7
 IFLA_VXLAN_PORT = 15
 IFLA_VXLAN_LOCAL6 = 17
 IFLA_VXLAN_GBP = 23
+# ipip (IFLA_IPTUN_* of linux/if_tunnel.h)
+IFLA_IPTUN_LINK = 1
+IFLA_IPTUN_LOCAL = 2
+IFLA_IPTUN_REMOTE = 3
+IFLA_IPTUN_TTL = 4
+IFLA_IPTUN_TOS = 5
+IFLA_IPTUN_ENCAP_LIMIT = 6
+IFLA_IPTUN_FLOWINFO = 7
+IFLA_IPTUN_FLAGS = 8
+IFLA_IPTUN_PROTO = 9
+IFLA_IPTUN_PMTUDISC = 10
 
 HDR = struct.Struct("=IHHII")
 IFINFO = struct.Struct("=BxHiII")
@@ -159,6 +170,17 @@ class VxlanInfo:
 
 
 @dataclass(frozen=True)
+class IpipInfo:
+    """An ipip device's tunnel parameters; local/remote None is "any" (0.0.0.0), link None is no `dev`."""
+
+    local: IPv4Address | None
+    remote: IPv4Address | None
+    link: int | None
+    ttl: int  # 0: inherit the inner packet's
+    pmtudisc: bool
+
+
+@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -167,6 +189,7 @@ class Link:
     mac: str | None
     up: bool  # administratively up (IFF_UP)
     vxlan: VxlanInfo | None = None
+    ipip: IpipInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -408,6 +431,30 @@ def _decode_vxlan(buf: bytes | memoryview, off: int, end: int) -> VxlanInfo:
     return VxlanInfo(vni=vni, local=local, port=port, learning=learning, gbp=gbp, link=link)
 
 
+def _ip4_or_none(raw: bytes) -> IPv4Address | None:
+    return IPv4Address(raw) if raw != b"\0\0\0\0" else None
+
+
+def _decode_ipip(buf: bytes | memoryview, off: int, end: int) -> IpipInfo:
+    local: IPv4Address | None = None
+    remote: IPv4Address | None = None
+    link: int | None = None
+    ttl = 0
+    pmtudisc = False
+    for kind, a, b in iter_nla(buf, off, end):
+        if kind == IFLA_IPTUN_LOCAL and b - a == 4:
+            local = _ip4_or_none(bytes(buf[a:b]))
+        elif kind == IFLA_IPTUN_REMOTE and b - a == 4:
+            remote = _ip4_or_none(bytes(buf[a:b]))
+        elif kind == IFLA_IPTUN_LINK and b - a >= 4:
+            link = _U32.unpack_from(buf, a)[0] or None
+        elif kind == IFLA_IPTUN_TTL and b > a:
+            ttl = buf[a]
+        elif kind == IFLA_IPTUN_PMTUDISC and b > a:
+            pmtudisc = bool(buf[a])
+    return IpipInfo(local=local, remote=remote, link=link, ttl=ttl, pmtudisc=pmtudisc)
+
+
 def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
     """An RTM_NEWLINK/RTM_DELLINK body: the one link decoder, for dumps, gets and notifications alike."""
     _fam, _type, index, flags, _change = IFINFO.unpack_from(buf, off)
@@ -416,6 +463,7 @@ def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
     mac: str | None = None
     kind: str | None = None
     vx: VxlanInfo | None = None
+    ipip: IpipInfo | None = None
     for t, a, b in iter_nla(buf, off + IFINFO.size, end):
         if t == IFLA_IFNAME:
             name = bytes(buf[a:b]).rstrip(b"\0").decode(errors="replace")
@@ -432,7 +480,9 @@ def decode_link(buf: bytes | memoryview, off: int, end: int) -> Link:
                     data = (a2, b2)
             if kind == "vxlan" and data is not None:
                 vx = _decode_vxlan(buf, *data)
-    return Link(index=index, name=name, kind=kind, mtu=mtu, mac=mac, up=bool(flags & IFF_UP), vxlan=vx)
+            elif kind == "ipip" and data is not None:
+                ipip = _decode_ipip(buf, *data)
+    return Link(index=index, name=name, kind=kind, mtu=mtu, mac=mac, up=bool(flags & IFF_UP), vxlan=vx, ipip=ipip)
 
 
 def encode_link_get(seq: int, *, index: int = 0, name: str | None = None) -> bytes:
@@ -492,6 +542,16 @@ __all__ = [
     "IFLA_IFNAME",
     "IFLA_INFO_DATA",
     "IFLA_INFO_KIND",
+    "IFLA_IPTUN_ENCAP_LIMIT",
+    "IFLA_IPTUN_FLAGS",
+    "IFLA_IPTUN_FLOWINFO",
+    "IFLA_IPTUN_LINK",
+    "IFLA_IPTUN_LOCAL",
+    "IFLA_IPTUN_PMTUDISC",
+    "IFLA_IPTUN_PROTO",
+    "IFLA_IPTUN_REMOTE",
+    "IFLA_IPTUN_TOS",
+    "IFLA_IPTUN_TTL",
     "IFLA_LINKINFO",
     "IFLA_MTU",
     "IFLA_VXLAN_GBP",
@@ -568,6 +628,7 @@ __all__ = [
     "IPAddress",
     "IPInterface",
     "IPNetwork",
+    "IpipInfo",
     "KernelEvent",
     "Link",
     "Neigh",
