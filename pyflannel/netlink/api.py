@@ -13,6 +13,7 @@ import errno
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from ipaddress import IPv4Address
 from typing import Any, TypeVar
 
 from . import iproute
@@ -152,6 +153,20 @@ class Netlink:
         port 0 leaves the destination port to the kernel (8472)."""
         attrs = iproute.vxlan_attrs(vni, local, dev_index, port, learning, gbp)
         return await self._run(self._create_w, name, "vxlan", mtu, mac, attrs)
+
+    async def create_ipip(self, name: str, *, local: IPv4Address | None, mtu: int | None = None) -> Link:
+        """`ip link add NAME type ipip local LOCAL`: remote any and no `dev`, as upstream flannel's flannel.ipip
+        (pmtudisc and ttl are the kernel's defaults). The Link read back carries `.ipip`.
+
+        A kernel without the ipip module raises NetlinkError EOPNOTSUPP saying so."""
+        attrs = {"ipip_local": str(local)} if local is not None else {}
+        return await self._run(self._create_w, name, "ipip", mtu, None, attrs)
+
+    async def create_wireguard(self, name: str, *, mtu: int | None = None) -> Link:
+        """`ip link add NAME type wireguard` (keys and peers are set over generic netlink, not here).
+
+        A kernel without the wireguard module raises NetlinkError EOPNOTSUPP saying so."""
+        return await self._run(self._create_w, name, "wireguard", mtu, None, {})
 
     async def delete_link(self, index: int) -> None:
         await self._run(lambda: iproute.link_op(self._ipr_w(), "del", index=index))

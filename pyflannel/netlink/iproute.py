@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 from typing import Any
 
 from .codec import Address, IPAddress, IPInterface, NetlinkError
@@ -59,7 +60,10 @@ def vxlan_attrs(
 
 
 def create_link(ipr: Any, name: str, kind: str, mtu: int | None, mac: str | None, attrs: dict[str, Any]) -> None:
-    """`ip link add NAME [mtu MTU] [address MAC] type KIND ...` (attrs: pyroute2's keywords of that kind)."""
+    """`ip link add NAME [mtu MTU] [address MAC] type KIND ...` (attrs: pyroute2's keywords of that kind).
+
+    A kind the kernel does not know (its module is missing: this is what the kernel answers even after trying
+    to load it) is EOPNOTSUPP, reported as such."""
     kw: dict[str, Any] = {"ifname": name, "kind": kind, **attrs}
     if mtu:
         kw["mtu"] = mtu
@@ -68,7 +72,11 @@ def create_link(ipr: Any, name: str, kind: str, mtu: int | None, mac: str | None
     try:
         ipr.link("add", **kw)
     except Exception as e:
-        raise as_netlink_error(e, f"create {kind} {name}") from e
+        err = as_netlink_error(e, f"create {kind} {name}")
+        if err.errno == errno.EOPNOTSUPP:
+            why = f"the kernel lacks the `{kind}` module (modprobe {kind}): {os.strerror(err.errno)}"
+            raise NetlinkError(err.errno, f"create {kind} {name}: {why}") from e
+        raise err from e
 
 
 def link_op(ipr: Any, what: str, **kw: Any) -> None:
