@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.entries import OwnedEntries
-from .backend.registry import create_backend
+from .backend.registry import backend_class
 from .config import ConfigError, NetConfig
 from .flags import Options
 from .health import HealthServer
@@ -218,6 +218,8 @@ class Agent:
         # Waits for <prefix>/config as long as it takes, as upstream does; SIGTERM ends the wait.
         net = await self.store.get_network_config()
         log.info("network config: %s", _describe(net))
+        backend_cls = backend_class(net.backend.type)
+        backend_cls.check_config(net)
         # A store may name our public address (kube: <p>/node-public-ip); it wins over --public-ip, as upstream.
         ip4, ip6 = await self.store.public_ip_overrides()
         if ip4 or ip6:
@@ -232,7 +234,7 @@ class Agent:
             ext.name, ext.index, ext.mtu, ext.public_ip,
             f", public IPv6 {ext.public_ipv6}" if ext.public_ipv6 else "",
         )  # fmt: skip
-        backend = create_backend(net, ext, self.netlink)
+        backend = backend_cls(net, ext, self.netlink)
         self.backend = backend
         backend.restore_backend_data(*await self.store.previous_backend_data(net.backend.type))
         battrs = await backend.prepare()

@@ -70,7 +70,7 @@ def test_no_import_cycles() -> None:
 
 def test_agent_imports_only_its_backend() -> None:
     code = (
-        "import sys; from pyflannel.backend.registry import backend_factory; backend_factory('host-gw'); "
+        "import sys; from pyflannel.backend.registry import backend_class; backend_class('host-gw'); "
         "print(sorted(m for m in sys.modules if m.startswith('pyflannel.backend.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

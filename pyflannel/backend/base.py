@@ -1,13 +1,13 @@
 """The backend interface. A backend owns the kernel objects that carry pod traffic between nodes.
 
-A backend is one module of this package exposing `BACKEND`, a callable `(NetConfig, ExternalInterface,
-Netlink) -> Backend`, and one line in `registry.BACKENDS`. The daemon knows nothing else about it.
+A backend is one module of this package exposing `BACKEND`, its Backend subclass, and one line in
+`registry.BACKENDS`. The daemon knows nothing else about it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,17 @@ class Backend(ABC):
     and the periodic repair: it makes the kernel hold exactly the entries for `peers` on the backend's own
     devices, adding what is missing and sweeping what matches no lease. close() releases resources but leaves the
     data plane in place so pods keep talking."""
+
+    def __init__(self, cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> None:
+        """Reads and validates the backend's options (BackendError); touches no kernel state."""
+        self.cfg = cfg
+        self.ext = ext
+        self.nl = nl
+
+    @classmethod  # noqa: B027
+    def check_config(cls, cfg: NetConfig) -> None:
+        """Refuse a network config this backend cannot serve (BackendError), before the agent looks for its
+        interface or takes a lease."""
 
     def restore_backend_data(self, data: Any, v6_data: Any) -> None:  # noqa: B027
         """The BackendData / BackendV6Data this node advertised last with this backend type, when the store kept
@@ -81,6 +92,4 @@ class Backend(ABC):
         return False
 
 
-BackendFactory = Callable[["NetConfig", ExternalInterface, "Netlink"], Backend]
-
-__all__ = ["Backend", "BackendAttrs", "BackendError", "BackendFactory", "ExternalInterface"]
+__all__ = ["Backend", "BackendAttrs", "BackendError", "ExternalInterface"]

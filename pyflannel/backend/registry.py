@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .base import Backend, BackendError, BackendFactory
+from .base import Backend, BackendError
 
 if TYPE_CHECKING:
     from ..config import NetConfig
@@ -26,18 +26,20 @@ def backend_types() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
 
-def backend_factory(backend_type: str) -> BackendFactory:
-    """The factory registered for `backend_type` (case-insensitive, as upstream); BackendError if unknown."""
+def backend_class(backend_type: str) -> type[Backend]:
+    """The backend registered for `backend_type` (case-insensitive, as upstream); BackendError if unknown."""
     module = BACKENDS.get(backend_type.lower())
     if module is None:
         raise BackendError(f"backend type {backend_type!r} is not supported; supported: {', '.join(backend_types())}")
-    factory: BackendFactory = importlib.import_module(f"{__package__}.{module}").BACKEND
-    return factory
+    cls: type[Backend] = importlib.import_module(f"{__package__}.{module}").BACKEND
+    return cls
 
 
 def create_backend(cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> Backend:
     """Build the backend named by cfg.backend.type; raises BackendError for an unknown type or bad options."""
-    return backend_factory(cfg.backend.type)(cfg, ext, nl)
+    cls = backend_class(cfg.backend.type)
+    cls.check_config(cfg)
+    return cls(cfg, ext, nl)
 
 
-__all__ = ["BACKENDS", "backend_factory", "backend_types", "create_backend"]
+__all__ = ["BACKENDS", "backend_class", "backend_types", "create_backend"]

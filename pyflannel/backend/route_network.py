@@ -93,9 +93,7 @@ class RouteNetwork(Backend):
     backend_type: ClassVar[str]
 
     def __init__(self, cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> None:
-        self.cfg = cfg
-        self.ext = ext
-        self.nl = nl
+        super().__init__(cfg, ext, nl)
         self._own: Lease | None = None
         self._l2 = L2Segment(nl, ext)
         self._lock = asyncio.Lock()

@@ -105,9 +105,7 @@ class _Dev:
 
 class VxlanBackend(Backend):
     def __init__(self, cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> None:
-        self.cfg = cfg
-        self.ext = ext
-        self.nl = nl
+        super().__init__(cfg, ext, nl)
         self.vni = opt_int(cfg, "VNI", DEFAULT_VNI, 0, 0xFFFFFF)
         self.port = opt_int(cfg, "Port", 0, 0, 0xFFFF)
         self.gbp = opt_bool(cfg, "GBP")
