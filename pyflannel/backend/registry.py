@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "vxlan": "vxlan",
     "host-gw": "hostgw",
+    "ipip": "ipip",
 }
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -301,6 +302,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         say("replacing the lab that is up (--force)")
         down(state_dir, prefix)
     check_prerequisites()
+    check_kernel_module(opts.backend)
 
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / MARKER).write_text("made by flannel-lab; `flannel-lab down` removes this directory\n")
@@ -346,6 +348,24 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         if isinstance(e, (NetnsError, CNIError)):
             raise LabError(f"{e}\nlab not started; everything it made was removed") from None
         raise
+
+
+# Backends that need a kernel module this lab cannot assume (a stripped kernel may lack it).
+BACKEND_MODULES = {"ipip": "ipip"}
+
+
+def check_kernel_module(backend: str) -> None:
+    """Fail at once, in one line, when the backend needs a module the running kernel cannot load."""
+    module = BACKEND_MODULES.get(backend)
+    if module is None or Path(f"/sys/module/{module}").exists():
+        return
+    r = subprocess.run(["modprobe", module], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        raise LabError(
+            f"the {backend} backend needs the kernel's {module} module, which this kernel ({os.uname().release}) "
+            f"cannot load ({why}); use --backend vxlan or host-gw, or a kernel with {module} (Debian's stock kernel)"
+        )
 
 
 def _validate(opts: LabOptions) -> None:

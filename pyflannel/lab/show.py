@@ -19,6 +19,7 @@ from .netns import run
 from .state import LabError, NodeState, PodState
 
 VXLAN_PORT = 8472
+IPIP_DEV = "flannel.ipip"
 
 
 def sh(ns: str, *cmd: str) -> str:
@@ -121,6 +122,14 @@ def show_node(lab: Lab, name: str) -> str:
         parts.append(
             _section(
                 "FDB of flannel.1", "bridge fdb show dev flannel.1", sh(ns, "bridge", "fdb", "show", "dev", "flannel.1")
+            )
+        )
+    elif lab.st.options.backend == "ipip":
+        parts.append(
+            _section(
+                f"{IPIP_DEV} (the IP-in-IP tunnel: local = this node's underlay IP, remote any)",
+                f"ip -d link show {IPIP_DEV}",
+                sh(ns, "ip", "-d", "addr", "show", IPIP_DEV),
             )
         )
     else:
@@ -283,12 +292,38 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
                 f"flannel.1 address {_mac(dn.netns, 'flannel.1')}",
             )
         )
-    else:
+    elif lab.st.options.backend == "ipip" and rg.get("dev") == IPIP_DEV:
         gw = str(rg.get("gateway", ""))
+        link = sh(sn.netns, "ip", "-d", "link", "show", IPIP_DEV).splitlines()
+        ipline = next((x.strip() for x in link if x.strip().startswith("ipip")), "?").split(" ttl ")[0]
+        out, _ = _route_get(sn.netns, gw) if gw else ("?", {})
         hops.append(
             Hop(
                 f"node {sn.name}",
-                f"host-gw: a direct route, next hop is the peer's underlay IP {gw}",
+                f"{IPIP_DEV} encapsulates: a second IPv4 header {sn.ip} -> {gw} (protocol 4, IP-in-IP) goes in front "
+                "of the pod's packet; no UDP, no MAC lookup (the route's next hop is the peer's underlay IP, onlink)",
+                f"ip -d link show {IPIP_DEV}; ip route get {gw}",
+                f"{ipline}\n{out}",
+            )
+        )
+        hops.append(
+            Hop(
+                f"node {dn.name}",
+                f"{IPIP_DEV} (local {dn.ip}) receives protocol 4 for its address and strips the outer header",
+                f"ip -d link show {IPIP_DEV}",
+                next(
+                    (x.strip() for x in sh(dn.netns, "ip", "-d", "link", "show", IPIP_DEV).splitlines() if "ipip" in x),
+                    "?",
+                ),
+            )
+        )
+    else:
+        gw = str(rg.get("gateway", ""))
+        what = "host-gw" if lab.st.options.backend == "host-gw" else "DirectRouting (same L2 segment)"
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"{what}: a direct route, next hop is the peer's underlay IP {gw}",
                 f"ip neigh show {gw} dev eth0",
                 sh(sn.netns, "ip", "neigh", "show", gw, "dev", "eth0") or "(not resolved yet)",
             )
@@ -328,6 +363,8 @@ def capture(lab: Lab, src_name: str, dst_name: str, timeout: float = 8.0) -> tup
     port = src.node  # the underlay bridge port of a node carries the node's name
     if lab.st.options.backend == "vxlan":
         filt = ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
+    elif lab.st.options.backend == "ipip":
+        filt = ["ip", "proto", "4"]  # tcpdump prints the outer and the inner IPv4 header
     else:
         filt = ["icmp", "and", "host", src.ip]
     cmd = ["tcpdump", "-i", port, "-n", "-e", "-vv", "-l", "-c", "2", *filt]

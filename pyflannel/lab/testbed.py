@@ -91,6 +91,8 @@ class Testbed:
         self.etcd_ns = ""
         self.endpoint = ""
         self._next_host = 11
+        # Further L2 segments behind the underlay namespace, which routes between them: {bridge: (net, next host)}.
+        self.segments: dict[str, tuple[ipaddress.IPv4Network, int]] = {}
 
     @classmethod
     def attach(
@@ -115,15 +117,29 @@ class Testbed:
         tb.etcd_ns = etcd_ns
         tb.endpoint = endpoint
         tb._next_host = next_host
+        tb.segments = {}
         return tb
 
     # --- underlay and etcd ---------------------------------------------------------------------------
-    def _attach(self, ns: str, port: str, ip: str) -> None:
+    def _attach(self, ns: str, port: str, ip: str, bridge: str = "br0") -> None:
+        net = self.underlay if bridge == "br0" else self.segments[bridge][0]
         veth(ns, "eth0", self.ul_ns, port)
-        run(["ip", "-n", self.ul_ns, "link", "set", "dev", port, "master", "br0", "up"])
-        run(["ip", "-n", ns, "addr", "add", f"{ip}/{self.underlay.prefixlen}", "dev", "eth0"])
+        run(["ip", "-n", self.ul_ns, "link", "set", "dev", port, "master", bridge, "up"])
+        run(["ip", "-n", ns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway])
+        run(["ip", "-n", ns, "route", "add", "default", "via", str(net.network_address + 1)])
+
+    def add_segment(self, network: str) -> str:
+        """Another L2 segment (a bridge in the underlay namespace, gateway .1 there), routed to the others by the
+        underlay namespace: nodes on it reach the rest of the cluster through a router, not on one L2."""
+        net = ipaddress.IPv4Network(network)
+        bridge = f"br{len(self.segments) + 1}"
+        run(["ip", "-n", self.ul_ns, "link", "add", bridge, "type", "bridge"])
+        run(["ip", "-n", self.ul_ns, "addr", "add", f"{net.network_address + 1}/{net.prefixlen}", "dev", bridge])
+        run(["ip", "-n", self.ul_ns, "link", "set", bridge, "up"])
+        ns_exec(self.ul_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.segments[bridge] = (net, 11)
+        return bridge
 
     def start_etcd(self) -> str:
         self.etcd_ns = self.scope.add_ns("etcd")
@@ -158,11 +174,17 @@ class Testbed:
         return res
 
     # --- nodes and agents ----------------------------------------------------------------------------
-    def add_node(self, name: str) -> Node:
+    def add_node(self, name: str, segment: str = "br0") -> Node:
+        """A node namespace on the underlay (or on a segment from add_segment())."""
         ns = self.scope.add_ns(name)
-        ip = str(self.underlay.network_address + self._next_host)
-        self._next_host += 1
-        self._attach(ns, name, ip)
+        if segment == "br0":
+            ip = str(self.underlay.network_address + self._next_host)
+            self._next_host += 1
+        else:
+            net, host = self.segments[segment]
+            ip = str(net.network_address + host)
+            self.segments[segment] = (net, host + 1)
+        self._attach(ns, name, ip, segment)
         ns_exec(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         d = self.scope.tmpdir / name
         d.mkdir(parents=True, exist_ok=True)
