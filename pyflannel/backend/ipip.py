@@ -89,7 +89,8 @@ class IpipBackend(RouteNetwork):
             if self._index:
                 log.warning("IPIP device %s is gone; recreating it", DEVICE)
             try:
-                link = await self.nl.create_ipip(DEVICE, local=self.local, mtu=self._mtu)
+                # pmtudisc off, as upstream's device (its netlink library always sends 0): outer headers without DF.
+                link = await self.nl.create_ipip(DEVICE, local=self.local, mtu=self._mtu, pmtudisc=False)
             except NetlinkError as e:
                 raise BackendError(f"failed to create the ipip device {DEVICE}: {e}") from e
         elif link.mtu != self._mtu:

@@ -154,12 +154,16 @@ class Netlink:
         attrs = iproute.vxlan_attrs(vni, local, dev_index, port, learning, gbp)
         return await self._run(self._create_w, name, "vxlan", mtu, mac, attrs)
 
-    async def create_ipip(self, name: str, *, local: IPv4Address | None, mtu: int | None = None) -> Link:
-        """`ip link add NAME type ipip local LOCAL`: remote any and no `dev`, as upstream flannel's flannel.ipip
-        (pmtudisc and ttl are the kernel's defaults). The Link read back carries `.ipip`.
+    async def create_ipip(
+        self, name: str, *, local: IPv4Address | None, mtu: int | None = None, pmtudisc: bool = True
+    ) -> Link:
+        """`ip link add NAME type ipip local LOCAL [no]pmtudisc`: remote any, no `dev`, ttl inherit. The Link read
+        back carries `.ipip`.
 
         A kernel without the ipip module raises NetlinkError EOPNOTSUPP saying so."""
-        attrs = {"ipip_local": str(local)} if local is not None else {}
+        attrs: dict[str, Any] = {"ipip_pmtudisc": int(pmtudisc)}
+        if local is not None:
+            attrs["ipip_local"] = str(local)
         return await self._run(self._create_w, name, "ipip", mtu, None, attrs)
 
     async def create_wireguard(self, name: str, *, mtu: int | None = None) -> Link:
