@@ -8,13 +8,175 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+# The largest file read as configuration (net-conf.json, subnet.env, TLS files, tokens): far above any real one,
+# small enough that a wrong path (/dev/zero, a log file) cannot exhaust memory.
+MAX_CONFIG_BYTES = 1 << 20
+# JSON nested deeper than this is refused. Go's decoder allows 10000 levels, Python's recursion limit about
+# 1000; flannel's own data is 3 levels deep, and this bound keeps every later recursive step (==, dumps, repr) safe.
+MAX_JSON_DEPTH = 100
+
 
 class ConfigError(ValueError):
     """A net-conf.json that cannot be used; the message names the offending key."""
+
+
+def read_config_file(path: str, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """Read a small configuration file: a regular file of at most `limit` bytes, else ConfigError naming it.
+
+    Opened without blocking (a FIFO would otherwise block open() until a writer appears, and with it the event
+    loop and the SIGTERM handler) and checked with fstat before anything is read, so a device (/dev/zero), FIFO,
+    socket or directory is refused with a clear message instead of being read without bound.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"cannot read {what} {path}: {_strerror(e)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"cannot read {what} {path}: it is {kind}")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"cannot read {what} {path}: larger than {limit} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {_strerror(e)}") from None
+    finally:
+        os.close(fd)
+
+
+def _strerror(e: BaseException) -> str:
+    return (e.strerror if isinstance(e, OSError) else None) or str(e)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return v
+
+
+def _bounded_int(text: str) -> int:
+    # Go decodes a JSON number into a float64, which refuses what lies beyond about 1.8e308; Python's int() would
+    # take up to 4300 digits and then fail with an unrelated message.
+    if len(text) > 308:
+        try:
+            if len(text.lstrip("-")) > 309:
+                raise OverflowError
+            float(int(text))
+        except OverflowError:
+            raise ValueError(f"number {text[:20]}... is out of range") from None
+    return int(text)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """Decode JSON the way Go's encoding/json does where Python's json module differs; raises ValueError.
+
+    - NaN, Infinity and -Infinity are refused (they are not JSON), and so are numbers beyond a float64's range;
+    - nesting deeper than MAX_JSON_DEPTH is refused (instead of a RecursionError);
+    - bytes are UTF-8 with invalid sequences read as U+FFFD, and lone surrogates escaped in a string (\\udc80)
+      become U+FFFD, as Go does (Python would keep a string that cannot be encoded).
+    """
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text).decode("utf-8", "replace")
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    fix = _SURROGATE_ESCAPE.search(text) is not None
+    if fix or text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        obj = _check_tree(obj, fix)
+    return obj
+
+
+def _fix_str(v: Any, fix: bool) -> Any:
+    return _LONE_SURROGATE.sub("\ufffd", v) if fix and isinstance(v, str) else v
+
+
+def _check_tree(root: Any, fix: bool) -> Any:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and (with `fix`) replace lone surrogates; iterative, so that the
+    check itself cannot overflow the stack."""
+    root = _fix_str(root, fix)
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                node[i] = v = _fix_str(v, fix)
+                if isinstance(v, list | dict):
+                    stack.append((v, depth + 1))
+        elif isinstance(node, dict):
+            if fix:
+                items = [(_fix_str(k, fix), _fix_str(v, fix)) for k, v in node.items()]
+                node.clear()
+                node.update(items)
+            for v in node.values():
+                if isinstance(v, list | dict):
+                    stack.append((v, depth + 1))
+    return root
+
+
+def parse_ip(text: str) -> IPv4Address | IPv6Address:
+    """An IP address as Go's net.ParseIP reads it; raises ValueError. Unlike Python's ipaddress, no IPv6 zone
+    (`fe80::1%eth0`): Go has no place for one in an IP, and a zone in a lease or a route means nothing to a peer."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected an address string, got {_show(text)}")
+    if "%" in text:
+        raise ValueError(f"{text!r} is not an IP address (a zone is not allowed)")
+    return ipaddress.ip_address(text)
+
+
+def parse_cidr(text: str) -> IPv4Network | IPv6Network:
+    """A network as Go's net.ParseCIDR reads it (host bits masked); raises ValueError.
+
+    Only `<address>/<decimal length>`: Python's netmask forms (`10.0.0.0/255.255.0.0`), a bare address and IPv6
+    zones are refused, as Go refuses them.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"expected a CIDR string, got {_show(text)}")
+    addr, sep, bits = text.partition("/")
+    if not sep or not bits.isascii() or not bits.isdigit() or len(bits.lstrip("0")) > 3:
+        raise ValueError(f"{text!r} is not a CIDR (address/length)")
+    ip = parse_ip(addr)
+    n = int(bits)
+    if n > ip.max_prefixlen:
+        raise ValueError(f"{text!r}: prefix length {n} is out of range")
+    return ipaddress.ip_network((ip, n), strict=False)
+
+
+def _show(v: Any, limit: int = 60) -> str:
+    """A value for an error message: JSON, cut short (a message must stay one readable line)."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def ci_get(obj: dict[str, Any], key: str, default: Any = None) -> Any:
@@ -87,7 +249,7 @@ def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise ConfigError(f"{key}: expected true or false, got {json.dumps(v)}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(v)}")
     return v
 
 
@@ -97,7 +259,7 @@ def _int(raw: dict[str, Any], key: str) -> int:
         return 0
     # Upstream decodes these into a Go uint, which rejects negative numbers.
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ConfigError(f"{key}: expected a non-negative integer, got {json.dumps(v)}")
+        raise ConfigError(f"{key}: expected a non-negative integer, got {_show(v)}")
     return v
 
 
@@ -106,12 +268,15 @@ def _net(raw: dict[str, Any], key: str, version: int) -> Any:
     if v in (None, ""):
         return None
     if not isinstance(v, str):
-        raise ConfigError(f"{key}: expected a CIDR string, got {json.dumps(v)}")
+        raise ConfigError(f"{key}: expected a CIDR string, got {_show(v)}")
     try:
         # Go's net.ParseCIDR masks host bits, so "10.1.2.3/16" means 10.1.0.0/16 upstream too.
-        return IPv4Network(v, strict=False) if version == 4 else IPv6Network(v, strict=False)
+        net = parse_cidr(v)
     except ValueError:
-        raise ConfigError(f"{key}: {v!r} is not an IPv{version} CIDR") from None
+        net = None
+    if net is None or net.version != version:
+        raise ConfigError(f"{key}: {v!r} is not an IPv{version} CIDR")
+    return net
 
 
 def _addr(raw: dict[str, Any], key: str, version: int) -> Any:
@@ -119,9 +284,9 @@ def _addr(raw: dict[str, Any], key: str, version: int) -> Any:
     if v in (None, ""):
         return None
     if not isinstance(v, str):
-        raise ConfigError(f"{key}: expected an address string, got {json.dumps(v)}")
+        raise ConfigError(f"{key}: expected an address string, got {_show(v)}")
     try:
-        a = ipaddress.ip_address(v)
+        a = parse_ip(v)
     except ValueError:
         raise ConfigError(f"{key}: {v!r} is not an IP address") from None
     if a.version != version:
@@ -196,8 +361,8 @@ def _family_layout(raw: dict[str, Any], version: int) -> tuple[Any, int, Any, An
 def parse_net_config(text: str | bytes) -> NetConfig:
     """Parse and validate net-conf.json; raises ConfigError naming the key at fault."""
     try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raw = loads_json(text)
+    except ValueError as e:
         raise ConfigError(f"net-conf.json is not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError("net-conf.json must be a JSON object")

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from .config import ci_get
+from .config import ci_get, loads_json, parse_ip
 
 
 class LeaseError(ValueError):
     """A lease key or value that cannot be decoded (for example garbage written by another node)."""
 
 
-_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-fA-F\d:]+)-(\d+))?")
+_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.ASCII)
 _UNSET4 = IPv4Address("0.0.0.0")
 
 
@@ -50,8 +50,8 @@ class LeaseAttrs:
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
         try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            obj = loads_json(text)
+        except ValueError as e:
             raise LeaseError(f"lease value is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise LeaseError("lease value is not a JSON object")
@@ -62,16 +62,13 @@ class LeaseAttrs:
             btype = ""  # a JSON null leaves Go's string field empty
         # Python's address classes also take integers; upstream's decoder takes only strings.
         if not isinstance(pub, str | None) or not isinstance(pub6, str | None):
-            raise LeaseError(f"lease value has a non-string PublicIP/PublicIPv6: {pub!r} / {pub6!r}")
-        try:
-            ip4 = IPv4Address(pub) if pub not in (None, "") else None
-            ip6 = IPv6Address(pub6) if pub6 not in (None, "") else None
-        except (ValueError, TypeError):
-            raise LeaseError(f"lease value has a bad PublicIP/PublicIPv6: {pub!r} / {pub6!r}") from None
+            raise LeaseError(f"lease value has a non-string PublicIP/PublicIPv6: {_cut(pub)} / {_cut(pub6)}")
+        ip4 = _public_ip(pub, pub6, 4)
+        ip6 = _public_ip(pub, pub6, 6)
         if ip4 == _UNSET4:
             ip4 = None
         if not isinstance(btype, str):
-            raise LeaseError(f"lease value has a non-string BackendType: {btype!r}")
+            raise LeaseError(f"lease value has a non-string BackendType: {_cut(btype)}")
         return cls(
             public_ip=ip4,
             public_ipv6=ip6,
@@ -79,6 +76,25 @@ class LeaseAttrs:
             backend_data=ci_get(obj, "BackendData"),
             backend_v6_data=ci_get(obj, "BackendV6Data"),
         )
+
+
+def _cut(v: Any, limit: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _public_ip(pub: str | None, pub6: str | None, version: int) -> Any:
+    """PublicIP (version 4) or PublicIPv6 (6) of a lease value; None when absent or empty."""
+    text = pub if version == 4 else pub6
+    if text is None or text == "":
+        return None
+    try:
+        ip = parse_ip(text)
+    except ValueError:
+        ip = None
+    if ip is None or ip.version != version:
+        raise LeaseError(f"lease value has a bad PublicIP/PublicIPv6: {_cut(pub)} / {_cut(pub6)}")
+    return ip
 
 
 def make_subnet_key(sn: IPv4Network | None, sn6: IPv6Network | None) -> str:
@@ -93,17 +109,21 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
     """Parse the last path element of a lease key; raises LeaseError."""
     m = _KEY_RE.fullmatch(key)  # not match + $, which lets a trailing newline through
     if not m:
-        raise LeaseError(f"not a subnet key: {key!r}")
+        raise LeaseError(f"not a subnet key: {_cut(key)}")
     try:
         sn: IPv4Network | None = IPv4Network(f"{m.group(1)}/{m.group(2)}")
         sn6 = IPv6Network(f"{m.group(3)}/{m.group(4)}") if m.group(3) else None
     except ValueError as e:
-        raise LeaseError(f"not a subnet key: {key!r}: {e}") from None
+        raise LeaseError(f"not a subnet key: {_cut(key)}: {_cut(str(e))}") from None
     assert sn is not None
     if sn.prefixlen == 0:
         sn = None
     if sn is None and sn6 is None:
         raise LeaseError(f"subnet key holds no subnet: {key!r}")
+    # Only the form make_subnet_key writes (upstream's MakeSubnetKey): `10.1.2.0-024` or `FD00::-64` name the
+    # same subnet as another key, so the lease would be renewed, compared and deleted under a key it is not at.
+    if make_subnet_key(sn, sn6) != key:
+        raise LeaseError(f"not a subnet key in canonical form: {key!r} (expected {make_subnet_key(sn, sn6)!r})")
     return sn, sn6
 
 

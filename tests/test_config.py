@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyflannel.config import BackendConfig, ConfigError, NetConfig, ci_get, parse_net_config
+from pyflannel.config import (
+    MAX_CONFIG_BYTES,
+    MAX_JSON_DEPTH,
+    BackendConfig,
+    ConfigError,
+    NetConfig,
+    ci_get,
+    loads_json,
+    parse_net_config,
+    read_config_file,
+)
 
 
 def parse(obj: dict[str, Any]) -> NetConfig:
@@ -516,3 +528,114 @@ def test_ipv6_wrong_types_name_the_key(key: str, value: Any) -> None:
 
 def test_config_error_is_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+# --- what Go's decoder refuses (issue 11) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"Network":"10.0.0.0/16","x":' + "[" * 995 + "]" * 995 + "}",
+        '{"Network":"10.0.0.0/16","x":' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"Network":"10.0.0.0/16","x":' + '{"a":' * 101 + "1" + "}" * 101 + "}",
+        '{"Network":"10.0.0.0/16","x":' + "1" * 5000 + "}",
+        '{"Network":"10.0.0.0/16","SubnetLen":' + "2" * 4301 + "}",
+        '{"Network":"10.0.0.0/16","x":1e400}',
+        '{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":NaN}}',
+        '{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":-Infinity}}',
+    ],
+)
+def test_json_go_refuses_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="not valid JSON") as e:
+        parse_net_config(text)
+    assert len(str(e.value)) < 200
+
+
+def test_nesting_up_to_the_bound_is_accepted() -> None:
+    text = '{"Network":"10.0.0.0/16","x":' + "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1) + "}"
+    assert parse_net_config(text).network == IPv4Network("10.0.0.0/16")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("Network", "10.0.0.0/255.255.0.0"),  # Python's netmask form; Go's ParseCIDR wants a length
+        ("Network", "10.0.0.0/0.0.255.255"),
+        ("Network", "10.0.0.0/+16"),
+        ("Network", "10.0.0.0/1\u0666"),
+        ("Network", "10.0.0.0/" + "1" * 5000),
+        ("Network", "::ffff:10.0.0.0/112"),
+    ],
+)
+def test_cidrs_go_refuses(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse({"Network": "10.0.0.0/16", key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("IPv6Network", "fd00::%eth0/48"),
+        ("IPv6Network", "fd00::/48%eth0"),
+        ("IPv6SubnetMin", "fd00:0:0:1::%eth0"),
+        ("IPv6SubnetMax", "fd00:0:0:ff::%1"),
+    ],
+)
+def test_ipv6_zones_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/48", key: value})
+
+
+def test_cidr_prefix_with_leading_zeros_reads_as_go_does() -> None:
+    assert parse({"Network": "10.0.0.0/016"}).network == IPv4Network("10.0.0.0/16")
+
+
+def test_loads_json_go_semantics() -> None:
+    assert loads_json(b'{"a":"\xff"}') == {"a": "\ufffd"}
+    assert loads_json('["\\udc80", {"\\ud800": "\\udfff"}, "\\ud83d\\ude00"]') == [
+        "\ufffd",
+        {"\ufffd": "\ufffd"},
+        "\U0001f600",
+    ]
+    assert loads_json("-" + "9" * 308) == -int("9" * 308)
+    for bad in ("NaN", "[Infinity]", "1e309", "-1e309", "1" * 310, "[" * 2000 + "]" * 2000):
+        with pytest.raises(ValueError):
+            loads_json(bad)
+
+
+# --- reading the file: a size cap, regular files only, never blocking ----------------------------------------
+
+
+def test_read_config_file(tmp_path: Path) -> None:
+    p = tmp_path / "net-conf.json"
+    p.write_bytes(b'{"Network":"10.0.0.0/16"}')
+    assert read_config_file(str(p), "net conf") == b'{"Network":"10.0.0.0/16"}'
+    p.write_bytes(b"x" * MAX_CONFIG_BYTES)
+    assert len(read_config_file(str(p), "net conf")) == MAX_CONFIG_BYTES
+    p.write_bytes(b"x" * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigError, match=f"net conf {p}: larger than {MAX_CONFIG_BYTES} bytes"):
+        read_config_file(str(p), "net conf")
+
+
+def test_read_config_file_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # A FIFO without a writer would block a plain open() forever; here it is refused at once.
+    with pytest.raises(ConfigError, match=f"cannot read net conf {fifo}: it is not a regular file"):
+        read_config_file(str(fifo), "net conf")
+    with pytest.raises(ConfigError, match="/dev/zero: it is not a regular file"):
+        read_config_file("/dev/zero", "net conf")
+    with pytest.raises(ConfigError, match="it is a directory"):
+        read_config_file(str(tmp_path), "net conf")
+    with pytest.raises(ConfigError, match="No such file or directory"):
+        read_config_file(str(tmp_path / "missing"), "net conf")
+    with pytest.raises(ConfigError, match="cannot read net conf"):
+        read_config_file("a\0b", "net conf")
+
+
+def test_read_config_file_follows_a_symlink_to_a_regular_file(tmp_path: Path) -> None:
+    # kube-flannel's ConfigMap mount is a chain of symlinks.
+    (tmp_path / "real").write_bytes(b"{}")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert read_config_file(str(tmp_path / "link"), "net conf") == b"{}"

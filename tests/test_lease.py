@@ -250,11 +250,77 @@ def test_key_both_ways(sn: str, sn6: str | None, key: str) -> None:
     assert parse_subnet_key(key) == (n4, n6)
 
 
-def test_key_reads_uppercase_ipv6() -> None:
-    assert parse_subnet_key("10.12.13.0-24&FD00:12:13::-56") == (
-        IPv4Network("10.12.13.0/24"),
-        IPv6Network("fd00:12:13::/56"),
-    )
+@pytest.mark.parametrize(
+    "key",
+    [
+        "10.1.2.0-024",  # upstream's ParseUint reads 24, but the key is not the one its MakeSubnetKey writes
+        "10.1.2.0-24&fd00:0:0:1::-064",
+        "10.12.13.0-24&FD00:12:13::-56",  # upstream's regexp takes only lower-case hex
+        "10.12.13.0-24&fd00:12:13:0::-56",  # not the shortest form
+        "10.12.13.0-24&fd00:0012:13::-56",
+        "10.12.13.0-24&fd00::1.2.3.4-120",
+        "1\u0660.1.2.0-24",  # an Arabic-Indic zero: \\d is ASCII only
+        "10.1.2.0-2\u0664",
+        "10.1.2.0-" + "9" * 5000,
+    ],
+)
+def test_non_canonical_keys_are_refused(key: str) -> None:
+    # Two spellings of one subnet would collapse into one peer, and our own lease under such a key would be
+    # renewed and compared under a key it is not stored at.
+    with pytest.raises(LeaseError) as e:
+        parse_subnet_key(key)
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"PublicIP":"1.2.3.4","BackendData":{"VNI":NaN}}',
+        '{"PublicIP":"1.2.3.4","BackendData":{"VNI":Infinity}}',
+        '{"PublicIP":"1.2.3.4","BackendData":{"VNI":-Infinity}}',
+        '{"PublicIP":"1.2.3.4","BackendData":{"VNI":1e400}}',
+        '{"PublicIP":"1.2.3.4","BackendData":{"VNI":-1e400}}',
+        '{"PublicIP":"1.2.3.4","BackendData":' + "1" * 5000 + "}",
+        '{"PublicIP":"1.2.3.4","BackendData":' + "1" * 400 + "}",
+        '{"PublicIP":"1.2.3.4","BackendData":' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"PublicIP":"1.2.3.4","BackendData":' + "[" * 995 + "]" * 995 + "}",
+        '{"PublicIP":"1.2.3.4","BackendData":' + "[" * 101 + "]" * 101 + "}",
+        '{"PublicIP":"1.2.3.4","PublicIPv6":"fe80::1%eth0"}',
+        '{"PublicIP":"1.2.3.4","PublicIPv6":"fd00::1%1"}',
+        '{"PublicIP":"1.2.3.4","PublicIPv6":"1.2.3.4"}',
+        '{"PublicIP":"::ffff:1.2.3.4"}',
+        '{"PublicIP":"01.2.3.4"}',
+        '{"PublicIP":" 1.2.3.4"}',
+        '{"PublicIP":"1.2.3.\u0664"}',
+    ],
+)
+def test_values_go_refuses_raise_lease_error(value: str) -> None:
+    with pytest.raises(LeaseError) as e:
+        LeaseAttrs.from_json(value)
+    assert len(str(e.value)) < 300
+
+
+def test_deep_but_bounded_backend_data_round_trips() -> None:
+    value = '{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendData":' + "[" * 99 + "]" * 99 + "}"
+    assert LeaseAttrs.from_json(value).to_json() == value
+
+
+def test_large_finite_numbers_round_trip() -> None:
+    value = '{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendData":{"a":1.5e+300,"b":-0.5,"c":' + "9" * 300 + "}}"
+    assert LeaseAttrs.from_json(value).to_json() == value
+
+
+def test_lone_surrogates_read_as_replacement_characters_like_go() -> None:
+    value = '{"PublicIP":"1.2.3.4","BackendType":"x\\udc80","BackendData":["\\ud800",{"\\udfff":1}]}'
+    attrs = LeaseAttrs.from_json(value)
+    assert attrs.backend_type == "x\ufffd"
+    assert attrs.backend_data == ["\ufffd", {"\ufffd": 1}]
+    attrs.to_json().encode()  # encodable, unlike a lone surrogate
+
+
+def test_invalid_utf8_reads_as_replacement_characters_like_go() -> None:
+    attrs = LeaseAttrs.from_json(b'{"PublicIP":"1.2.3.4","BackendType":"x\xff"}')
+    assert attrs.backend_type == "x\ufffd"
 
 
 # --- Lease and events -----------------------------------------------------------------------------------------
