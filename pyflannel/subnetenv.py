@@ -1,6 +1,10 @@
 """/run/flannel/subnet.env, the hand-off from flanneld to the CNI plugin.
 
-The subnet values carry the first usable address (`10.42.0.1/24`), as upstream writes them.
+The subnet values carry the first usable address (`10.42.0.1/24`), as upstream writes them. A single-address
+subnet (/32, /128) has no address after its own: it is written as itself (`10.0.0.5/32`), so that it reads back
+as the same subnet. Upstream writes the next address there (`10.0.0.6/32`, and `0.0.0.0/32` for
+255.255.255.255/32), a subnet the node does not own; no config upstream accepts hands out such a subnet
+(SubnetLen is at most 30, IPv6SubnetLen 126), so only a kube podCIDR of that size could meet the difference.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ import os
 import stat
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, parse_cidr, read_config_file
 
 
 class SubnetEnvError(ValueError):
@@ -32,14 +39,38 @@ class SubnetEnv:
         if self.networks:
             lines.append("FLANNEL_NETWORK=" + ",".join(str(n) for n in self.networks))
         if self.subnet is not None:
-            lines.append(f"FLANNEL_SUBNET={self.subnet.network_address + 1}/{self.subnet.prefixlen}")
+            lines.append(f"FLANNEL_SUBNET={_first_usable(self.subnet)}")
         if self.ipv6_networks:
             lines.append("FLANNEL_IPV6_NETWORK=" + ",".join(str(n) for n in self.ipv6_networks))
         if self.ipv6_subnet is not None:
-            lines.append(f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet.network_address + 1}/{self.ipv6_subnet.prefixlen}")
+            lines.append(f"FLANNEL_IPV6_SUBNET={_first_usable(self.ipv6_subnet)}")
         lines.append(f"FLANNEL_MTU={self.mtu}")
         lines.append(f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}")
         return "\n".join(lines) + "\n"
+
+
+def _first_usable(sn: IPv4Network | IPv6Network) -> str:
+    """`<network address + 1>/<len>`, or the address itself when the subnet holds no other (see the module doc)."""
+    if sn.num_addresses == 1:
+        return str(sn)
+    return f"{sn.network_address + 1}/{sn.prefixlen}"
+
+
+def _network(text: str, version: int) -> Any:
+    """A FLANNEL_*NETWORK or FLANNEL_*SUBNET value as Go's net.ParseCIDR reads it (the network, host bits masked)."""
+    net = parse_cidr(text)
+    if net.version != version:
+        raise ValueError(f"{text!r} is not an IPv{version} CIDR")
+    return net
+
+
+def _mtu(text: str) -> int:
+    # The CNI plugin reads it with strconv.ParseUint(s, 10, 32): ASCII digits only, below 2**32.
+    if not text:
+        return 0
+    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > 10 or int(text) >= 2**32:
+        raise ValueError(f"FLANNEL_MTU {text[:20]!r} is not a number below 2**32")
+    return int(text)
 
 
 def parse_subnet_env(text: str) -> SubnetEnv:
@@ -53,13 +84,13 @@ def parse_subnet_env(text: str) -> SubnetEnv:
             raise SubnetEnvError(f"subnet.env: malformed line {raw!r}")
         values[k.strip()] = v.strip()
     try:
-        nets = tuple(IPv4Network(n, strict=False) for n in _split(values.get("FLANNEL_NETWORK")))
-        sub = IPv4Interface(values["FLANNEL_SUBNET"]).network if values.get("FLANNEL_SUBNET") else None
-        nets6 = tuple(IPv6Network(n, strict=False) for n in _split(values.get("FLANNEL_IPV6_NETWORK")))
-        sub6 = IPv6Interface(values["FLANNEL_IPV6_SUBNET"]).network if values.get("FLANNEL_IPV6_SUBNET") else None
-        mtu = int(values.get("FLANNEL_MTU") or 0)
+        nets = tuple(_network(n, 4) for n in _split(values.get("FLANNEL_NETWORK")))
+        sub = _network(values["FLANNEL_SUBNET"], 4) if values.get("FLANNEL_SUBNET") else None
+        nets6 = tuple(_network(n, 6) for n in _split(values.get("FLANNEL_IPV6_NETWORK")))
+        sub6 = _network(values["FLANNEL_IPV6_SUBNET"], 6) if values.get("FLANNEL_IPV6_SUBNET") else None
+        mtu = _mtu(values.get("FLANNEL_MTU", ""))
     except ValueError as e:
-        raise SubnetEnvError(f"subnet.env: {e}") from None
+        raise SubnetEnvError(f"subnet.env: {str(e)[:200]}") from None
     return SubnetEnv(
         networks=nets,
         subnet=sub,
@@ -77,8 +108,8 @@ def _split(v: str | None) -> list[str]:
 def read_subnet_env(path: str | Path) -> SubnetEnv | None:
     """The previous subnet.env, or None when it is absent or unreadable (a fresh node)."""
     try:
-        return parse_subnet_env(Path(path).read_text())
-    except (OSError, SubnetEnvError, UnicodeDecodeError):
+        return parse_subnet_env(read_config_file(str(path), "subnet file").decode())
+    except (ConfigError, SubnetEnvError, UnicodeDecodeError):
         return None
 
 

@@ -169,11 +169,49 @@ def test_parse_ipmasq_not_true(value: str) -> None:
         "FLANNEL_IPV6_SUBNET=fd00::zz/64\n",
         "FLANNEL_MTU=abc\n",
         "FLANNEL_MTU=1450.5\n",
+        # what Go's ParseCIDR and the CNI plugin's strconv.ParseUint(s, 10, 32) refuse (issue 11)
+        "FLANNEL_IPV6_SUBNET=fd00::1%eth0/64\n",
+        "FLANNEL_IPV6_NETWORK=fd00::%1/48\n",
+        "FLANNEL_NETWORK=10.42.0.0/255.255.0.0\n",
+        "FLANNEL_SUBNET=10.42.0.1\n",
+        "FLANNEL_MTU=\u0663\n",
+        "FLANNEL_MTU=1_0\n",
+        "FLANNEL_MTU=-1\n",
+        "FLANNEL_MTU=+1450\n",
+        "FLANNEL_MTU=4294967296\n",
+        "FLANNEL_MTU=" + "9" * 5000 + "\n",
     ],
 )
 def test_parse_malformed_raises(text: str) -> None:
     with pytest.raises(SubnetEnvError):
         parse_subnet_env(text)
+
+
+def test_parse_malformed_error_is_one_short_line() -> None:
+    with pytest.raises(SubnetEnvError) as e:
+        parse_subnet_env("FLANNEL_MTU=" + "9" * 5000 + "\n")
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("subnet", "line"),
+    [
+        (IPv4Network("10.0.0.5/32"), "FLANNEL_SUBNET=10.0.0.5/32"),
+        (IPv4Network("255.255.255.255/32"), "FLANNEL_SUBNET=255.255.255.255/32"),
+        (IPv4Network("10.0.0.4/31"), "FLANNEL_SUBNET=10.0.0.5/31"),
+        (IPv4Network("255.255.255.254/31"), "FLANNEL_SUBNET=255.255.255.255/31"),
+        (IPv6Network("fd00::5/128"), "FLANNEL_IPV6_SUBNET=fd00::5/128"),
+        (IPv6Network("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
+         "FLANNEL_IPV6_SUBNET=ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"),
+    ],
+)  # fmt: skip
+def test_single_address_subnets_round_trip(subnet: IPv4Network | IPv6Network, line: str) -> None:
+    # Upstream writes <address + 1>/32: 10.0.0.6/32 for 10.0.0.5/32 (a subnet the node does not own) and wraps
+    # 255.255.255.255/32 to 0.0.0.0/32. The address itself is the only one a single-address subnet has.
+    env = SubnetEnv(subnet=subnet) if subnet.version == 4 else SubnetEnv(ipv6_subnet=subnet)
+    text = env.render()
+    assert line + "\n" in text
+    assert parse_subnet_env(text) == env
 
 
 def test_subnet_env_error_is_value_error() -> None:
@@ -197,6 +235,17 @@ def test_read_malformed_file_is_none(tmp_path: Path) -> None:
 
 def test_read_directory_is_none(tmp_path: Path) -> None:
     assert read_subnet_env(tmp_path) is None
+
+
+def test_read_device_fifo_or_huge_file_is_none_at_once(tmp_path: Path) -> None:
+    # --subnet-file=/dev/zero must not be read without bound, and a FIFO must not block the agent's start.
+    assert read_subnet_env("/dev/zero") is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert read_subnet_env(fifo) is None
+    big = tmp_path / "big"
+    big.write_bytes(V4_TEXT.encode() + b"#" * (2 << 20))
+    assert read_subnet_env(big) is None
 
 
 def test_read_upstream_file(tmp_path: Path) -> None:
