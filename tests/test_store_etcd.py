@@ -222,11 +222,28 @@ def test_bad_options_are_clear_errors(tmp_path: Any) -> None:
         (["http://10.0.0.1:notaport"], "bad etcd endpoint"),
         (["http://10.0.0.1:2379", "https://10.0.0.2:2379"], "mix"),
         ([], "no etcd endpoints"),
+        # Refused at once instead of being retried forever (issue 11).
+        (["not-a-url"], "'not-a-url': expected http://HOST:PORT"),
+        (["10.0.0.1"], "expected http://HOST:PORT"),
+        (["http://10.0.0.1:99999"], "Port out of range"),
+        (["http://10.0.0.1:0"], "port 0"),
+        (["http://a b:2379"], "not a host name"),
+        (["http://-x:2379"], "not a host name"),
+        (["http://u:p@10.0.0.1:2379"], "--etcd-username"),
+        (["http://10.0.0.1:2379/v3"], "path"),
+        (["http://10.0.0.1:2379?x=1"], "query"),
+        (["http://[fd00::1:2379"], "Invalid IPv6 URL"),
     ):
         with pytest.raises(StoreError, match=match):
             EtcdStore(EtcdOptions(endpoints=eps))
     with pytest.raises(StoreError, match="CA file"):
         EtcdStore(EtcdOptions(endpoints=["https://10.0.0.1:2379"], cafile=str(tmp_path / "missing.pem")))
+    # TLS files go through the size-capped reader: no device, FIFO or directory is read.
+    for bad in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(StoreError, match=r"CA file .*: it is"):
+            EtcdStore(EtcdOptions(endpoints=["https://10.0.0.1:2379"], cafile=bad))
+    for ok in ("10.0.0.1:2379", "etcd-0.etcd:2379", "http://etcd_1", "https://[fd00::1]:2379", " http://a.b/ "):
+        EtcdStore(EtcdOptions(endpoints=[ok]))
     with pytest.raises(StoreError, match="together"):
         EtcdStore(EtcdOptions(endpoints=["https://10.0.0.1:2379"], keyfile="/x"))
     with pytest.raises(StoreError, match="renew margin"):

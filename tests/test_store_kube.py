@@ -200,6 +200,113 @@ def test_missing_net_conf_is_a_clear_error(tmp_path: Path) -> None:
         asyncio.run(st.get_network_config())
 
 
+def test_net_conf_that_is_no_regular_file_or_too_big_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (2 << 20) + b"{}")
+    for path, why in (("/dev/zero", "not a regular file"), (str(fifo), "not a regular file"),
+                      (str(tmp_path), "a directory"), (str(big), "larger than 1048576 bytes")):  # fmt: skip
+        st = KubeStore(KubeOptions(node_name="n1", net_config_path=path))
+        with pytest.raises(ConfigError, match=f"failed to read net conf {path}: .*{why}"):
+            asyncio.run(asyncio.wait_for(st.get_network_config(), 5))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"Network":' + "[" * 995 + "]" * 995 + "}", '{"Network":"10.244.0.0/16","x":' + "9" * 5000 + "}",
+     '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":NaN}}', '{"Network":"fd00::%eth0/48"}'],
+)  # fmt: skip
+def test_bad_net_conf_is_the_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "net-conf.json"
+    path.write_text(text)
+    st = KubeStore(KubeOptions(node_name="n1", net_config_path=str(path)))
+    with pytest.raises(ConfigError, match=f"^{path}: ") as e:
+        asyncio.run(st.get_network_config())
+    assert len(str(e.value)) < 300
+
+
+def _flannel_node(**ann: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "bad", "annotations": {**peer_annotations("192.168.77.12"), **ann}},
+        "spec": {"podCIDRs": ["10.244.3.0/24"]},
+    }
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        _flannel_node(**{P + "backend-data": "[" * 995 + "]" * 995}),
+        _flannel_node(**{P + "backend-data": "[" * 100_000}),
+        _flannel_node(**{P + "backend-data": "9" * 5000}),
+        _flannel_node(**{P + "backend-data": '{"VNI":NaN}'}),
+        _flannel_node(**{P + "backend-data": '{"VNI":1e400}'}),
+        _flannel_node(**{P + "backend-data": 7}),
+        _flannel_node(**{P + "public-ip": "192.168.77.012"}),
+        _flannel_node(**{P + "public-ip": 3232255244}),
+        _flannel_node(**{P + "public-ip": "fd00::1"}),
+        _flannel_node(**{P + "backend-type": ["vxlan"]}),
+        {"metadata": {"name": "bad", "annotations": peer_annotations("192.168.77.12")},
+         "spec": {"podCIDRs": ["10.244.3.0/255.255.255.0"]}},
+        {"metadata": {"name": "bad", "annotations": peer_annotations("192.168.77.12")},
+         "spec": {"podCIDRs": ["10.244.3.0/24", 5]}},
+        {"metadata": {"name": "bad", "annotations": peer_annotations("192.168.77.12")}, "spec": []},
+        {"metadata": {"name": "bad", "annotations": ["x"]}, "spec": {}},
+        {"metadata": "bad"},
+        ["not", "a", "node"],
+    ],
+)  # fmt: skip
+def test_garbage_flannel_node_raises_value_error_and_the_store_skips_it(
+    node: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ann = Annotations.for_prefix("flannel.alpha.coreos.com")
+    net = parse_net_config(json.dumps(VXLAN))
+    with pytest.raises(ValueError) as e:
+        node_to_lease(node, ann, net)
+    assert len(str(e.value)) < 300
+    st = KubeStore(KubeOptions(node_name="n1"))
+    good = {"metadata": {"name": "good", "annotations": peer_annotations("192.168.77.13")},
+            "spec": {"podCIDRs": ["10.244.4.0/24"]}}  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert list(st._leases([node, good], net)) == ["good"]
+    assert "skipping node" in caplog.text
+
+
+def test_ipv6_zones_are_refused_in_annotations_and_pod_cidrs() -> None:
+    ann = Annotations.for_prefix("flannel.alpha.coreos.com")
+    net = parse_net_config(json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/48"}))
+    base = {P + "kube-subnet-manager": "true", P + "backend-type": "host-gw", P + "backend-v6-data": "null"}
+    good = {**base, P + "public-ipv6": "fd00::1"}
+    ok = {"metadata": {"annotations": good}, "spec": {"podCIDRs": ["fd00:0:0:1::/64"]}}
+    assert node_to_lease(ok, ann, net) is not None
+    for a, cidr in (({**base, P + "public-ipv6": "fe80::1%eth0"}, "fd00:0:0:1::/64"), (good, "fd00:0:0:1::%eth0/64")):
+        with pytest.raises(ValueError, match=r"zone is not allowed"):
+            node_to_lease({"metadata": {"annotations": a}, "spec": {"podCIDRs": [cidr]}}, ann, net)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"[" * 100_000, b"9" * 5000, b'{"type":"ADDED","object":"x"}', b'{"type":"ADDED","object":[1]}',
+     b'["ADDED"]', b'{"type":"ERROR","object":' + b"[" * 2000 + b"]" * 2000 + b"}"],
+)  # fmt: skip
+def test_undecodable_watch_lines_are_store_errors(line: bytes) -> None:
+    st = KubeStore(KubeOptions(node_name="n1"))
+    net = parse_net_config(json.dumps(VXLAN))
+    with pytest.raises(StoreError, match="watch nodes"):
+        st._apply_watch_line(line, "1", {}, net, [])
+
+
+def test_watch_event_of_a_garbage_node_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    st = KubeStore(KubeOptions(node_name="n1"))
+    net = parse_net_config(json.dumps(VXLAN))
+    node = _flannel_node(**{P + "backend-data": "[" * 995 + "]" * 995})
+    batch: list[LeaseEvent] = []
+    with caplog.at_level("WARNING"):
+        st._apply_watch_line(json.dumps({"type": "ADDED", "object": node}).encode(), "1", {}, net, batch)
+    assert batch == []
+    assert "skipping node bad" in caplog.text
+
+
 # --- against the fake --------------------------------------------------------------------------------
 def test_acquire_writes_upstream_annotations_on_status_and_the_condition(run: Any) -> None:
     async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:

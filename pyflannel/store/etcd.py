@@ -18,6 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -39,7 +40,7 @@ from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 
-from ..config import ConfigError, NetConfig, parse_net_config
+from ..config import ConfigError, NetConfig, parse_net_config, read_config_file
 from ..lease import (
     EventType,
     Lease,
@@ -105,22 +106,39 @@ class _Endpoint:
     tls: bool
 
 
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?")
+_ENDPOINT_EXAMPLE = "expected http://HOST:PORT or https://HOST:PORT (or HOST:PORT), e.g. http://10.0.0.2:2379"
+
+
 def _parse_endpoint(url: str) -> _Endpoint:
+    """One --etcd-endpoints entry. Anything that cannot name an etcd server is refused here, at start-up: a name
+    that merely does not resolve yet is retried later, a string that is no endpoint at all would be retried
+    forever."""
     text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
+    bare = "://" not in text
+    if bare:
+        text = "http://" + text  # etcd's client takes HOST:PORT too
     try:
         u = urlsplit(text)
-        port = u.port or 2379
+        port = u.port
     except ValueError as e:
-        raise StoreError(f"bad etcd endpoint {url!r}: {e}") from None
+        raise StoreError(f"bad etcd endpoint {url!r}: {e}; {_ENDPOINT_EXAMPLE}") from None
     if u.scheme not in ("http", "https"):
         raise StoreError(f"bad etcd endpoint {url!r}: scheme must be http or https")
     if not u.hostname:
-        raise StoreError(f"bad etcd endpoint {url!r}: no host")
-    if u.path not in ("", "/"):
-        raise StoreError(f"bad etcd endpoint {url!r}: unexpected path {u.path!r}")
-    return _Endpoint(host=u.hostname, port=port, tls=u.scheme == "https")
+        raise StoreError(f"bad etcd endpoint {url!r}: no host; {_ENDPOINT_EXAMPLE}")
+    if bare and port is None:
+        raise StoreError(f"bad etcd endpoint {url!r}: {_ENDPOINT_EXAMPLE}")
+    if port == 0:
+        raise StoreError(f"bad etcd endpoint {url!r}: port 0")
+    if u.username is not None or u.password is not None:
+        raise StoreError(f"bad etcd endpoint {url!r}: credentials go in --etcd-username and --etcd-password")
+    if u.path not in ("", "/") or u.query or u.fragment:
+        raise StoreError(f"bad etcd endpoint {url!r}: a path, query or fragment; {_ENDPOINT_EXAMPLE}")
+    if _literal_ip(u.hostname) is None and not _HOSTNAME.fullmatch(u.hostname):
+        raise StoreError(f"bad etcd endpoint {url!r}: {u.hostname!r} is not a host name or IP address")
+    return _Endpoint(host=u.hostname, port=port or 2379, tls=u.scheme == "https")
 
 
 def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -134,10 +152,9 @@ def _read(path: str | None, what: str) -> bytes | None:
     if not path:
         return None
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise StoreError(f"cannot read etcd {what} {path!r}: {e.strerror}") from None
+        return read_config_file(path, f"etcd {what}")
+    except ConfigError as e:
+        raise StoreError(str(e)) from None
 
 
 class _Backoff:

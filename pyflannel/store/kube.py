@@ -26,10 +26,10 @@ import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from ..config import ConfigError, NetConfig, parse_net_config
+from ..config import ConfigError, NetConfig, loads_json, parse_cidr, parse_ip, parse_net_config, read_config_file
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
 from .base import Store, StoreError
@@ -138,31 +138,51 @@ class _WatchGone(Exception):
     """The watch's resourceVersion is older than the server's history: re-list."""
 
 
+def _mapping(v: Any, what: str) -> Mapping[str, Any]:
+    """A JSON object of a Node, `{}` when absent; ValueError when it is something else."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} is not an object")
+    return v
+
+
 def _parse_pod_cidrs(node: Mapping[str, Any]) -> tuple[IPv4Network | None, IPv6Network | None]:
     """spec.podCIDRs (or spec.podCIDR) as one IPv4 and one IPv6 network; raises ValueError."""
-    spec = node.get("spec") or {}
+    spec = _mapping(node.get("spec"), "spec")
     cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     if not isinstance(cidrs, list) or len(cidrs) > 2:
-        raise ValueError(f"spec.podCIDRs {cidrs!r} should be IPv4 and/or IPv6 only")
+        raise ValueError(f"spec.podCIDRs {_cut(cidrs)} should be IPv4 and/or IPv6 only")
     v4: IPv4Network | None = None
     v6: IPv6Network | None = None
     for c in cidrs:
-        net = ip_network(str(c), strict=False)
+        net = parse_cidr(c)  # Go's net.ParseCIDR, as upstream reads them: no zone, no netmask form
         if isinstance(net, IPv4Network):
             if v4 is not None:
-                raise ValueError(f"spec.podCIDRs {cidrs!r} holds two IPv4 networks")
+                raise ValueError(f"spec.podCIDRs {_cut(cidrs)} holds two IPv4 networks")
             v4 = net
         else:
             if v6 is not None:
-                raise ValueError(f"spec.podCIDRs {cidrs!r} holds two IPv6 networks")
+                raise ValueError(f"spec.podCIDRs {_cut(cidrs)} holds two IPv6 networks")
             v6 = net
     return v4, v6
 
 
-def _decode_data(raw: str | None) -> Any:
+def _cut(v: Any, limit: int = 80) -> str:
+    try:
+        text = repr(v)
+    except RecursionError:
+        text = f"<{type(v).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _decode_data(raw: Any) -> Any:
+    """A backend-data annotation: JSON text (upstream's json.RawMessage), None when absent; raises ValueError."""
     if raw is None or raw == "":
         return None
-    return json.loads(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"backend data {_cut(raw)} is not a string")
+    return loads_json(raw)
 
 
 def _encode_data(data: Any) -> str:
@@ -170,11 +190,28 @@ def _encode_data(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
+def _annotation_ip(a: Mapping[str, Any], key: str, version: int) -> Any:
+    v = a.get(key, "")
+    if not isinstance(v, str):
+        raise ValueError(f"annotation {key} {_cut(v)} is not a string")
+    ip = parse_ip(v)
+    if ip.version != version:
+        raise ValueError(f"annotation {key} {v!r} is not an IPv{version} address")
+    return ip
+
+
+def node_annotations(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    """metadata.annotations of a Node; raises ValueError when the object does not have the shape of one."""
+    meta = _mapping(node.get("metadata"), "metadata")
+    return _mapping(meta.get("annotations"), "metadata.annotations")
+
+
 def node_to_lease(node: Mapping[str, Any], ann: Annotations, net: NetConfig) -> Lease | None:
     """The lease a Node stands for; None when it is not a flannel node. Raises ValueError for a flannel node
-    whose annotations or podCIDRs cannot be read."""
-    meta = node.get("metadata") or {}
-    a = meta.get("annotations") or {}
+    whose annotations or podCIDRs cannot be read (or an object that is no Node at all)."""
+    if not isinstance(node, Mapping):
+        raise ValueError("the object is not a JSON object")
+    a = node_annotations(node)
     if a.get(ann.kube_managed) != "true":
         return None
     v4, v6 = _parse_pod_cidrs(node)
@@ -184,25 +221,34 @@ def node_to_lease(node: Mapping[str, Any], ann: Annotations, net: NetConfig) -> 
     if net.enable_ipv4:
         if v4 is None:
             raise ValueError("no IPv4 podCIDR")
-        pub4 = IPv4Address(a.get(ann.public_ip, ""))
+        pub4 = _annotation_ip(a, ann.public_ip, 4)
         data = _decode_data(a.get(ann.backend_data))
     else:
         v4 = None
     if net.enable_ipv6:
         if v6 is None:
             raise ValueError("no IPv6 podCIDR")
-        pub6 = IPv6Address(a.get(ann.public_ipv6, ""))
+        pub6 = _annotation_ip(a, ann.public_ipv6, 6)
         data6 = _decode_data(a.get(ann.backend_v6_data))
     else:
         v6 = None
+    btype = a.get(ann.backend_type, "")
+    if not isinstance(btype, str):
+        raise ValueError(f"annotation {ann.backend_type} {_cut(btype)} is not a string")
     attrs = LeaseAttrs(
         public_ip=pub4,
         public_ipv6=pub6,
-        backend_type=str(a.get(ann.backend_type, "")),
+        backend_type=btype,
         backend_data=data,
         backend_v6_data=data6,
     )
     return Lease(subnet=v4, ipv6_subnet=v6, attrs=attrs, expiration=None)
+
+
+def _node_name(node: Any) -> str:
+    meta = node.get("metadata") if isinstance(node, Mapping) else None
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    return name if isinstance(name, str) else "?"
 
 
 @dataclass
@@ -251,6 +297,8 @@ class KubeStore(Store):
         cfg = client.Configuration()
         try:
             if self.opts.kubeconfig_file:
+                # Through the size-capped reader first: a FIFO or a device is refused instead of read forever.
+                read_config_file(self.opts.kubeconfig_file, "kubeconfig file")
                 await config.load_kube_config(config_file=self.opts.kubeconfig_file, client_configuration=cfg)
                 if self.opts.api_url:
                     cfg.host = self.opts.api_url.rstrip("/")
@@ -259,8 +307,8 @@ class KubeStore(Store):
                 # Inside a pod the service-account token still authenticates us against an explicit URL.
                 token = os.path.join(self.opts.serviceaccount_dir, "token")
                 if os.path.isfile(token):
-                    with open(token) as f:
-                        cfg.api_key = {"BearerToken": f.read().strip()}
+                    text = read_config_file(token, "service account token").decode(errors="replace")
+                    cfg.api_key = {"BearerToken": text.strip()}
                     ca = os.path.join(self.opts.serviceaccount_dir, "ca.crt")
                     if os.path.isfile(ca):
                         cfg.ssl_ca_cert = ca
@@ -273,7 +321,7 @@ class KubeStore(Store):
                         "KUBERNETES_SERVICE_PORT": self.opts.service_port,
                     },
                 ).load_and_set(cfg)
-        except (ConfigException, OSError) as e:
+        except (ConfigException, OSError, ConfigError) as e:
             raise StoreError(
                 f"cannot configure the Kubernetes client (use --kube-api-url, --kubeconfig-file, "
                 f"or run in a pod with a service account): {e}"
@@ -316,10 +364,10 @@ class KubeStore(Store):
             raise StoreError(f"{what}: cannot reach the Kubernetes API: {e or type(e).__name__}") from None
         try:
             obj = json.loads(body) if body else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a number past int()'s limit, nested too deeply
             obj = {"message": body[:200].decode(errors="replace")}
         if not 200 <= status < 300:
-            msg = obj.get("message", "") if isinstance(obj, dict) else ""
+            msg = str(obj.get("message", ""))[:300] if isinstance(obj, dict) else ""
             if status == 403:
                 msg += " (check the flannel ClusterRole: pods get; nodes get/list/watch; nodes/status patch)"
             raise _ApiError(status, f"{what}: HTTP {status}: {msg}")
@@ -359,10 +407,9 @@ class KubeStore(Store):
     async def get_network_config(self) -> NetConfig:
         path = self.opts.net_config_path
         try:
-            with open(path, "rb") as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"failed to read net conf {path}: {e.strerror or e}") from None
+            text = read_config_file(path, "net conf")
+        except ConfigError as e:
+            raise ConfigError(f"failed to read {str(e).removeprefix('cannot read ')}") from None
         try:
             net = parse_net_config(text)
         except ConfigError as e:
@@ -373,14 +420,14 @@ class KubeStore(Store):
     async def public_ip_overrides(self) -> tuple[IPv4Address | None, IPv6Address | None]:
         """The `<p>/node-public-ip` and `<p>/node-public-ipv6` annotations of our Node, if set."""
         node = await self.get_node()
-        a = (node.get("metadata") or {}).get("annotations") or {}
         v4: IPv4Address | None = None
         v6: IPv6Address | None = None
         try:
+            a = node_annotations(node)
             if a.get(self.ann.node_public_ip):
-                v4 = IPv4Address(a[self.ann.node_public_ip])
+                v4 = _annotation_ip(a, self.ann.node_public_ip, 4)
             if a.get(self.ann.node_public_ipv6):
-                v6 = IPv6Address(a[self.ann.node_public_ipv6])
+                v6 = _annotation_ip(a, self.ann.node_public_ipv6, 6)
         except ValueError as e:
             raise ConfigError(f"node {self.node_name}: bad {self.ann.prefix}node-public-ip annotation: {e}") from None
         return v4, v6
@@ -388,14 +435,18 @@ class KubeStore(Store):
     async def previous_backend_data(self, backend_type: str) -> tuple[Any, Any]:
         """Our own decoded backend-data and backend-v6-data, when written by the same backend type."""
         node = await self.get_node()
-        a = (node.get("metadata") or {}).get("annotations") or {}
-        if a.get(self.ann.backend_type, "").lower() != backend_type.lower():
+        try:
+            a = node_annotations(node)
+        except ValueError:
+            return None, None
+        btype = a.get(self.ann.backend_type, "")
+        if not isinstance(btype, str) or btype.lower() != backend_type.lower():
             return None, None
         res: list[Any] = []
         for key in (self.ann.backend_data, self.ann.backend_v6_data):
             try:
                 res.append(_decode_data(a.get(key)))
-            except (ValueError, RecursionError):  # garbage in our own annotation: nothing to restore
+            except ValueError:  # garbage in our own annotation: nothing to restore
                 res.append(None)
         return res[0], res[1]
 
@@ -495,21 +546,24 @@ class KubeStore(Store):
             self._net = await self.get_network_config()
         return self._net
 
-    def _leases(self, items: list[dict[str, Any]], net: NetConfig) -> dict[str, Lease]:
+    def _leases(self, items: Any, net: NetConfig) -> dict[str, Lease]:
         out: dict[str, Lease] = {}
+        if not isinstance(items, list):
+            log.warning("the node list holds no list of items: %s", _cut(items))
+            return out
         for node in items:
-            name = str((node.get("metadata") or {}).get("name", ""))
             lease = self._lease_of(node, net)
             if lease is not None:
-                out[name] = lease
+                out[_node_name(node)] = lease
         return out
 
-    def _lease_of(self, node: Mapping[str, Any], net: NetConfig) -> Lease | None:
+    def _lease_of(self, node: Any, net: NetConfig) -> Lease | None:
+        """node_to_lease, with a Node that cannot be used skipped with a warning: one bad node never stops the
+        watch or the agent."""
         try:
             return node_to_lease(node, self.ann, net)
         except (ValueError, TypeError) as e:
-            name = (node.get("metadata") or {}).get("name", "?")
-            log.warning("skipping node %s: its flannel annotations or podCIDRs cannot be used: %s", name, e)
+            log.warning("skipping node %s: its flannel annotations or podCIDRs cannot be used: %s", _node_name(node), e)
             return None
 
     async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
@@ -524,8 +578,9 @@ class KubeStore(Store):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opts.retry_delay * 16)
                 continue
-            rv = str((listing.get("metadata") or {}).get("resourceVersion", ""))
-            current = self._leases(list(listing.get("items") or []), net)
+            meta = listing.get("metadata")
+            rv = str(meta.get("resourceVersion", "")) if isinstance(meta, dict) else ""
+            current = self._leases(listing.get("items") or [], net)
             yield LeaseSnapshot(tuple(current.values()))
             try:
                 while True:
@@ -591,18 +646,21 @@ class KubeStore(Store):
             ev = json.loads(line)
             etype = ev["type"]
             obj = ev["object"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):
             raise StoreError(f"watch nodes: undecodable event {line[:200]!r}") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"watch nodes: event without an object: {line[:200]!r}")
         if etype == "ERROR":
-            code = obj.get("code") if isinstance(obj, dict) else None
+            code = obj.get("code")
             if code == 410:
-                raise _WatchGone(str(obj.get("message", "Gone")))
-            raise StoreError(f"watch nodes: error event {obj!r}")
-        meta = obj.get("metadata") or {}
+                raise _WatchGone(str(obj.get("message", "Gone"))[:300])
+            raise StoreError(f"watch nodes: error event {_cut(obj, 300)}")
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         new_rv = str(meta.get("resourceVersion") or rv)
         if etype == "BOOKMARK":
             return new_rv
-        name = str(meta.get("name", ""))
+        name = _node_name(obj)
         old = current.get(name)
         lease = None if etype == "DELETED" else self._lease_of(obj, net)
         if lease is None:
