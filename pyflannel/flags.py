@@ -2,6 +2,8 @@
 
 Go's flag package accepts `-flag`, `--flag`, `-flag=value` and `-flag value`; booleans take a value only
 with `=` (`--ip-masq=false`). Every flag can also come from `FLANNELD_<NAME_WITH_UNDERSCORES>`; the flag wins.
+Values are read as Go's flag package reads them: integers with strconv.ParseInt(s, 0, 64) (`0x1f`, `010` is
+octal 8, `1_000`; no spaces, no non-ASCII digits), booleans with strconv.ParseBool.
 """
 
 from __future__ import annotations
@@ -75,19 +77,72 @@ class Options:
         return self.values[name]
 
 
+_TRUE = frozenset(("1", "t", "T", "TRUE", "true", "True"))
+_FALSE = frozenset(("0", "f", "F", "FALSE", "false", "False"))
+_BASES = {"b": 2, "o": 8, "x": 16}
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def go_parse_int(text: str) -> int:
+    """strconv.ParseInt(text, 0, 64), as Go's flag package reads an int flag; raises ValueError ("invalid syntax"
+    or "value out of range")."""
+    s = text
+    neg = s[:1] == "-"
+    if s[:1] in ("+", "-"):
+        s = s[1:]
+    base, digits = 10, s
+    if s[:1] == "0":
+        if len(s) >= 3 and s[1].lower() in _BASES:
+            base, digits = _BASES[s[1].lower()], s[2:]
+        else:
+            base, digits = 8, s[1:]
+    clean = digits.replace("_", "")
+    valid = "0123456789abcdef"[:base]
+    if not s or (digits and not clean) or any(c not in valid for c in clean.lower()):
+        raise ValueError("invalid syntax")
+    if "_" in digits and not _underscores_ok(s):
+        raise ValueError("invalid syntax")
+    if len(clean.lstrip("0")) > 64:
+        raise ValueError("value out of range")
+    n = int(clean, base) if clean else 0
+    n = -n if neg else n
+    if not _INT64_MIN <= n <= _INT64_MAX:
+        raise ValueError("value out of range")
+    return n
+
+
+def _underscores_ok(s: str) -> bool:
+    """Go's underscoreOK: each `_` separates two digits (a base prefix counts as a digit)."""
+    saw, i, hexa = "^", 0, False
+    if len(s) >= 2 and s[0] == "0" and s[1].lower() in _BASES:
+        saw, i, hexa = "0", 2, s[1].lower() == "x"
+    for c in s[i:]:
+        if c in "0123456789" or (hexa and c.lower() in "abcdef"):
+            saw = "0"
+        elif c == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        elif saw == "_":
+            return False
+        else:
+            saw = "!"
+    return saw != "_"
+
+
 def _convert(flag: Flag, raw: str, source: str) -> Any:
     if flag.kind is bool:
-        low = raw.strip().lower()
-        if low in ("1", "t", "true"):
+        if raw in _TRUE:
             return True
-        if low in ("0", "f", "false"):
+        if raw in _FALSE:
             return False
-        raise UsageError(f"invalid boolean value {raw!r} for {source}")
+        raise UsageError(f"invalid boolean value {raw[:40]!r} for {source}")
     if flag.kind is int:
         try:
-            return int(raw)
-        except ValueError:
-            raise UsageError(f"invalid integer value {raw!r} for {source}") from None
+            return go_parse_int(raw)
+        except ValueError as e:
+            why = "" if str(e) == "invalid syntax" else f": {e}"
+            raise UsageError(f"invalid integer value {raw[:40]!r} for {source}{why}") from None
     return raw
 
 
@@ -138,6 +193,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> Options:
     margin = values["subnet-lease-renew-margin"]
     if not 1 <= margin <= 1439:
         raise UsageError("--subnet-lease-renew-margin must be between 1 and 1439 minutes")
+    port = values["healthz-port"]
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--healthz-port must be between 0 (off) and 65535, got {port}")
     if values["iptables-resync"] < 1:
         raise UsageError("--iptables-resync must be at least 1 second")
     if values["reconcile-interval"] < 1:

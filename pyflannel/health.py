@@ -21,7 +21,11 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        """Listen; raises OSError for any address or port that cannot be served (the caller reports it)."""
+        try:
+            self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        except (ValueError, OverflowError, UnicodeError) as e:  # a port above 65535, an unencodable host
+            raise OSError(f"{e}") from None
         log.info("serving /healthz and /readyz on %s:%d", self._host, self._port)
 
     async def close(self) -> None:
