@@ -1,14 +1,59 @@
-"""Shared fixtures. Integration tests run only inside namespaces this run creates (see pyflannel.lab.netns)."""
+"""Shared fixtures. Integration tests run only inside namespaces this run creates (see pyflannel.lab.netns).
+
+Markers of the stock-kernel VM pass (`python -m pyflannel.lab.vm`, run by scripts/test.sh after the host pass):
+- `kernel_vm`: the test also runs inside the VM (the runner passes `-m kernel_vm`);
+- `vm_only`: the test needs the stock kernel (ipip, wireguard, esp4...): deselected on the host, and it implies
+  `kernel_vm`. Inside such a test, `require_kernel_module("ipip")` fails (never skips) if modprobe cannot load it.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from pyflannel.lab import netns
+from pyflannel.lab.vm import IN_VM_ENV
+
+
+def in_vm() -> bool:
+    """True inside the stock-kernel VM (the runner sets PYFLANNEL_IN_VM=1 there)."""
+    return os.environ.get(IN_VM_ENV) == "1"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: vm_only must already imply kernel_vm
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("vm_only") and not item.get_closest_marker("kernel_vm"):
+            item.add_marker("kernel_vm")
+    if in_vm():
+        return
+    # On the host, vm_only tests are deselected (not skipped): this kernel cannot run them, the VM pass does.
+    keep = [i for i in items if not i.get_closest_marker("vm_only")]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("vm_only")])
+        items[:] = keep
+
+
+def _require_kernel_module(*names: str) -> None:
+    for name in names:
+        try:
+            p = subprocess.run(["modprobe", name], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.fail(f"kernel module {name} cannot be loaded: modprobe {name}: {e}", pytrace=False)
+        if p.returncode != 0:
+            why = (p.stderr or p.stdout).strip() or f"exit {p.returncode}"
+            pytest.fail(f"kernel module {name} cannot be loaded (kernel {os.uname().release}): {why}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def require_kernel_module() -> Callable[..., None]:
+    """`require_kernel_module("ipip", "wireguard")`: modprobe each, and fail the test naming the module that
+    cannot be loaded. Never skips: a vm_only test runs where the module must exist."""
+    return _require_kernel_module
 
 
 def _can_netns() -> str | None:
