@@ -59,7 +59,7 @@ def cni_env(bed: Bed, command: str, **over: str) -> dict[str, str]:
 def test_layout_and_bytecode(dist: Path) -> None:
     assert (dist / "python" / "python3.11").is_file()
     assert sorted(p.name for p in (dist / "app" / "pyflannel" / "cni").glob("*.py")) == [
-        "__init__.py", "_fastjson.py", "conf.py", "plugin.py",
+        "__init__.py", "_fastjson.py", "_goerr.py", "conf.py", "plugin.py",
     ]  # fmt: skip
     sources = [p for p in dist.rglob("*.py") if p != dist / "main.py"]
     assert len(sources) > 50
@@ -187,7 +187,7 @@ def test_imports_nothing_outside_the_dist(dist: Path, tmp_path: Path) -> None:
     assert report["prefix"] == str(dist / "python")
     assert all(Path(d).is_relative_to(dist) for d in report["path"]), report["path"]
     mods: dict[str, tuple[str | None, str | None]] = report["modules"]
-    assert {"logging", "decimal", "json", "_json", "pyflannel.cni.plugin"} <= mods.keys()
+    assert {"logging", "decimal", "json", "_json", "pyflannel.cni.plugin", "pyflannel.cni._goerr"} <= mods.keys()
     for name, (file, origin) in mods.items():
         if name == "__main__":
             continue

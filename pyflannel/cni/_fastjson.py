@@ -2,9 +2,9 @@
 
 `import json` pulls in re, enum, functools and collections: about 11 ms of a bare interpreter's start,
 which the runtime pays on every ADD and DEL. The C accelerator `_json` that `json` itself uses does the
-work here; `json` is imported only on error paths (its exception type) and for rare number formats.
-IPv6 addresses go through `_socket.inet_pton/inet_ntop`, whose text form matches Go's net.IP.String();
-`_socket` (0.3 ms to load) is imported only for them: IPv4 is parsed here.
+work here; `json` is imported only for rare number formats, and the error texts (Go's, from _goerr) only on
+error paths. IPv6 addresses are parsed by `_socket.inet_pton` (0.3 ms to load, so only for them: IPv4 is parsed
+here) and printed here in Go's net.IP.String() form.
 """
 
 import _json
@@ -17,8 +17,63 @@ if TYPE_CHECKING:
 _WS = " \t\n\r"
 
 
+# Nesting deeper than this is refused, with encoding/json's message for its own limit (10000 levels): the C
+# scanner and the encoders recurse, and a few hundred levels are far beyond any CNI config.
+MAX_DEPTH = 512
+
+
+class JSONError(ValueError):
+    """Malformed JSON; the text is encoding/json's (see _goerr.syntax_error)."""
+
+
+class BigNumber(float):
+    """A number beyond float64 (1e400, a 400-digit integer): Go's decoder refuses it where it decodes into
+    interface{} or a float; `text` is the literal as written. Its value is +-inf."""
+
+    text: str
+
+    def __new__(cls, text: str) -> "BigNumber":
+        self = super().__new__(cls, "-inf" if text.startswith("-") else "inf")
+        self.text = text
+        return self
+
+
+_big: list[BigNumber] = []  # the BigNumbers the last loads() made
+
+
+def overflowed() -> bool:
+    """Did the last loads() meet a number beyond float64?"""
+    return bool(_big)
+
+
 def _reject_constant(name: str) -> "Any":
     raise ValueError(f"invalid JSON value {name}")
+
+
+def _parse_int(s: str) -> "Any":
+    # An integer literal of 300 digits or fewer is below float64's maximum (1.8e308); int() would also refuse
+    # more than 4300 digits (a ValueError from inside the scanner).
+    if len(s) <= 300:
+        return int(s)
+    try:
+        if len(s) <= 400:
+            n = int(s)
+            float(n)
+            return n
+    except OverflowError:
+        pass
+    b = BigNumber(s)
+    _big.append(b)
+    return b
+
+
+def _parse_float(s: str) -> "Any":
+    f = float(s)
+    if f - f != 0:  # inf: the literal overflows float64 (float() does not raise)
+        b = BigNumber(s)
+        _big.append(b)
+        return b
+    return f
 
 
 class _Ctx:
@@ -27,8 +82,8 @@ class _Ctx:
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
-    parse_int = int
+    parse_float = staticmethod(_parse_float)
+    parse_int = staticmethod(_parse_int)
     parse_constant = staticmethod(_reject_constant)
     memo: "dict[str, Any]"
 
@@ -36,24 +91,99 @@ class _Ctx:
 _scan = _json.make_scanner(_Ctx())  # type: ignore[arg-type]  # it reads the attributes only
 
 
+def _go_replace(e: UnicodeError) -> tuple[str, int]:
+    assert isinstance(e, UnicodeDecodeError)
+    return "\ufffd", e.start + 1
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 as Go's decoder reads strings: each invalid byte becomes U+FFFD (outside strings the scanner
+    refuses it anyway)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    import codecs
+
+    try:
+        codecs.lookup_error("pyflannel-go")
+    except LookupError:
+        codecs.register_error("pyflannel-go", _go_replace)
+    return data.decode("utf-8", "pyflannel-go")
+
+
+def _raw(data: "bytes | str") -> bytes:
+    return data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+
+
+def _fail(data: "bytes | str") -> JSONError:
+    from pyflannel.cni import _goerr
+
+    return JSONError(_goerr.syntax_error(_raw(data), MAX_DEPTH) or "invalid character exceeded max depth")
+
+
+def _check_depth(s: str, data: "bytes | str") -> None:
+    depth = 0
+    in_str = esc = False
+    for c in s:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c == "[" or c == "{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _fail(data)
+        elif c == "]" or c == "}":
+            depth -= 1
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _fix_surrogates(obj: "Any") -> "Any":
+    """Go decodes an escaped lone surrogate (\\udc80) as U+FFFD; Python keeps it."""
+    if isinstance(obj, str):
+        if _has_surrogate(obj):
+            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj)
+        return obj
+    if isinstance(obj, list):
+        return [_fix_surrogates(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_fix_surrogates(k): _fix_surrogates(v) for k, v in obj.items()}
+    return obj
+
+
 def loads(data: bytes | str) -> "Any":
-    """json.loads for UTF-8 input; raises ValueError (json.JSONDecodeError) on malformed input."""
-    s = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
-    if s.startswith("\ufeff"):
-        raise ValueError("Unexpected UTF-8 BOM")
+    """json.Unmarshal into interface{} for UTF-8 input; JSONError (a ValueError) with Go's message otherwise.
+
+    Numbers beyond float64 come back as BigNumber (see overflowed()).
+    """
+    del _big[:]
+    s = _decode(data) if isinstance(data, bytes | bytearray) else data
+    if s.count("[") + s.count("{") > MAX_DEPTH:  # only then can it nest that deep
+        _check_depth(s, data)
     idx = len(s) - len(s.lstrip(_WS))
     try:
         obj, end = _scan(s, idx)
-    except StopIteration as e:
-        raise ValueError(f"Expecting value: char {e.value}") from None
-    except SystemError:
-        # _json raises json.decoder.JSONDecodeError only if json.decoder is already in sys.modules (it looks
-        # there, it does not import); otherwise a SystemError. Rare path: import it and scan again.
-        import json.decoder  # noqa: F401
-
-        obj, end = _scan(s, idx)
+    except (StopIteration, ValueError, RecursionError, SystemError):
+        # SystemError: _json raises json.decoder.JSONDecodeError only if json.decoder is already imported
+        # (it looks in sys.modules, it does not import); Go's scanner gives the message anyway.
+        raise _fail(data) from None
     if s[end:].strip(_WS):
-        raise ValueError(f"Extra data: char {end}")
+        raise _fail(data)
+    if "\\ud" in s or "\\uD" in s:  # an escaped surrogate: maybe a lone one
+        obj = _fix_surrogates(obj)
     return obj
 
 
@@ -110,16 +240,44 @@ def parse_ip(s: str) -> tuple[int, bytes]:
 
     try:
         return AF_INET6, _socket.inet_pton(_socket.AF_INET6, s)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or an unencodable character
         raise ValueError(f"invalid IP address: {s}") from None
 
 
+_V4_IN_V6 = bytes(10) + b"\xff\xff"
+
+
 def format_ip(fam: int, packed: bytes) -> str:
+    """Go's net.IP.String(): an IPv4-mapped address prints as IPv4; IPv6 in hex groups with the first longest
+    run of two or more zero groups as `::`, and never the dotted tail inet_ntop gives `::0.1.0.0` (`::1:0`)."""
     if fam == AF_INET:
         return ".".join(map(str, packed))
-    import _socket
+    if packed[:12] == _V4_IN_V6:
+        return ".".join(map(str, packed[12:]))
+    groups = [(packed[i] << 8) | packed[i + 1] for i in range(0, 16, 2)]
+    start, length, i = -1, 1, 0
+    while i < 8:
+        if groups[i]:
+            i += 1
+            continue
+        j = i
+        while j < 8 and not groups[j]:
+            j += 1
+        if j - i > length:
+            start, length = i, j - i
+        i = j
+    if start < 0:
+        return ":".join(f"{g:x}" for g in groups)
+    head = ":".join(f"{g:x}" for g in groups[:start])
+    tail = ":".join(f"{g:x}" for g in groups[start + length :])
+    return f"{head}::{tail}"
 
-    return str(_socket.inet_ntop(_socket.AF_INET6, packed))
+
+def _ipnet(fam: int, packed: bytes, plen: int) -> str:
+    """IPNet.String(): an IPv4-mapped IPv6 prefix prints as IPv4 with the last 32 bits of its mask."""
+    if fam == AF_INET6 and packed[:12] == _V4_IN_V6:
+        return f"{format_ip(AF_INET, packed[12:])}/{max(plen - 96, 0)}"
+    return f"{format_ip(fam, packed)}/{plen}"
 
 
 def network_of(packed: bytes, plen: int) -> bytes:
@@ -138,7 +296,7 @@ def parse_cidr(s: str) -> tuple[str, str]:
         fam, packed = parse_ip(addr)
     except ValueError:
         raise ValueError(f"invalid CIDR address: {s}") from None
-    n = int(plen)
+    n = int(plen) if len(plen.lstrip("0")) < 8 else 1 << 24  # Go's dtoi gives up at 0xFFFFFF
     if n > len(packed) * 8:
         raise ValueError(f"invalid CIDR address: {s}")
-    return f"{format_ip(fam, packed)}/{n}", f"{format_ip(fam, network_of(packed, n))}/{n}"
+    return _ipnet(fam, packed, n), _ipnet(fam, network_of(packed, n), n)

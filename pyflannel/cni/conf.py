@@ -5,6 +5,8 @@ Everything here mirrors upstream flannel-io/cni-plugin (flannel.go, flannel_linu
 delegate config is byte-identical to what the Go plugin writes.
 """
 
+import posix
+
 from pyflannel.cni import _fastjson
 
 # typing and dataclasses cost about 15 ms of start-up together: annotations only. No `from __future__ import
@@ -57,6 +59,20 @@ class CNIError(Exception):
         if self.details:
             d["details"] = self.details
         return d
+
+    def to_json(self, cni_version: str = CURRENT_VERSION) -> bytes:
+        """libcni's types.Error.Print(): json.MarshalIndent with four spaces, no trailing newline, `details`
+        omitted when empty. One deliberate addition: `cniVersion` first, which the spec (1.0.0 and later) asks
+        of an error result and libcni leaves out; runtimes ignore it."""
+        parts = [
+            b'{\n    "cniVersion": ', go_json(cni_version),
+            b',\n    "code": ', str(self.code).encode(),
+            b',\n    "msg": ', go_json(self.msg),
+        ]  # fmt: skip
+        if self.details:
+            parts += [b',\n    "details": ', go_json(self.details)]
+        parts.append(b"\n}")
+        return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +136,12 @@ def go_json(obj: "Any") -> bytes:
     for ch, esc in _HTML_ESCAPES:
         if ch in text:
             text = text.replace(ch, esc)
-    return text.encode("utf-8", "replace")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Only strings hold surrogates here: bytes that were not UTF-8 (env, file names, subnet.env, all read
+        # with surrogateescape). Go's encoder writes each invalid byte as the escape \ufffd.
+        return "".join("\\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text).encode("utf-8")
 
 
 def _encode_go_numbers(obj: "Any") -> str:
@@ -150,15 +171,15 @@ def _needs_number_fixup(obj: "Any") -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The plugin's own netconf
+# The plugin's own netconf, decoded as Go's encoding/json decodes it into upstream's NetConf struct
 
 
 def go_get(d: "dict[str, Any]", key: str) -> "tuple[bool, Any]":
     """Go's struct decoding: keys match case-insensitively; the last matching key in the document wins."""
     found, value = False, None
-    low = key.lower()
+    low = key.casefold()
     for k, v in d.items():
-        if k == key or k.lower() == low:
+        if k == key or k.casefold() == low:
             found, value = True, v
     return found, value
 
@@ -192,6 +213,7 @@ class FlannelNetConf:
 
 
 def _go_type(v: "Any") -> str:
+    """The JSON kind as encoding/json names it in an UnmarshalTypeError."""
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, int | float):
@@ -203,54 +225,170 @@ def _go_type(v: "Any") -> str:
     return "object"
 
 
+def _type_error(v: "Any", struct: str, field: str, gotype: str) -> str:
+    into = f"Go struct field {struct}.{field}" if struct or field else "Go value"
+    return f"json: cannot unmarshal {_go_type(v)} into {into} of type {gotype}"
+
+
+_NAME_STRUCT = 'struct { Name string "json:\\"name\\"" }'
+_VERSION_STRUCT = 'struct { CNIVersion string "json:\\"cniVersion\\"" }'
+
+
 def decode_object(data: bytes) -> "dict[str, Any]":
-    """Decode stdin as a JSON object, with code 6 on anything else (as json.Unmarshal into a struct)."""
+    """Decode stdin as the reference library's skel does first (into `struct{Name string}`): code 6 for what
+    is not JSON, not an object or a non-string name, with encoding/json's message."""
     try:
         obj = _fastjson.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        if not data.strip():
-            raise CNIError(ERR_DECODE, "error unmarshall network config: unexpected end of JSON input") from None
+    except ValueError as e:
         raise CNIError(ERR_DECODE, f"error unmarshall network config: {e}") from None
+    if obj is None:
+        return {}  # null decodes into the zero struct: then "missing network name"
     if not isinstance(obj, dict):
-        raise CNIError(
-            ERR_DECODE, f"error unmarshall network config: json: cannot unmarshal {_go_type(obj)} into Go value"
-        )
+        msg = f"json: cannot unmarshal {_go_type(obj)} into Go value of type {_NAME_STRUCT}"
+        raise CNIError(ERR_DECODE, f"error unmarshall network config: {msg}")
+    _, name = go_get(obj, "name")
+    if name is not None and not isinstance(name, str):
+        raise CNIError(ERR_DECODE, f"error unmarshall network config: {_type_error(name, '', 'name', 'string')}")
     return obj
 
 
-def _opt_str(raw: "dict[str, Any]", key: str, default: str) -> str:
-    found, v = go_get(raw, key)
-    if not found or v is None:
-        return default
-    if not isinstance(v, str):
-        raise CNIError(
-            ERR_DECODE, f"failed to load netconf: json: cannot unmarshal {_go_type(v)} into Go struct field .{key}"
-        )
-    return v
+def config_version(raw: "dict[str, Any]") -> str:
+    """version.ConfigDecoder: the config's cniVersion, "0.1.0" when absent."""
+    _, v = go_get(raw, "cniVersion")
+    if v is not None and not isinstance(v, str):
+        err = _type_error(v, "", "cniVersion", "string")
+        raise CNIError(ERR_DECODE, f"decoding version from network config: {err}")
+    return v or "0.1.0"
 
 
-def _opt_obj(raw: "dict[str, Any]", key: str) -> "dict[str, Any] | None":
-    found, v = go_get(raw, key)
-    if not found or v is None:
-        return None
+class _GoDecodeError(Exception):
+    pass
+
+
+def _first_big(v: "Any") -> "_fastjson.BigNumber | None":
+    """The first number beyond float64 inside a value, in document order."""
+    if isinstance(v, _fastjson.BigNumber):
+        return v
+    if isinstance(v, dict):
+        v = v.values()
+    if isinstance(v, list) or type(v) is type({}.values()):
+        for x in v:
+            b = _first_big(x)
+            if b is not None:
+                return b
+    return None
+
+
+def _check_any_map(v: "Any", field: str) -> None:
+    """A map[string]interface{} field: an object (or null); numbers decode as float64."""
+    if v is None:
+        return
     if not isinstance(v, dict):
-        raise CNIError(
-            ERR_DECODE, f"failed to load netconf: json: cannot unmarshal {_go_type(v)} into Go struct field .{key}"
-        )
-    return v
+        raise _GoDecodeError(_type_error(v, "NetConf", field, "map[string]interface {}"))
+    if _fastjson.overflowed():
+        b = _first_big(v)
+        if b is not None:
+            raise _GoDecodeError(
+                f"json: cannot unmarshal number {b.text} into Go struct field NetConf.{field} of type float64"
+            )
+
+
+def _check_str(v: "Any", struct: str, field: str) -> None:
+    if v is not None and not isinstance(v, str):
+        raise _GoDecodeError(_type_error(v, struct, field, "string"))
+
+
+def _check_bool_map(v: "Any", field: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, dict):
+        raise _GoDecodeError(_type_error(v, "NetConf", field, "map[string]bool"))
+    for x in v.values():
+        if x is not None and not isinstance(x, bool):
+            raise _GoDecodeError(_type_error(x, "NetConf", field, "bool"))
+
+
+def _check_dns(v: "Any", field: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, dict):
+        raise _GoDecodeError(_type_error(v, "NetConf", field, "types.DNS"))
+    for key in v:
+        low = key.casefold()
+        sub = v[key]
+        if low == "domain":
+            _check_str(sub, "DNS", f"{field}.domain")
+        elif low in ("nameservers", "search", "options"):
+            path = f"{field}.{next(k for k in ('nameservers', 'search', 'options') if k == low)}"
+            if sub is None:
+                continue
+            if not isinstance(sub, list):
+                raise _GoDecodeError(_type_error(sub, "DNS", path, "[]string"))
+            for x in sub:
+                _check_str(x, "DNS", path)
+
+
+def _check_attachments(v: "Any", field: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, list):
+        raise _GoDecodeError(_type_error(v, "NetConf", field, "[]types.GCAttachment"))
+    for a in v:
+        if a is None:
+            continue
+        if not isinstance(a, dict):
+            raise _GoDecodeError(_type_error(a, "NetConf", field, "types.GCAttachment"))
+        for key, sub in a.items():
+            low = key.casefold()
+            if low == "containerid":
+                _check_str(sub, "GCAttachment", f"{field}.containerID")
+            elif low == "ifname":
+                _check_str(sub, "GCAttachment", f"{field}.ifname")
+
+
+# Upstream's NetConf (types.NetConf embedded, with flannel's own ipam, subnetFile, dataDir, delegate,
+# runtimeConfig): JSON name -> check. Other keys are ignored, as Go ignores unknown fields.
+_FIELDS: "dict[str, tuple[str, Any]]" = {
+    "cniversion": ("cniVersion", lambda v, f: _check_str(v, "NetConf", f)),
+    "name": ("name", lambda v, f: _check_str(v, "NetConf", f)),
+    "type": ("type", lambda v, f: _check_str(v, "NetConf", f)),
+    "capabilities": ("capabilities", _check_bool_map),
+    "ipam": ("ipam", _check_any_map),
+    "dns": ("dns", _check_dns),
+    "prevresult": ("prevResult", _check_any_map),
+    "cni.dev/valid-attachments": ("cni.dev/valid-attachments", _check_attachments),
+    "subnetfile": ("subnetFile", lambda v, f: _check_str(v, "NetConf", f)),
+    "datadir": ("dataDir", lambda v, f: _check_str(v, "NetConf", f)),
+    "delegate": ("delegate", _check_any_map),
+    "runtimeconfig": ("runtimeConfig", _check_any_map),
+}
 
 
 def load_netconf(raw: "dict[str, Any]") -> FlannelNetConf:
+    """loadFlannelNetConf: json.Unmarshal into upstream's NetConf. The first type mismatch in document order
+    is its error (code 999, as upstream: a plain error from the plugin's own code)."""
+    try:
+        for key, v in raw.items():
+            field = _FIELDS.get(key.casefold())
+            if field is not None:
+                field[1](v, field[0])
+    except _GoDecodeError as e:
+        raise CNIError(ERR_INTERNAL, f"failed to load netconf: {e}") from None
+
+    def opt(key: str, default: "Any") -> "Any":
+        found, v = go_get(raw, key)
+        return default if not found or v is None else v
+
     return FlannelNetConf(
-        name=_opt_str(raw, "name", ""),
-        type=_opt_str(raw, "type", ""),
-        cni_version=_opt_str(raw, "cniVersion", ""),
-        subnet_file=_opt_str(raw, "subnetFile", DEFAULT_SUBNET_FILE),
-        data_dir=_opt_str(raw, "dataDir", DEFAULT_DATA_DIR),
-        delegate=_opt_obj(raw, "delegate"),
-        ipam=_opt_obj(raw, "ipam"),
-        runtime_config=_opt_obj(raw, "runtimeConfig"),
-        prev_result=_opt_obj(raw, "prevResult"),
+        name=opt("name", ""),
+        type=opt("type", ""),
+        cni_version=opt("cniVersion", ""),
+        subnet_file=opt("subnetFile", DEFAULT_SUBNET_FILE),
+        data_dir=opt("dataDir", DEFAULT_DATA_DIR),
+        delegate=opt("delegate", None),
+        ipam=opt("ipam", None),
+        runtime_config=opt("runtimeConfig", None),
+        prev_result=opt("prevResult", None),
         raw=raw,
     )
 
@@ -296,23 +434,37 @@ def _parse_cidr(s: str) -> str:
 
 
 def _parse_mtu(s: str) -> int:
-    if not s.isascii() or not s.isdigit():
-        raise SubnetEnvError(f'strconv.ParseUint: parsing "{s}": invalid syntax')
-    v = int(s)
-    if v >= 2**32:
-        raise SubnetEnvError(f'strconv.ParseUint: parsing "{s}": value out of range')
-    return v
+    from pyflannel.cni import _goerr
+
+    try:
+        return _goerr.parse_uint32(s)
+    except ValueError as e:
+        raise SubnetEnvError(str(e)) from None
 
 
-def parse_subnet_env(text: str, fn: str) -> FlannelSubnetEnv:
-    """loadFlannelSubnetEnv: lines are taken verbatim (no trimming), networks may be comma-separated."""
+# bufio.Scanner's limit: a line (with its \r, without its \n) of 64 KiB or more ends the scan with an error.
+_MAX_LINE = 64 * 1024
+
+
+def parse_subnet_env(data: "bytes | str", fn: str) -> FlannelSubnetEnv:
+    """loadFlannelSubnetEnv: bufio.Scanner lines (a trailing \\r dropped), key=value split at the first `=`, no
+    other trimming; networks may be comma-separated. Lines are read in order and the first bad one is the error."""
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
     se = FlannelSubnetEnv()
-    for line in text.split("\n"):
+    for bline in raw.split(b"\n"):
+        if len(bline) >= _MAX_LINE:
+            raise SubnetEnvError("bufio.Scanner: token too long")
+        line = bline.decode("utf-8", "surrogateescape")
+        if line.endswith("\r"):
+            line = line[:-1]
         key, sep, value = line.partition("=")
         if key not in _KEYS:
             continue
         if not sep:
-            raise SubnetEnvError(f"{fn}: line {line!r} has no value")
+            # Upstream indexes parts[1] and panics: a clear error instead.
+            from pyflannel.cni import _goerr
+
+            raise SubnetEnvError(f"{fn}: line {_goerr.quote(line)} has no value")
         if key == "FLANNEL_NETWORK" or key == "FLANNEL_IPV6_NETWORK":
             nets: list[str] = []
             for cidr in value.split(","):
@@ -348,57 +500,95 @@ _KEYS = frozenset(
     )
 )
 
+# subnet.env is a few hundred bytes; a bigger file is refused rather than read without bound.
+MAX_SUBNET_ENV = 1 << 20
+
+
+def read_file(path: str, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` (SubnetEnvError past it). Never blocks: a FIFO or a device is
+    refused (opened non-blocking, then fstat), where Go's os.Open would wait for a FIFO's writer.
+    OSError and ValueError (a NUL in the path) propagate with the syscall's errno."""
+    fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK)
+    try:
+        if (posix.fstat(fd).st_mode & 0o170000) != 0o100000:
+            raise SubnetEnvError(f"open {path}: not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            b = posix.read(fd, limit + 1 - size)
+            if not b:
+                break
+            chunks.append(b)
+            size += len(b)
+            if size > limit:
+                raise SubnetEnvError(f"read {path}: larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        posix.close(fd)
+
 
 def load_subnet_env(fn: str) -> FlannelSubnetEnv:
-    """Read and parse subnet.env; OSError propagates (the caller maps it to a CNI error)."""
-    with open(fn, encoding="utf-8", errors="surrogateescape") as f:
-        return parse_subnet_env(f.read(), fn)
+    """Read and parse subnet.env; OSError/ValueError propagate (the caller words them as Go's os.Open does)."""
+    return parse_subnet_env(read_file(fn, MAX_SUBNET_ENV), fn)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The delegate config
 
 
-_ROUTE_INT_KEYS = ("mtu", "advmss", "priority")
+_ROUTE_KEYS = ("mtu", "advmss", "priority", "table", "scope")  # struct order
 _ROUTE_PTR_KEYS = ("table", "scope")
+_ROUTES_CONTEXT = "failed to assemble Delegate IPAM: failed to read IPAM routes: failed to parse ipam.routes: "
 
 
 def _route(r: "Any") -> "dict[str, Any]":
-    """types.Route round trip: only its fields survive, in struct order (dst, gw, mtu, advmss, ...)."""
+    """One element of ipam.routes through upstream's round trip: json.Marshal of the decoded value, then
+    json.Unmarshal into types.Route (dst, gw, mtu, advmss, priority, table, scope). Only its fields survive, in
+    struct order. Keys are decoded in document order: an error Go's decoder returns at once (a bad dst, a bad gw
+    string) ends the element, a type error (a non-string gw, a non-integer mtu) is saved and reported at its end
+    unless a returned one comes. ValueError with Go's text."""
     if not isinstance(r, dict):
-        raise CNIError(
-            ERR_INVALID_CONFIG, "failed to assemble Delegate IPAM: failed to read IPAM routes: not an object"
-        )
-    out: dict[str, Any] = {}
-    _, dst = go_get(r, "dst")
-    if not isinstance(dst, str):
-        raise CNIError(ERR_INVALID_CONFIG, f"failed to assemble Delegate IPAM: invalid route dst {dst!r}")
-    try:
-        # types.IPNet keeps the address as given (not the network), canonicalised.
-        out["dst"] = _fastjson.parse_cidr(dst)[0]
-    except ValueError:
-        raise CNIError(
-            ERR_INVALID_CONFIG,
-            f"failed to assemble Delegate IPAM: failed to read IPAM routes: invalid CIDR address: {dst}",
-        ) from None
-    _, gw = go_get(r, "gw")
-    if gw is not None:
-        try:
-            if not isinstance(gw, str):
-                raise ValueError(gw)
-            out["gw"] = _fastjson.format_ip(*_fastjson.parse_ip(gw))
-        except ValueError:
-            raise CNIError(
-                ERR_INVALID_CONFIG, f"failed to assemble Delegate IPAM: failed to read IPAM routes: invalid IP {gw!r}"
-            ) from None
-    for k in _ROUTE_INT_KEYS + _ROUTE_PTR_KEYS:
-        _, v = go_get(r, k)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float) or v != int(v):
-            raise CNIError(ERR_INVALID_CONFIG, f"failed to assemble Delegate IPAM: route {k} must be an integer")
-        if k in _ROUTE_PTR_KEYS or v != 0:
-            out[k] = int(v)
+        # Route.UnmarshalJSON decodes into the unexported struct types.route. A null element would decode to
+        # a route without destination (printed "<nil>", which the delegate refuses): refused here like a null dst.
+        if r is None:
+            raise ValueError("invalid CIDR address: ")
+        raise ValueError(f"json: cannot unmarshal {_go_type(r)} into Go value of type types.route")
+    saved: str | None = None
+    fields: dict[str, Any] = {}
+    for key, v in r.items():
+        k = key.casefold()
+        if k == "dst":
+            if v is not None and not isinstance(v, str):
+                raise ValueError(_type_error(v, "route", "dst", "string"))
+            fields["dst"] = _fastjson.parse_cidr(v or "")[0]  # the address as given, canonicalised
+        elif k == "gw":
+            if isinstance(v, str):
+                fields["gw"] = _fastjson.format_ip(*_fastjson.parse_ip(v)) if v else None
+            elif v is not None:
+                saved = saved or _type_error(v, "route", "gw", "net.IP")
+        elif k in _ROUTE_KEYS:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                saved = saved or _type_error(v, "route", k, "int")
+                continue
+            # The first decode made it a float64, json.Marshal wrote it in Go's float form, ParseInt reads that.
+            text = _go_float(float(v))
+            n = int(text) if text.lstrip("-").isdigit() else None
+            if n is None or not -(2**63) <= n < 2**63:
+                saved = saved or f"json: cannot unmarshal number {text} into Go struct field route.{k} of type int"
+                continue
+            fields[k] = n
+    if saved:
+        raise ValueError(saved)
+    if "dst" not in fields:
+        raise ValueError("invalid CIDR address: ")  # Go would store "<nil>": see above
+    out: dict[str, Any] = {"dst": fields["dst"]}
+    if fields.get("gw"):
+        out["gw"] = fields["gw"]
+    for k in _ROUTE_KEYS:
+        if k in fields and (k in _ROUTE_PTR_KEYS or fields[k] != 0):  # omitempty, except the *int pointers
+            out[k] = fields[k]
     return _Ordered(out)
 
 
@@ -418,14 +608,14 @@ def delegate_ipam(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> "dict[str, Any]"
         ranges.append([{"subnet": fenv.ipv6_subnet}])
     ipam["ranges"] = ranges
     routes: list[dict[str, Any]] = []
-    if "routes" in ipam and ipam["routes"] is not None:
-        if not isinstance(ipam["routes"], list):
-            raise CNIError(
-                ERR_INVALID_CONFIG,
-                "failed to assemble Delegate IPAM: failed to read IPAM routes: "
-                f"json: cannot unmarshal {_go_type(ipam['routes'])} into Go value of type []types.Route",
-            )
-        routes = [_route(r) for r in ipam["routes"]]
+    user = ipam.get("routes")
+    if user is not None:
+        try:
+            if not isinstance(user, list):
+                raise ValueError(f"json: cannot unmarshal {_go_type(user)} into Go value of type []types.Route")
+            routes = [_route(r) for r in user]
+        except ValueError as e:
+            raise CNIError(ERR_INTERNAL, _ROUTES_CONTEXT + str(e)) from None
     routes += [_Ordered({"dst": nw}) for nw in fenv.networks]
     routes += [_Ordered({"dst": nw}) for nw in fenv.ipv6_networks]
     ipam["routes"] = routes
@@ -433,14 +623,15 @@ def delegate_ipam(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> "dict[str, Any]"
 
 
 def validate_delegate(delegate: "dict[str, Any] | None") -> None:
+    """cmdAdd's checks; plain errors there, so code 999 (libcni's skel wraps any error that is not a CNI error)."""
     if delegate is None:
         return
     if "type" in delegate and not isinstance(delegate["type"], str):
-        raise CNIError(ERR_INVALID_CONFIG, "'delegate' dictionary, if present, must have (string) 'type' field")
+        raise CNIError(ERR_INTERNAL, "'delegate' dictionary, if present, must have (string) 'type' field")
     if "name" in delegate:
-        raise CNIError(ERR_INVALID_CONFIG, "'delegate' dictionary must not have 'name' field, it'll be set by flannel")
+        raise CNIError(ERR_INTERNAL, "'delegate' dictionary must not have 'name' field, it'll be set by flannel")
     if "ipam" in delegate:
-        raise CNIError(ERR_INVALID_CONFIG, "'delegate' dictionary must not have 'ipam' field, it'll be set by flannel")
+        raise CNIError(ERR_INTERNAL, "'delegate' dictionary must not have 'ipam' field, it'll be set by flannel")
 
 
 def build_delegate(n: FlannelNetConf, fenv: FlannelSubnetEnv) -> "dict[str, Any]":

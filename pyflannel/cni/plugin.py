@@ -9,10 +9,21 @@ orderly shutdown (module teardown, a last GC) is another ~2 ms and frees nothing
 a vfork.) Logging goes to stderr (the runtime collects it); the logging module is imported only on the rare
 paths that log.
 
-Behaviour follows upstream flannel-io/cni-plugin plus the reference library's skel validation, with these
-deliberate differences: DEL keeps the stored config when the delegate's DEL fails (upstream loses it), an
-empty or corrupt stored config is logged and removed, CHECK/STATUS/GC do real work, and a 1.1.0 config is
-spoken to the delegate as 1.0.0 (the reference plugins stop at 1.0.0) and answered as 1.1.0.
+Behaviour follows upstream flannel-io/cni-plugin plus the reference library's skel validation: the same
+checks in the same order, the same error codes and the same message texts (Go's, from _goerr on the error
+paths), the error JSON in libcni's layout. Deliberate differences (the README's CNI section lists them too):
+- DEL keeps the stored config when the delegate's DEL fails (upstream loses it); an empty or corrupt stored
+  config is logged and removed; DEL succeeds where nothing can have been stored (a container ID too long for
+  a file name, a dataDir that is a file), where upstream answers 999;
+- CHECK/STATUS/GC do real work, and a 1.1.0 config is spoken to the delegate as 1.0.0 (the reference plugins
+  stop at 1.0.0) and answered as 1.1.0;
+- a missing subnet.env is code 11 (try again later) for configs of 1.0.0 and later, where upstream says 999;
+- the error JSON carries `cniVersion` (the spec asks for it; libcni leaves it out);
+- what Go would crash or hang on is a clear error: subnet.env that is not a regular file or over 1 MiB, a
+  subnet.env line without `=`, stdin over 16 MiB, JSON nested deeper than 512 levels (Go: 10000), a
+  delegate printing more than 16 MiB;
+- a route without `dst` is refused (upstream stores "<nil>" and leaves the refusal to the delegate); a
+  delegate that fails without a code is 999 (libcni passes 0 on).
 """
 
 import posix
@@ -26,6 +37,7 @@ from pyflannel.cni.conf import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
     ERR_INVALID_ENV,
+    ERR_IO,
     ERR_PLUGIN_NOT_AVAILABLE,
     ERR_TRY_AGAIN_LATER,
     ERR_UNKNOWN_CONTAINER,
@@ -34,12 +46,14 @@ from pyflannel.cni.conf import (
     FlannelNetConf,
     SubnetEnvError,
     build_delegate,
+    config_version,
     decode_object,
     delegate_bytes,
     go_get,
     go_json,
     load_netconf,
     load_subnet_env,
+    read_file,
 )
 
 TYPE_CHECKING = False
@@ -83,6 +97,10 @@ def _validate_container_id(cid: str) -> None:
         raise CNIError(ERR_INVALID_ENV, "invalid characters in containerID", cid)
 
 
+# Python's isspace() also takes the ASCII separators U+001C..U+001F, which Go's unicode.IsSpace does not.
+_NOT_GO_SPACE = frozenset("\x1c\x1d\x1e\x1f")
+
+
 def _validate_ifname(name: str) -> None:
     if len(name.encode("utf-8", "surrogateescape")) > _MAX_IFNAME:
         raise CNIError(
@@ -92,72 +110,100 @@ def _validate_ifname(name: str) -> None:
         )
     if name in (".", ".."):
         raise CNIError(ERR_INVALID_ENV, "interface name is . or ..")
-    if any(c in "/:" or c.isspace() for c in name):
+    if any(c in "/:" or (c.isspace() and c not in _NOT_GO_SPACE) for c in name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters")
 
 
 def _validate_name(raw: "dict[str, Any]") -> None:
-    _, name = go_get(raw, "name")
-    if name is not None and not isinstance(name, str):
-        raise CNIError(ERR_DECODE, "error unmarshall network config: json: cannot unmarshal name into a string")
+    _, name = go_get(raw, "name")  # a string or None: decode_object checked
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
     if not valid_cni_name(name):
         raise CNIError(ERR_INVALID_CONFIG, "invalid characters found in network name", name)
 
 
-def _config_version(raw: "dict[str, Any]") -> str:
-    _, v = go_get(raw, "cniVersion")
-    if v is not None and not isinstance(v, str):
-        raise CNIError(ERR_DECODE, "decoding version from network config: cniVersion is not a string")
-    return v or "0.1.0"
+_PARSED = {"0.1.0": (0, 1, 0), "0.2.0": (0, 2, 0), "0.3.0": (0, 3, 0), "0.3.1": (0, 3, 1), "0.4.0": (0, 4, 0),
+           "1.0.0": (1, 0, 0), "1.1.0": (1, 1, 0)}  # fmt: skip
 
 
 def _parse_version(v: str) -> tuple[int, int, int]:
-    parts = v.split(".")
+    """version.ParseVersion; code 6 with its message."""
+    if v in _PARSED:
+        return _PARSED[v]
+    from pyflannel.cni import _goerr
+
     try:
-        if len(parts) != 3 or any(not p.isdigit() for p in parts):
-            raise ValueError
-        return (int(parts[0]), int(parts[1]), int(parts[2]))
-    except ValueError:
-        raise CNIError(ERR_DECODE, f"unable to parse version string: {v}") from None
+        return _goerr.parse_version(v)
+    except ValueError as e:
+        raise CNIError(ERR_DECODE, str(e)) from None
 
 
 def _check_supported(version: str) -> None:
     if version not in SUPPORTED_VERSIONS:
-        supported = " ".join(f'"{s}"' for s in SUPPORTED_VERSIONS)
+        from pyflannel.cni import _goerr
+
+        supported = " ".join(_goerr.quote(s) for s in SUPPORTED_VERSIONS)
         raise CNIError(
             ERR_INCOMPATIBLE_VERSION,
             "incompatible CNI versions",
-            f'config is "{version}", plugin supports [{supported}]',
+            f"config is {_goerr.quote(version)}, plugin supports [{supported}]",
         )
 
 
 def _check_floor(cmd: str, version: str, floor: str) -> None:
-    if _parse_version(version) < _parse_version(floor):
+    """skel for CHECK/GC/STATUS: the config's version is at least `floor`, and some version of ours is at
+    least the config's."""
+    v = _parse_version(version)
+    if v < _parse_version(floor):
         raise CNIError(ERR_INCOMPATIBLE_VERSION, f"config version does not allow {cmd}")
+    if v > _PARSED[SUPPORTED_VERSIONS[-1]]:
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, f"plugin version does not allow {cmd}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # running the delegate
 
+# A delegate's result is a few KiB; one that prints without end is cut off here instead of filling memory.
+_MAX_DELEGATE_OUTPUT = 16 << 20
+
+
+class _DelegateError(CNIError):
+    """The delegate's own error result, passed through untouched (libcni's skel does not wrap a CNI error)."""
+
+
+def _go_err(e: BaseException) -> str:
+    from pyflannel.cni import _goerr
+
+    return _goerr.strerror(e)
+
+
+def _path_error(op: str, path: str, e: BaseException) -> str:
+    from pyflannel.cni import _goerr
+
+    return _goerr.path_error(op, path, e)
+
 
 def _join(d: str, name: str) -> str:
-    """os.path.join for a `name` without slashes."""
+    """filepath.Join for a `name` without slashes."""
     if not d:
         return name
     return d + name if d.endswith("/") else f"{d}/{name}"
 
 
 def find_in_path(plugin: str, cni_path: str) -> str:
+    """invoke.FindInPath, with its messages."""
+    if not plugin:
+        raise CNIError(ERR_INTERNAL, "no plugin name provided")
     if "/" in plugin:
         raise CNIError(ERR_INTERNAL, f"invalid plugin name: {plugin}")
     dirs = [d for d in cni_path.split(":") if d]
+    if not dirs:
+        raise CNIError(ERR_INTERNAL, "no paths provided")
     for d in dirs:
         p = _join(d, plugin)
         try:
             st = posix.stat(p)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the name
             continue
         if (st.st_mode & 0o170000) == 0o100000:
             return p
@@ -175,10 +221,12 @@ def exec_plugin(path: str, stdin: bytes, env: dict[str, str]) -> tuple[int, byte
             env,
             file_actions=[(posix.POSIX_SPAWN_DUP2, rin, 0), (posix.POSIX_SPAWN_DUP2, wout, 1)],
         )
-    except OSError as e:
+    except (OSError, ValueError) as e:
         for fd in (rin, win, rout, wout):
             posix.close(fd)
-        raise CNIError(ERR_INTERNAL, f"failed to exec {path}: {e}") from None
+        raise CNIError(
+            ERR_INTERNAL, f"netplugin failed with no error message: fork/exec {path}: {_go_err(e)}"
+        ) from None
     posix.close(rin)
     posix.close(wout)
     try:
@@ -192,28 +240,79 @@ def exec_plugin(path: str, stdin: bytes, env: dict[str, str]) -> tuple[int, byte
     finally:
         posix.close(win)
     chunks: list[bytes] = []
+    size = 0
     try:
-        while True:
+        while size <= _MAX_DELEGATE_OUTPUT:
             b = posix.read(rout, 65536)
             if not b:
                 break
             chunks.append(b)
+            size += len(b)
     finally:
-        posix.close(rout)
+        posix.close(rout)  # past the limit: the delegate's next write fails (EPIPE) and it ends
     _, status = posix.waitpid(pid, 0)
+    if size > _MAX_DELEGATE_OUTPUT:
+        raise CNIError(ERR_INTERNAL, f"netplugin {path} printed more than {_MAX_DELEGATE_OUTPUT} bytes")
     return posix.waitstatus_to_exitcode(status), b"".join(chunks)
 
 
+def _exit_text(rc: int) -> str:
+    """exec.ExitError's text: `exit status 1`, `signal: killed`."""
+    if rc >= 0:
+        return f"exit status {rc}"
+    import signal
+
+    try:
+        name = signal.strsignal(-rc) or ""
+    except ValueError:
+        name = ""
+    return f"signal: {name[:1].lower()}{name[1:]}" if name else f"signal {-rc}"
+
+
 def _plugin_error(rc: int, out: bytes) -> CNIError:
-    """The delegate's own error (code, msg, details), passed through like the reference library does."""
-    if not out.strip():
-        return CNIError(ERR_INTERNAL, f"netplugin failed with no error message: exit status {rc}")
+    """invoke's pluginErr: the delegate's own error (code, msg, details) decoded as libcni's types.Error."""
+    if not out:
+        return CNIError(ERR_INTERNAL, f"netplugin failed with no error message: {_exit_text(rc)}")
     try:
         e = _fastjson.loads(out)
-        code = int(e.get("code", 0)) or ERR_INTERNAL
-        return CNIError(code, str(e.get("msg", "")), str(e.get("details", "") or ""))
-    except (ValueError, AttributeError, TypeError) as err:
-        return CNIError(ERR_INTERNAL, f"netplugin failed but error parsing its diagnostic message {out!r}: {err}")
+        if e is None:
+            e = {}
+        if not isinstance(e, dict):
+            raise ValueError(f"json: cannot unmarshal {_kind(e)} into Go value of type types.Error")
+        _, code = go_get(e, "code")
+        _, msg = go_get(e, "msg")
+        _, details = go_get(e, "details")
+        if code is not None and (
+            isinstance(code, bool) or not isinstance(code, int) or isinstance(code, float) or not 0 <= code < 2**64
+        ):
+            text = code.text if isinstance(code, _fastjson.BigNumber) else _num_text(code)
+            raise ValueError(f"json: cannot unmarshal {text} into Go struct field Error.code of type uint")
+        for key, v in (("msg", msg), ("details", details)):
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"json: cannot unmarshal {_kind(v)} into Go struct field Error.{key} of type string")
+    except ValueError as err:
+        from pyflannel.cni import _goerr
+
+        return CNIError(
+            ERR_INTERNAL,
+            f"netplugin failed but error parsing its diagnostic message {_goerr.quote_bytes(out)}: {err}",
+        )
+    # libcni passes a missing code on as 0 (ErrUnknown); 999 says the same and is what runtimes expect.
+    return _DelegateError(int(code or 0) or ERR_INTERNAL, msg or "", details or "")
+
+
+def _kind(v: "Any") -> str:
+    from pyflannel.cni.conf import _go_type
+
+    return _go_type(v)
+
+
+def _num_text(v: "Any") -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return _kind(v)
+    from pyflannel.cni.conf import _go_float
+
+    return f"number {_go_float(float(v))}"
 
 
 def _delegate_env(env: dict[str, str], command: str) -> dict[str, str]:
@@ -250,7 +349,7 @@ def delegate_versions(env: dict[str, str], dtype: str) -> list[str]:
     try:
         vs = _fastjson.loads(out).get("supportedVersions") or []
         return [str(v) for v in vs]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         return []
 
 
@@ -262,48 +361,97 @@ def _stored_path(data_dir: str, cid: str) -> str:
     return _join(data_dir, cid)
 
 
-def _makedirs(path: str, mode: int) -> None:
-    """os.makedirs(path, mode, exist_ok=True): parents get the default mode, as there."""
+def _is_dir(path: str) -> bool:
+    try:
+        return (posix.stat(path).st_mode & 0o170000) == 0o040000
+    except (OSError, ValueError):
+        return False
+
+
+def _mkdir_all(path: str, mode: int) -> None:
+    """os.MkdirAll as Go has it (parents get `mode` too), raising CNIError with its *PathError text."""
+    try:
+        st = posix.stat(path)
+    except (OSError, ValueError):
+        pass
+    else:
+        if (st.st_mode & 0o170000) == 0o040000:
+            return
+        raise CNIError(ERR_INTERNAL, f"mkdir {path}: not a directory")
+    i = len(path)
+    while i > 0 and path[i - 1] == "/":
+        i -= 1
+    j = i
+    while j > 0 and path[j - 1] != "/":
+        j -= 1
+    if j > 1:
+        _mkdir_all(path[: j - 1], mode)
     try:
         posix.mkdir(path, mode)
-    except FileExistsError:
-        return
-    except FileNotFoundError:
-        parent = path.rstrip("/").rpartition("/")[0]
-        if not parent or parent == path:
-            raise
-        _makedirs(parent, 0o777)
-        posix.mkdir(path, mode)
+    except (OSError, ValueError) as e:
+        if not _is_dir(path):
+            raise CNIError(ERR_INTERNAL, _path_error("mkdir", path, e)) from None
 
 
 def save_scratch(data_dir: str, cid: str, data: bytes) -> None:
-    """Write `<dataDir>/<cid>` durably (0600 in a 0700 dir) before the delegate creates anything."""
-    _makedirs(data_dir, 0o700)
+    """Write `<dataDir>/<cid>` durably (0600 in a 0700 dir) before the delegate creates anything.
+
+    Through a temporary file and rename, so a crash never leaves half a config for DEL. Its name starts with a
+    dot, which no container ID does (so GC leaves it alone), and stays short (a long ID still fits).
+    Errors name the stored file, as upstream's (which writes it in place) do."""
+    _mkdir_all(data_dir, 0o700)
     path = _stored_path(data_dir, cid)
-    tmp = f"{path}.tmp{posix.getpid()}"
-    fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o600)
+    tmp = _join(data_dir, f".tmp{posix.getpid()}")
+    op = "open"
     try:
-        view = memoryview(data)
-        while view:
-            view = view[posix.write(fd, view) :]
-        posix.fsync(fd)
-    finally:
-        posix.close(fd)
-    posix.rename(tmp, path)
-    dfd = posix.open(data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
-    try:
-        posix.fsync(dfd)
-    finally:
-        posix.close(dfd)
+        fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o600)
+        try:
+            op = "write"
+            view = memoryview(data)
+            while view:
+                view = view[posix.write(fd, view) :]
+            op = "sync"
+            posix.fsync(fd)
+        finally:
+            posix.close(fd)
+        op = "open"  # the rename is where upstream's open of the final name would fail (ENAMETOOLONG, ...)
+        posix.rename(tmp, path)
+        dfd = posix.open(data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+        try:
+            posix.fsync(dfd)
+        finally:
+            posix.close(dfd)
+    except (OSError, ValueError) as e:
+        _unlink_quiet(tmp)
+        raise CNIError(ERR_INTERNAL, _path_error(op, path, e)) from None
+
+
+def _unlink_quiet(path: str) -> None:
+    try:  # noqa: SIM105  (contextlib is an import the plugin does without)
+        posix.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+# errnos that say nothing can be stored under that path: DEL has nothing to undo.
+_NOTHING_STORED = (2, 20, 21, 36, 40)  # ENOENT, ENOTDIR, EISDIR, ENAMETOOLONG, ELOOP
+_MAX_STORED = 1 << 20
 
 
 def _read_stored(data_dir: str, cid: str) -> "tuple[bytes | None, dict[str, Any] | None]":
-    """(bytes, parsed) of the stored config; (None, None) when missing; (bytes, None) when unusable."""
+    """(bytes, parsed) of the stored config; (None, None) when nothing is stored there; (bytes, None) when
+    unusable (corrupt, empty, not a regular file, oversized)."""
+    path = _stored_path(data_dir, cid)
     try:
-        with open(_stored_path(data_dir, cid), "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+        data = read_file(path, _MAX_STORED)
+    except OSError as e:
+        if e.errno in _NOTHING_STORED:
+            return None, None
+        raise CNIError(ERR_INTERNAL, _path_error("open", path, e)) from None
+    except ValueError:  # a NUL cannot be in a path we wrote
         return None, None
+    except SubnetEnvError:  # read_file's refusals: not a regular file, too big
+        return b"", None
     try:
         d = _fastjson.loads(data)
     except ValueError:
@@ -317,38 +465,38 @@ def _read_stored(data_dir: str, cid: str) -> "tuple[bytes | None, dict[str, Any]
 # commands
 
 
-def _load_fenv(n: FlannelNetConf, version: str) -> "Any":
+def _load_fenv(n: FlannelNetConf, version: str, context: str) -> "Any":
     try:
         return load_subnet_env(n.subnet_file)
-    except FileNotFoundError as e:
+    except FileNotFoundError:
         # flanneld not up yet: transient, and the spec (>= 1.0.0) has a code for that.
         code = ERR_TRY_AGAIN_LATER if _parse_version(version) >= (1, 0, 0) else ERR_INTERNAL
-        raise CNIError(code, f"open {n.subnet_file}: no such file or directory", str(e)) from None
-    except OSError as e:
-        raise CNIError(ERR_INTERNAL, f"open {n.subnet_file}: {e.strerror}") from None
+        raise CNIError(code, f"{context}open {n.subnet_file}: no such file or directory") from None
+    except (OSError, ValueError) as e:
+        raise CNIError(ERR_INTERNAL, context + _path_error("open", n.subnet_file, e)) from None
     except SubnetEnvError as e:
-        raise CNIError(ERR_INTERNAL, str(e)) from None
+        raise CNIError(ERR_INTERNAL, f"{context}{e}") from None
 
 
 def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
-    fenv = _load_fenv(n, version)
+    fenv = _load_fenv(n, version, "loadFlannelSubnetEnv failed: ")
     d = build_delegate(n, fenv)
     data = delegate_bytes(d)
-    try:
-        save_scratch(n.data_dir, env["CNI_CONTAINERID"], data)
-    except OSError as e:
-        raise CNIError(ERR_INTERNAL, f"failed to save delegate config in {n.data_dir}: {e}") from None
+    save_scratch(n.data_dir, env["CNI_CONTAINERID"], data)
     # A failed delegate ADD keeps the stored file: the runtime's following DEL needs it to clean up.
-    result = call_delegate(env, "ADD", d["type"], data, version)
+    try:
+        result = call_delegate(env, "ADD", d["type"], data, version)
+    except _DelegateError:
+        raise
+    except CNIError as e:
+        raise CNIError(e.code, f"failed to delegate add: {e.msg}", e.details) from None
     if version == "1.1.0":
         try:
             r = _fastjson.loads(result)
-        except ValueError:
-            raise CNIError(
-                ERR_DECODE, "failed to decode the delegate's result", result.decode(errors="replace")
-            ) from None
-        r["cniVersion"] = version
-        result = _fastjson.dumps(r).encode()
+            r["cniVersion"] = version
+            result = _fastjson.dumps(r).encode()
+        except (ValueError, TypeError) as e:
+            raise CNIError(ERR_DECODE, f"failed to delegate add: failed to decode the delegate's result: {e}") from None
     out.write(result)
 
 
@@ -373,8 +521,8 @@ def _remove(path: str) -> None:
         posix.remove(path)
     except FileNotFoundError:
         pass
-    except OSError as e:
-        _log(f"flannel DEL: cannot remove {path}: {e}")
+    except (OSError, ValueError) as e:
+        _log(f"flannel DEL: cannot remove {path}: {_go_err(e)}")
 
 
 def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
@@ -421,9 +569,9 @@ def _explicit_route_gateways(prev: "dict[str, Any]") -> "dict[str, Any]":
 
 def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     try:
-        fenv = load_subnet_env(n.subnet_file)
-    except (OSError, SubnetEnvError) as e:
-        raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, "flannel is not ready: cannot use subnet.env", str(e)) from None
+        fenv = _load_fenv(n, version, "")
+    except CNIError as e:
+        raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, "flannel is not ready: cannot use subnet.env", e.msg) from None
     d = build_delegate(n, fenv)
     try:
         versions = delegate_versions(env, d["type"])
@@ -435,9 +583,9 @@ def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: "Binar
 
 def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
     try:
-        fenv = load_subnet_env(n.subnet_file)
-    except (OSError, SubnetEnvError) as e:
-        _log(f"flannel GC: skipped, subnet.env unusable: {e}")
+        fenv = _load_fenv(n, version, "")
+    except CNIError as e:
+        _log(f"flannel GC: skipped, subnet.env unusable: {e.msg}")
         return
     d = build_delegate(n, fenv)
     if version not in delegate_versions(env, d["type"]):
@@ -453,71 +601,129 @@ def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO"
         return
     try:
         names = posix.listdir(n.data_dir)
-    except OSError:
+    except (OSError, ValueError):
         return
     for name in names:
-        if name not in keep and valid_cni_name(name) and ".tmp" not in name:
+        if name not in keep and valid_cni_name(name):
             _remove(_join(n.data_dir, name))
 
 
 _COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
 _FLOORS = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+# The runtime's stdin is a network config of a few KiB; a runaway writer is cut off here.
+MAX_STDIN = 16 << 20
+
+
+def _read_stdin(stdin: "BinaryIO") -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            b = stdin.read(MAX_STDIN + 1 - size)
+        except OSError as e:
+            raise CNIError(ERR_IO, f"error reading from stdin: {_go_err(e)}") from None
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+        size += len(b)
+        if size > MAX_STDIN:
+            raise CNIError(ERR_IO, f"error reading from stdin: more than {MAX_STDIN} bytes")
 
 
 def run(env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any") -> int:
-    """The whole plugin as a function: reads env/stdin, writes the result or error JSON to `out`."""
+    """The whole plugin as a function: reads env/stdin, writes the result or error JSON to `out`.
+
+    skel's order: the required variables, VERSION, the config's name, the container ID and interface name,
+    the config's version, then the command."""
     version = CURRENT_VERSION
     try:
         cmd = env.get("CNI_COMMAND", "")
         missing = [] if cmd else ["CNI_COMMAND"]
         for var, cmds in _REQUIRED.items():
-            val = env.get(var, "")
-            if not val:
-                if cmd in cmds:
-                    missing.append(var)
-            elif cmd in cmds and var == "CNI_CONTAINERID":
-                _validate_container_id(val)
-            elif cmd in cmds and var == "CNI_IFNAME":
-                _validate_ifname(val)
+            if not env.get(var, "") and cmd in cmds:
+                missing.append(var)
         if missing:
             if not cmd:
                 err.write(f"{ABOUT}\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n")
                 return 0
             raise CNIError(ERR_INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
         if cmd == "VERSION":
-            out.write(go_json({"cniVersion": CURRENT_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}))
+            # versionInfo.Encode: json.NewEncoder(w).Encode, so a trailing newline.
+            out.write(go_json({"cniVersion": CURRENT_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}) + b"\n")
             return 0
-        raw = decode_object(stdin.read())
+        raw = decode_object(_read_stdin(stdin))
         _validate_name(raw)
+        if cmd in _REQUIRED["CNI_CONTAINERID"]:
+            _validate_container_id(env["CNI_CONTAINERID"])
+            _validate_ifname(env["CNI_IFNAME"])
         fn = _COMMANDS.get(cmd)
         if fn is None:
             raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {cmd}")
-        version = _config_version(raw)
+        version = config_version(raw)
         if cmd in _FLOORS:
             _check_floor(cmd, version, _FLOORS[cmd])
         _check_supported(version)
-        n = load_netconf(raw)
+        try:
+            n = load_netconf(raw)
+        except CNIError as e:
+            if cmd == "ADD":
+                e.msg = f"loadFlannelNetConf failed: {e.msg}"
+            raise
         fn(env, n, version, out)
         return 0
     except CNIError as e:
-        out.write(_fastjson.dumps(e.to_dict(version if version in SUPPORTED_VERSIONS else CURRENT_VERSION)).encode())
-        return 1
-    except Exception as e:  # a plugin must answer with CNI error JSON, whatever happened
-        out.write(_fastjson.dumps(CNIError(ERR_INTERNAL, f"{type(e).__name__}: {e}").to_dict()).encode())
-        return 1
+        return _answer(out, e, version if version in SUPPORTED_VERSIONS else CURRENT_VERSION)
+    except Exception as e:  # a plugin must answer with CNI error JSON, whatever happened; tests look for this
+        return _answer(out, CNIError(ERR_INTERNAL, f"flannel: internal error ({type(e).__name__}): {e}"))
+
+
+def _answer(out: "BinaryIO", e: CNIError, version: str = CURRENT_VERSION) -> int:
+    try:  # noqa: SIM105  (contextlib is an import the plugin does without)
+        out.write(e.to_json(version))
+    except Exception:  # stdout gone: the exit status is all the runtime gets
+        pass
+    return 1
+
+
+class _NoInput:
+    """stdin when the runtime left fd 0 closed (sys.stdin is None): an empty config."""
+
+    def read(self, n: int = -1) -> bytes:
+        return b""
+
+
+class _FdOut:
+    """stdout when fd 1 was closed at start (sys.stdout is None): writes fail, and the exit status tells."""
+
+    def write(self, b: bytes) -> int:
+        return posix.write(1, b)
+
+    def flush(self) -> None:
+        pass
 
 
 def main() -> "NoReturn":
     """The executable: runs the plugin and leaves with _exit, skipping the interpreter's shutdown."""
     enc, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     env = {k.decode(enc, errors): v.decode(enc, errors) for k, v in posix.environ.items()}
-    rc = run(env, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    stdin: Any = sys.stdin.buffer if sys.stdin is not None else _NoInput()
+    stdout: Any = sys.stdout.buffer if sys.stdout is not None else _FdOut()
+    errout: Any = sys.stderr if sys.stderr is not None else _NoErr()
+    rc = run(env, stdin, stdout, errout)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
+        stdout.flush()
+        errout.flush()
+    except Exception:
         rc = rc or 1  # the runtime never got the answer
     posix._exit(rc)
+
+
+class _NoErr:
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
 
 
 if __name__ == "__main__":
