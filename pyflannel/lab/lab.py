@@ -27,7 +27,7 @@ from .netns import NetnsError, RunScope
 from .state import MARKER, LabError, LabOptions, LabState, NodeState, PodState, load_state
 from .testbed import REF_PLUGINS, Node, Testbed, cni_runtime
 
-READY_TIMEOUT = 40.0
+READY_TIMEOUT = 120.0  # bounded, but roomy: a loaded or emulated machine (the VM pass) starts Python slowly
 
 Say = Callable[[str], None]
 
