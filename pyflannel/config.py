@@ -148,8 +148,11 @@ def parse_ip(text: str) -> IPv4Address | IPv6Address:
     if not isinstance(text, str):
         raise ValueError(f"expected an address string, got {_show(text)}")
     if "%" in text:
-        raise ValueError(f"{text!r} is not an IP address (a zone is not allowed)")
-    return ipaddress.ip_address(text)
+        raise ValueError(f"{cut(text)} is not an IP address (a zone is not allowed)")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{cut(text)} is not an IP address") from None
 
 
 def parse_cidr(text: str) -> IPv4Network | IPv6Network:
@@ -162,12 +165,21 @@ def parse_cidr(text: str) -> IPv4Network | IPv6Network:
         raise ValueError(f"expected a CIDR string, got {_show(text)}")
     addr, sep, bits = text.partition("/")
     if not sep or not bits.isascii() or not bits.isdigit() or len(bits.lstrip("0")) > 3:
-        raise ValueError(f"{text!r} is not a CIDR (address/length)")
+        raise ValueError(f"{cut(text)} is not a CIDR (address/length)")
     ip = parse_ip(addr)
     n = int(bits)
     if n > ip.max_prefixlen:
-        raise ValueError(f"{text!r}: prefix length {n} is out of range")
+        raise ValueError(f"{cut(text)}: prefix length {n} is out of range")
     return ipaddress.ip_network((ip, n), strict=False)
+
+
+def cut(v: Any, limit: int = 60) -> str:
+    """repr() for an error message, cut short: a message must stay one readable line whatever the input."""
+    try:
+        text = repr(v)
+    except RecursionError:
+        text = f"<{type(v).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _show(v: Any, limit: int = 60) -> str:
@@ -275,7 +287,7 @@ def _net(raw: dict[str, Any], key: str, version: int) -> Any:
     except ValueError:
         net = None
     if net is None or net.version != version:
-        raise ConfigError(f"{key}: {v!r} is not an IPv{version} CIDR")
+        raise ConfigError(f"{key}: {cut(v)} is not an IPv{version} CIDR")
     return net
 
 
@@ -288,9 +300,9 @@ def _addr(raw: dict[str, Any], key: str, version: int) -> Any:
     try:
         a = parse_ip(v)
     except ValueError:
-        raise ConfigError(f"{key}: {v!r} is not an IP address") from None
+        raise ConfigError(f"{key}: {cut(v)} is not an IP address") from None
     if a.version != version:
-        raise ConfigError(f"{key}: {v!r} is not an IPv{version} address")
+        raise ConfigError(f"{key}: {cut(v)} is not an IPv{version} address")
     if int(a) == 0:
         return None  # upstream treats 0.0.0.0 as "unset"
     return a

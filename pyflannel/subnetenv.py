@@ -18,7 +18,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_cidr, read_config_file
+from .config import ConfigError, cut, parse_cidr, read_config_file
 
 
 class SubnetEnvError(ValueError):
@@ -60,7 +60,7 @@ def _network(text: str, version: int) -> Any:
     """A FLANNEL_*NETWORK or FLANNEL_*SUBNET value as Go's net.ParseCIDR reads it (the network, host bits masked)."""
     net = parse_cidr(text)
     if net.version != version:
-        raise ValueError(f"{text!r} is not an IPv{version} CIDR")
+        raise ValueError(f"{cut(text)} is not an IPv{version} CIDR")
     return net
 
 
@@ -81,7 +81,7 @@ def parse_subnet_env(text: str) -> SubnetEnv:
             continue
         k, sep, v = line.partition("=")
         if not sep:
-            raise SubnetEnvError(f"subnet.env: malformed line {raw!r}")
+            raise SubnetEnvError(f"subnet.env: malformed line {cut(raw)}")
         values[k.strip()] = v.strip()
     try:
         nets = tuple(_network(n, 4) for n in _split(values.get("FLANNEL_NETWORK")))
