@@ -25,7 +25,7 @@ from pyflannel.config import ConfigError, parse_net_config
 from pyflannel.daemon import kube_options_from_cli
 from pyflannel.lab import netns
 from pyflannel.lease import EventType, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
-from pyflannel.store.base import StoreError
+from pyflannel.store.base import LeaseRevokedError, StoreError
 from pyflannel.store.kube import (
     Annotations,
     KubeNodeError,
@@ -268,7 +268,7 @@ def test_garbage_flannel_node_raises_value_error_and_the_store_skips_it(
     good = {"metadata": {"name": "good", "annotations": peer_annotations("192.168.77.13")},
             "spec": {"podCIDRs": ["10.244.4.0/24"]}}  # fmt: skip
     with caplog.at_level("WARNING"):
-        assert list(st._leases([node, good], net)) == ["good"]
+        assert list(st._leases([node, good], net, {})) == ["good"]
     assert "skipping node" in caplog.text
 
 
@@ -573,10 +573,17 @@ def test_watch_snapshot_then_add_change_delete(run: Any) -> None:
             await f.until(lambda: "10.244.1.0-24&fd00:10:0:1::-64" not in f.peers)
             removed = [ev for ev in f.events() if ev.type is EventType.REMOVED]
             assert [ev.lease.key for ev in removed] == ["10.244.1.0-24&fd00:10:0:1::-64"]
-            # Losing the kube-subnet-manager annotation removes the peer too.
+            # Losing the kube-subnet-manager annotation keeps the peer while its Node keeps its podCIDR, as upstream
+            # keeps it (a pyflannel peer annotates itself again); a new podCIDR or the Node's deletion removes it.
+            key_bad = "10.244.3.0-24&fd00:10:0:3::-64"
             kube.patch_node("bad", {"metadata": {"annotations": {P + "kube-subnet-manager": None}}})
-            await f.until(lambda: "10.244.3.0-24&fd00:10:0:3::-64" not in f.peers)
-            assert set(f.peers) == {key_b}
+            kube.create_node("c", ["10.244.4.0/24", "fd00:10:0:4::/64"], ds_ann("192.168.77.14", "fd77::14", "aa::4"))
+            await f.until(lambda: "10.244.4.0-24&fd00:10:0:4::-64" in f.peers)
+            assert key_bad in f.peers
+            kube.set_pod_cidrs("bad", ["10.244.5.0/24", "fd00:10:0:5::/64"])
+            await f.until(lambda: key_bad not in f.peers)
+            kube.delete_node("c")
+            await f.until(lambda: set(f.peers) == {key_b})
             assert f.snapshots == 1
         finally:
             await f.stop()
@@ -634,6 +641,79 @@ def test_watch_resumes_after_server_timeout_without_relist(run: Any) -> None:
             assert f.snapshots == 1
         finally:
             await f.stop()
+            await st.close()
+
+    run(body)
+
+
+def test_unannotated_peer_is_kept_across_a_relist(run: Any) -> None:
+    async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:
+        kube.create_node("a", ["10.244.1.0/24"], peer_annotations("192.168.77.11"))
+        st = store_for(fk, tmp)
+        f = Follower(st)
+        try:
+            await f.until(lambda: f.snapshots == 1)
+            await f.until(lambda: kube.stats().get("watch", 0) == 1)
+            kube.expire()  # the next watch gets 410: a re-list, which sees "a" without its annotation
+            kube.patch_node("a", {"metadata": {"annotations": {P + "kube-subnet-manager": None}}})
+            await f.until(lambda: f.snapshots == 2)
+            assert set(f.peers) == {"10.244.1.0-24"}
+        finally:
+            await f.stop()
+            await st.close()
+
+    run(body)
+
+
+def test_own_node_deleted_or_unannotated_keeps_the_lease_and_is_annotated_again(run: Any) -> None:
+    """Better than both upstream (runs on, never annotates again) and our old exit: the agent keeps its lease and
+    data plane, and writes its annotations again once its Node is back with the same podCIDR."""
+
+    async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:
+        kube.create_node("n1", ["10.244.1.0/24"])
+        kube.create_node("a", ["10.244.2.0/24"], peer_annotations("192.168.77.12"))
+        st = store_for(fk, tmp)
+        own = await st.acquire_lease(await st.get_network_config(), vx_attrs(), None)
+        f = Follower(st)
+        try:
+            await f.until(lambda: f.snapshots == 1)
+            assert set(f.peers) == {own.key, "10.244.2.0-24"}
+            # The annotation removed by hand: written again.
+            kube.patch_node("n1", {"metadata": {"annotations": {P + "kube-subnet-manager": None}}})
+            await f.until(lambda: kube.node("n1")["metadata"]["annotations"].get(P + "kube-subnet-manager") == "true")
+            # Deleted (a node re-registering), then back without a podCIDR, then with ours.
+            kube.delete_node("n1")
+            kube.create_node("b", ["10.244.3.0/24"], peer_annotations("192.168.77.13"))
+            await f.until(lambda: "10.244.3.0-24" in f.peers)
+            kube.create_node("n1")
+            kube.create_node("c", ["10.244.4.0/24"], peer_annotations("192.168.77.14"))
+            await f.until(lambda: "10.244.4.0-24" in f.peers)
+            assert P + "kube-subnet-manager" not in kube.node("n1")["metadata"]["annotations"]
+            kube.set_pod_cidrs("n1", ["10.244.1.0/24"])
+            await f.until(lambda: kube.node("n1")["metadata"]["annotations"].get(P + "kube-subnet-manager") == "true")
+            node = kube.node("n1")
+            assert node["metadata"]["annotations"][P + "public-ip"] == "192.168.77.11"
+            assert json.loads(node["metadata"]["annotations"][P + "backend-data"])["VtepMAC"] == MAC
+            cond = [c for c in node["status"]["conditions"] if c["type"] == "NetworkUnavailable"]
+            assert cond and cond[0]["status"] == "False"
+            # Our lease was never removed, and the watch never re-listed for it.
+            assert own.key in f.peers
+            assert not [ev for ev in f.events() if ev.lease.key == own.key]
+            assert f.snapshots == 1
+            # A re-list while our Node is gone still holds our lease.
+            kube.delete_node("n1")
+            kube.expire()
+            kube.create_node("d", ["10.244.5.0/24"], peer_annotations("192.168.77.15"))
+            await f.until(lambda: f.snapshots == 2 and "10.244.5.0-24" in f.peers)
+            assert own.key in f.peers
+            # Back with another podCIDR: our subnet is gone, the lease is revoked (the agent restarts on it).
+            kube.create_node("n1", ["10.244.9.0/24"])
+            await f.until(lambda: f.task.done())
+            with pytest.raises(LeaseRevokedError, match=r"now has podCIDR 10\.244\.9\.0/24, our lease is 10\.244\.1"):
+                f.task.result()
+        finally:
+            with contextlib.suppress(LeaseRevokedError):
+                await f.stop()
             await st.close()
 
     run(body)

@@ -32,7 +32,7 @@ from typing import Any
 from ..config import ConfigError, NetConfig, loads_json, parse_cidr, parse_ip, parse_net_config, read_config_file
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
-from .base import Store, StoreError
+from .base import LeaseRevokedError, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,14 @@ def _annotation_ip(a: Mapping[str, Any], key: str, version: int) -> Any:
     return ip
 
 
+def _lease_subnets(node: Any, net: NetConfig) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """The podCIDRs of a Node that a lease of `net` would hold; raises ValueError."""
+    if not isinstance(node, Mapping):
+        raise ValueError("the object is not a JSON object")
+    v4, v6 = _parse_pod_cidrs(node)
+    return (v4 if net.enable_ipv4 else None), (v6 if net.enable_ipv6 else None)
+
+
 def node_annotations(node: Mapping[str, Any]) -> Mapping[str, Any]:
     """metadata.annotations of a Node; raises ValueError when the object does not have the shape of one."""
     meta = _mapping(node.get("metadata"), "metadata")
@@ -267,6 +275,12 @@ class KubeStore(Store):
     _conn: _Conn | None = field(init=False, default=None)
     _net: NetConfig | None = field(init=False, default=None)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    # Our lease and the attrs we annotated it with, once acquired: the watch keeps the lease while our Node is
+    # gone or unannotated, and annotates the Node again when it is back (see _own_node).
+    _own: Lease | None = field(init=False, default=None)
+    _own_attrs: LeaseAttrs | None = field(init=False, default=None)
+    _own_trouble: str = field(init=False, default="")
+    _reannotate_due: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.ann = Annotations.for_prefix(self.opts.annotation_prefix)
@@ -498,12 +512,14 @@ class KubeStore(Store):
             await self._patch_status({"metadata": {"annotations": changed}}, f"patch node {self.node_name} status")
         if self.opts.set_node_network_unavailable:
             await self._set_network_available()
-        return Lease(
+        own = Lease(
             subnet=v4 if cfg.enable_ipv4 else None,
             ipv6_subnet=v6 if cfg.enable_ipv6 else None,
             attrs=attrs,
             expiration=None,
         )
+        self._own, self._own_attrs = own, attrs
+        return own
 
     def _annotations(self, cfg: NetConfig, attrs: LeaseAttrs, current: Mapping[str, str]) -> dict[str, str]:
         a = self.ann
@@ -546,15 +562,26 @@ class KubeStore(Store):
             self._net = await self.get_network_config()
         return self._net
 
-    def _leases(self, items: Any, net: NetConfig) -> dict[str, Lease]:
+    def _leases(self, items: Any, net: NetConfig, before: Mapping[str, Lease]) -> dict[str, Lease]:
+        """The leases of a node list; `before` (what the previous list and watch held) keeps a peer whose Node
+        lost its annotation but not its podCIDR, as a watch event would have kept it."""
         out: dict[str, Lease] = {}
         if not isinstance(items, list):
             log.warning("the node list holds no list of items: %s", _cut(items))
-            return out
+            items = []
+        own: Any = None
         for node in items:
+            name = _node_name(node)
+            if self._own is not None and name == self.node_name:
+                own = node
+                continue
             lease = self._lease_of(node, net)
+            if lease is None and name in before and self._keeps_peer(node, before[name], net):
+                lease = before[name]
             if lease is not None:
-                out[_node_name(node)] = lease
+                out[name] = lease
+        if self._own is not None:
+            self._own_node(own, out, net)
         return out
 
     def _lease_of(self, node: Any, net: NetConfig) -> Lease | None:
@@ -566,10 +593,86 @@ class KubeStore(Store):
             log.warning("skipping node %s: its flannel annotations or podCIDRs cannot be used: %s", _node_name(node), e)
             return None
 
+    def _keeps_peer(self, node: Any, old: Lease, net: NetConfig) -> bool:
+        """A peer whose Node lost its kube-subnet-manager annotation but kept its podCIDR stays a peer (as
+        upstream keeps it): nothing says its flanneld stopped, and a pyflannel peer annotates itself again."""
+        try:
+            if node_annotations(node).get(self.ann.kube_managed) == "true":
+                return False  # annotated but undecodable: not this case
+            return _lease_subnets(node, net) == (old.subnet, old.ipv6_subnet)
+        except ValueError:
+            return False
+
+    def _own_node(self, node: Any, current: dict[str, Lease], net: NetConfig) -> None:
+        """Our own Node as the list or watch shows it (None: deleted or absent); keeps our lease in `current`.
+
+        Deleted, unannotated or with garbage annotations, the Node is not a reason to stop: the data plane stays
+        as it is, and when the Node is there with our podCIDR again, the watch annotates it again (_reannotate).
+        Only a Node that comes back with another podCIDR ends our lease (LeaseRevokedError: the agent exits and
+        its restart takes the new subnet)."""
+        own = self._own
+        assert own is not None
+        current[self.node_name] = own
+        if node is None:
+            self._own_lost("was deleted")
+            return
+        try:
+            subnets = _lease_subnets(node, net)
+        except ValueError as e:
+            self._own_lost(f"has podCIDRs that cannot be read ({e})")
+            return
+        if subnets == (None, None):
+            self._own_lost("has no podCIDR")
+            return
+        if subnets != (own.subnet, own.ipv6_subnet):
+            got = " ".join(str(sn) for sn in subnets if sn is not None)
+            raise LeaseRevokedError(f"node {self.node_name} now has podCIDR {got}, our lease is {own.key}")
+        try:
+            annotated = node_to_lease(node, self.ann, net) is not None
+        except ValueError:
+            annotated = False
+        if annotated:
+            if self._own_trouble:
+                log.info("node %s is annotated again", self.node_name)
+            self._own_trouble = ""
+            self._reannotate_due = False
+        else:
+            self._own_lost("lost its flannel annotations")
+            self._reannotate_due = True
+
+    def _own_lost(self, what: str) -> None:
+        if self._own_trouble != what:
+            log.warning(
+                "our node %s %s: keeping this node's routes and entries, and annotating it again once it is back "
+                "with podCIDR %s", self.node_name, what, self._own.key if self._own else "?",
+            )  # fmt: skip
+        self._own_trouble = what
+
+    async def _reannotate(self) -> None:
+        """Write our annotations (and the NetworkUnavailable condition) on our Node again; a failure is logged and
+        retried at the next event about our Node."""
+        self._reannotate_due = False
+        net, attrs = self._net, self._own_attrs
+        assert net is not None and attrs is not None
+        try:
+            node = await self.get_node()
+            current = node_annotations(node)
+            want = self._annotations(net, attrs, current)
+            changed = {k: v for k, v in want.items() if current.get(k) != v}
+            if changed:
+                log.info("annotating node %s again: %s", self.node_name, ", ".join(sorted(changed)))
+                await self._patch_status({"metadata": {"annotations": changed}}, f"patch node {self.node_name} status")
+            if self.opts.set_node_network_unavailable:
+                await self._set_network_available()
+        except (StoreError, ValueError) as e:
+            log.warning("cannot annotate node %s again yet: %s", self.node_name, e)
+            self._reannotate_due = True
+
     async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
         await self.start()
         net = await self._network()
         delay = self.opts.retry_delay
+        current: dict[str, Lease] = {}
         while True:
             try:
                 listing = await self._call("list nodes", self._core().list_node)
@@ -580,16 +683,22 @@ class KubeStore(Store):
                 continue
             meta = listing.get("metadata")
             rv = str(meta.get("resourceVersion", "")) if isinstance(meta, dict) else ""
-            current = self._leases(listing.get("items") or [], net)
+            current = self._leases(listing.get("items") or [], net, current)
             yield LeaseSnapshot(tuple(current.values()))
             try:
                 while True:
+                    if self._reannotate_due:
+                        await self._reannotate()
                     async for batch, new_rv in self._watch_once(rv, current, net):
                         rv = new_rv
                         delay = self.opts.retry_delay
                         if batch:
                             yield batch
+                        if self._reannotate_due:
+                            await self._reannotate()
                     # The server ended the watch (its timeout): carry on from where we are, no re-list.
+            except LeaseRevokedError:
+                raise
             except _WatchGone as e:
                 log.info("watch of nodes expired (%s): listing again", e)
             except StoreError as e:
@@ -661,10 +770,13 @@ class KubeStore(Store):
         if etype == "BOOKMARK":
             return new_rv
         name = _node_name(obj)
+        if self._own is not None and name == self.node_name:
+            self._own_node(None if etype == "DELETED" else obj, current, net)
+            return new_rv  # the agent holds its own lease; nothing to program
         old = current.get(name)
         lease = None if etype == "DELETED" else self._lease_of(obj, net)
         if lease is None:
-            if old is not None:
+            if old is not None and not (etype != "DELETED" and self._keeps_peer(obj, old, net)):
                 del current[name]
                 batch.append(LeaseEvent(EventType.REMOVED, old))
             return new_rv
