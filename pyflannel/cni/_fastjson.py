@@ -152,15 +152,22 @@ def _has_surrogate(s: str) -> bool:
 
 
 def _fix_surrogates(obj: "Any") -> "Any":
-    """Go decodes an escaped lone surrogate (\\udc80) as U+FFFD; Python keeps it."""
+    """Go decodes an escaped lone surrogate (\\udc80) as U+FFFD; Python keeps it. (Loops, not comprehensions:
+    one frame per level of nesting.)"""
     if isinstance(obj, str):
         if _has_surrogate(obj):
-            return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj)
+            return "".join(["\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj])
         return obj
     if isinstance(obj, list):
-        return [_fix_surrogates(v) for v in obj]
+        out = []
+        for v in obj:
+            out.append(_fix_surrogates(v))
+        return out
     if isinstance(obj, dict):
-        return {_fix_surrogates(k): _fix_surrogates(v) for k, v in obj.items()}
+        d = {}
+        for k, v in obj.items():
+            d[_fix_surrogates(k)] = _fix_surrogates(v)
+        return d
     return obj
 
 

@@ -88,7 +88,8 @@ def _go_float(f: float) -> str:
             return str(int(f))
         from decimal import Decimal  # rare: non-integral or huge numbers in a user's delegate config
 
-        return format(Decimal(repr(f)), "f")
+        text = format(Decimal(repr(f)), "f")  # the shortest round-trip digits, as Go's 'f', -1
+        return text[:-2] if text.endswith(".0") else text  # repr(2.0**53) is "9007199254740992.0"
     s = repr(f)
     mant, _, exp = s.partition("e")
     sign = exp[0] if exp[0] in "+-" else "+"
@@ -99,7 +100,10 @@ def _go_float(f: float) -> str:
 
 
 def _go_numbers(obj: "Any") -> "Any":
-    """Numbers as Go sees them after decoding into interface{}: every number is a float64."""
+    """Numbers as Go sees them after decoding into interface{}: every number is a float64.
+
+    (The walkers here use plain loops, one frame per level: a comprehension or any(genexpr) would be two, and
+    the 512 levels _fastjson allows must fit in the interpreter's recursion limit.)"""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return obj
     if isinstance(obj, int):
@@ -107,9 +111,15 @@ def _go_numbers(obj: "Any") -> "Any":
     if isinstance(obj, float):
         return _GoRaw(_go_float(obj))
     if isinstance(obj, dict):
-        return {k: _go_numbers(v) for k, v in obj.items()}
+        d = {}
+        for k, v in obj.items():
+            d[k] = _go_numbers(v)
+        return d
     if isinstance(obj, list):
-        return [_go_numbers(v) for v in obj]
+        out = []
+        for v in obj:
+            out.append(_go_numbers(v))
+        return out
     return obj
 
 
@@ -164,9 +174,12 @@ def _needs_number_fixup(obj: "Any") -> bool:
     if isinstance(obj, int):
         return abs(obj) >= 2**53
     if isinstance(obj, dict):
-        return any(_needs_number_fixup(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_needs_number_fixup(v) for v in obj)
+        obj = obj.values()
+    elif not isinstance(obj, list):
+        return False
+    for v in obj:  # noqa: SIM110  (any(genexpr) costs two frames per level: see _go_numbers)
+        if _needs_number_fixup(v):
+            return True
     return False
 
 
@@ -271,11 +284,12 @@ def _first_big(v: "Any") -> "_fastjson.BigNumber | None":
         return v
     if isinstance(v, dict):
         v = v.values()
-    if isinstance(v, list) or type(v) is type({}.values()):
-        for x in v:
-            b = _first_big(x)
-            if b is not None:
-                return b
+    elif not isinstance(v, list):
+        return None
+    for x in v:
+        b = _first_big(x)
+        if b is not None:
+            return b
     return None
 
 
@@ -434,6 +448,8 @@ def _parse_cidr(s: str) -> str:
 
 
 def _parse_mtu(s: str) -> int:
+    if 0 < len(s) < 10 and s.isascii() and s.isdigit():
+        return int(s)  # below 2**32: the usual case, without loading Go's error texts
     from pyflannel.cni import _goerr
 
     try:
@@ -673,9 +689,12 @@ def _has_ordered(obj: "Any") -> bool:
     if isinstance(obj, _Ordered):
         return True
     if isinstance(obj, dict):
-        return any(_has_ordered(v) for v in obj.values())
-    if isinstance(obj, list):
-        return any(_has_ordered(v) for v in obj)
+        obj = obj.values()
+    elif not isinstance(obj, list):
+        return False
+    for v in obj:  # noqa: SIM110  (any(genexpr) costs two frames per level: see _go_numbers)
+        if _has_ordered(v):
+            return True
     return False
 
 

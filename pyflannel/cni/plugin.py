@@ -270,9 +270,11 @@ def _exit_text(rc: int) -> str:
 
 
 def _plugin_error(rc: int, out: bytes) -> CNIError:
-    """invoke's pluginErr: the delegate's own error (code, msg, details) decoded as libcni's types.Error."""
+    """invoke's pluginErr: the delegate's own error (code, msg, details) decoded as libcni's types.Error.
+
+    All of these are CNI errors, which skel passes on unwrapped (no "failed to delegate add:")."""
     if not out:
-        return CNIError(ERR_INTERNAL, f"netplugin failed with no error message: {_exit_text(rc)}")
+        return _DelegateError(ERR_INTERNAL, f"netplugin failed with no error message: {_exit_text(rc)}")
     try:
         e = _fastjson.loads(out)
         if e is None:
@@ -293,7 +295,7 @@ def _plugin_error(rc: int, out: bytes) -> CNIError:
     except ValueError as err:
         from pyflannel.cni import _goerr
 
-        return CNIError(
+        return _DelegateError(
             ERR_INTERNAL,
             f"netplugin failed but error parsing its diagnostic message {_goerr.quote_bytes(out)}: {err}",
         )
