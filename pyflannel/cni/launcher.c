@@ -18,10 +18,13 @@
 #define PYTHON "/python/python3.11"
 #define MAIN "/main.py"
 
-/* A CNI error on stdout, as the runtime expects from any failing plugin (code 999: generic). */
+/* A CNI error on stdout, as the runtime expects from any failing plugin (code 999: generic), in the plugin's
+ * layout (libcni's types.Error.Print() plus cniVersion; no trailing newline). The texts are fixed ASCII or
+ * strerror's: nothing to escape. */
 static int fail(const char *msg, const char *detail) {
-  printf("{\"cniVersion\":\"1.1.0\",\"code\":999,\"msg\":\"flannel launcher: %s\",\"details\":\"%s\"}\n",
-         msg, detail);
+  printf("{\n    \"cniVersion\": \"1.1.0\",\n    \"code\": 999,\n    \"msg\": \"flannel launcher: %s\"", msg);
+  if (detail[0] != '\0') printf(",\n    \"details\": \"%s\"", detail);
+  printf("\n}");
   return 1;
 }
 
