@@ -26,19 +26,7 @@ class JSONError(ValueError):
     """Malformed JSON; the text is encoding/json's (see _goerr.syntax_error)."""
 
 
-class BigNumber(float):
-    """A number beyond float64 (1e400, a 400-digit integer): Go's decoder refuses it where it decodes into
-    interface{} or a float; `text` is the literal as written. Its value is +-inf."""
-
-    text: str
-
-    def __new__(cls, text: str) -> "BigNumber":
-        self = super().__new__(cls, "-inf" if text.startswith("-") else "inf")
-        self.text = text
-        return self
-
-
-_big: list[BigNumber] = []  # the BigNumbers the last loads() made
+_big: "list[Any]" = []  # the _goerr.BigNumber the last loads() made
 
 
 def overflowed() -> bool:
@@ -62,6 +50,8 @@ def _parse_int(s: str) -> "Any":
             return n
     except OverflowError:
         pass
+    from pyflannel.cni._goerr import BigNumber
+
     b = BigNumber(s)
     _big.append(b)
     return b
@@ -70,6 +60,8 @@ def _parse_int(s: str) -> "Any":
 def _parse_float(s: str) -> "Any":
     f = float(s)
     if f - f != 0:  # inf: the literal overflows float64 (float() does not raise)
+        from pyflannel.cni._goerr import BigNumber
+
         b = BigNumber(s)
         _big.append(b)
         return b
@@ -91,95 +83,35 @@ class _Ctx:
 _scan = _json.make_scanner(_Ctx())  # type: ignore[arg-type]  # it reads the attributes only
 
 
-def _go_replace(e: UnicodeError) -> tuple[str, int]:
-    assert isinstance(e, UnicodeDecodeError)
-    return "\ufffd", e.start + 1
-
-
 def _decode(data: bytes) -> str:
-    """UTF-8 as Go's decoder reads strings: each invalid byte becomes U+FFFD (outside strings the scanner
-    refuses it anyway)."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        pass
-    import codecs
+        from pyflannel.cni import _goerr
 
-    try:
-        codecs.lookup_error("pyflannel-go")
-    except LookupError:
-        codecs.register_error("pyflannel-go", _go_replace)
-    return data.decode("utf-8", "pyflannel-go")
-
-
-def _raw(data: "bytes | str") -> bytes:
-    return data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+        return _goerr.decode_utf8(data)
 
 
 def _fail(data: "bytes | str") -> JSONError:
     from pyflannel.cni import _goerr
 
-    return JSONError(_goerr.syntax_error(_raw(data), MAX_DEPTH) or "invalid character exceeded max depth")
-
-
-def _check_depth(s: str, data: "bytes | str") -> None:
-    depth = 0
-    in_str = esc = False
-    for c in s:
-        if in_str:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "[" or c == "{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _fail(data)
-        elif c == "]" or c == "}":
-            depth -= 1
-
-
-def _has_surrogate(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _fix_surrogates(obj: "Any") -> "Any":
-    """Go decodes an escaped lone surrogate (\\udc80) as U+FFFD; Python keeps it. (Loops, not comprehensions:
-    one frame per level of nesting.)"""
-    if isinstance(obj, str):
-        if _has_surrogate(obj):
-            return "".join(["\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj])
-        return obj
-    if isinstance(obj, list):
-        out = []
-        for v in obj:
-            out.append(_fix_surrogates(v))
-        return out
-    if isinstance(obj, dict):
-        d = {}
-        for k, v in obj.items():
-            d[_fix_surrogates(k)] = _fix_surrogates(v)
-        return d
-    return obj
+    return JSONError(_goerr.json_error(data, MAX_DEPTH))
 
 
 def loads(data: bytes | str) -> "Any":
-    """json.Unmarshal into interface{} for UTF-8 input; JSONError (a ValueError) with Go's message otherwise.
+    """json.Unmarshal into interface{}; JSONError (a ValueError) with Go's message for what is not JSON.
 
-    Numbers beyond float64 come back as BigNumber (see overflowed()).
+    As Go's decoder: invalid UTF-8 and lone surrogate escapes in strings read as U+FFFD; numbers beyond float64
+    come back as _goerr.BigNumber (see overflowed()); nesting deeper than MAX_DEPTH is refused. The rare
+    paths live in _goerr.
     """
     del _big[:]
     s = _decode(data) if isinstance(data, bytes | bytearray) else data
     if s.count("[") + s.count("{") > MAX_DEPTH:  # only then can it nest that deep
-        _check_depth(s, data)
+        from pyflannel.cni import _goerr
+
+        if _goerr.too_deep(s, MAX_DEPTH):
+            raise _fail(data)
     idx = len(s) - len(s.lstrip(_WS))
     try:
         obj, end = _scan(s, idx)
@@ -190,7 +122,9 @@ def loads(data: bytes | str) -> "Any":
     if s[end:].strip(_WS):
         raise _fail(data)
     if "\\ud" in s or "\\uD" in s:  # an escaped surrogate: maybe a lone one
-        obj = _fix_surrogates(obj)
+        from pyflannel.cni import _goerr
+
+        obj = _goerr.fix_surrogates(obj)
     return obj
 
 

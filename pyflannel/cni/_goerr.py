@@ -7,12 +7,15 @@ same from either plugin:
   `unexpected end of JSON input`, `invalid character '[' exceeded max depth`;
 - quote: strconv.Quote (the `%q` verb);
 - strerror / path_error: an *os.PathError's text, `open /x: no such file or directory`;
-- atoi_error / parse_uint_error: strconv's *NumError texts.
+- atoi / parse_uint32 / parse_version: strconv's *NumError texts, the reference library's version parsing;
+and the rare paths of _fastjson's reader, which behaves as Go's decoder there: numbers beyond float64
+(BigNumber), invalid UTF-8 and lone surrogates (U+FFFD), nesting too deep.
 """
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 # Quoted annotations instead of `from __future__ import annotations`: see conf.py.
 _SPACE = frozenset(b" \t\r\n")
@@ -353,3 +356,91 @@ def parse_version(v: str) -> tuple[int, int, int]:
         except ValueError as e:
             raise ValueError(f"failed to convert {name} version part {quote(p)}: {e}") from None
     return (nums[0], nums[1], nums[2])
+
+
+# ---- _fastjson's rare paths ------------------------------------------------------------------------------------
+
+
+class BigNumber(float):
+    """A number beyond float64 (1e400, a 400-digit integer): Go's decoder refuses it where it decodes into
+    interface{} or a float; `text` is the literal as written. Its value is +-inf."""
+
+    text: str
+
+    def __new__(cls, text: str) -> "BigNumber":
+        self = super().__new__(cls, "-inf" if text.startswith("-") else "inf")
+        self.text = text
+        return self
+
+
+def _go_replace(e: UnicodeError) -> tuple[str, int]:
+    assert isinstance(e, UnicodeDecodeError)
+    return "\ufffd", e.start + 1
+
+
+def decode_utf8(data: bytes) -> str:
+    """UTF-8 as Go's decoder reads strings: each invalid byte becomes U+FFFD (outside strings the scanner
+    refuses it anyway)."""
+    import codecs
+
+    try:
+        codecs.lookup_error("pyflannel-go")
+    except LookupError:
+        codecs.register_error("pyflannel-go", _go_replace)
+    return data.decode("utf-8", "pyflannel-go")
+
+
+def json_error(data: "bytes | str", max_depth: int) -> str:
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    return syntax_error(raw, max_depth) or "invalid character exceeded max depth"
+
+
+def too_deep(s: str, max_depth: int) -> bool:
+    """Does the JSON text nest (outside strings) deeper than max_depth?"""
+    depth = 0
+    in_str = esc = False
+    for c in s:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c == "[" or c == "{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif c == "]" or c == "}":
+            depth -= 1
+    return False
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def fix_surrogates(obj: "Any") -> "Any":
+    """Go decodes an escaped lone surrogate (\\udc80) as U+FFFD; Python keeps it. (Loops, not comprehensions:
+    one frame per level of nesting.)"""
+    if isinstance(obj, str):
+        if _has_surrogate(obj):
+            return "".join(["\ufffd" if "\ud800" <= c <= "\udfff" else c for c in obj])
+        return obj
+    if isinstance(obj, list):
+        out = []
+        for v in obj:
+            out.append(fix_surrogates(v))
+        return out
+    if isinstance(obj, dict):
+        d = {}
+        for k, v in obj.items():
+            d[fix_surrogates(k)] = fix_surrogates(v)
+        return d
+    return obj

@@ -274,13 +274,9 @@ def config_version(raw: "dict[str, Any]") -> str:
     return v or "0.1.0"
 
 
-class _GoDecodeError(Exception):
-    pass
-
-
-def _first_big(v: "Any") -> "_fastjson.BigNumber | None":
-    """The first number beyond float64 inside a value, in document order."""
-    if isinstance(v, _fastjson.BigNumber):
+def _first_big(v: "Any") -> "Any":
+    """The first number beyond float64 (a _goerr.BigNumber) inside a value, in document order."""
+    if isinstance(v, float) and v - v != 0:
         return v
     if isinstance(v, dict):
         v = v.values()
@@ -298,35 +294,35 @@ def _check_any_map(v: "Any", field: str) -> None:
     if v is None:
         return
     if not isinstance(v, dict):
-        raise _GoDecodeError(_type_error(v, "NetConf", field, "map[string]interface {}"))
+        raise ValueError(_type_error(v, "NetConf", field, "map[string]interface {}"))
     if _fastjson.overflowed():
         b = _first_big(v)
         if b is not None:
-            raise _GoDecodeError(
+            raise ValueError(
                 f"json: cannot unmarshal number {b.text} into Go struct field NetConf.{field} of type float64"
             )
 
 
 def _check_str(v: "Any", struct: str, field: str) -> None:
     if v is not None and not isinstance(v, str):
-        raise _GoDecodeError(_type_error(v, struct, field, "string"))
+        raise ValueError(_type_error(v, struct, field, "string"))
 
 
 def _check_bool_map(v: "Any", field: str) -> None:
     if v is None:
         return
     if not isinstance(v, dict):
-        raise _GoDecodeError(_type_error(v, "NetConf", field, "map[string]bool"))
+        raise ValueError(_type_error(v, "NetConf", field, "map[string]bool"))
     for x in v.values():
         if x is not None and not isinstance(x, bool):
-            raise _GoDecodeError(_type_error(x, "NetConf", field, "bool"))
+            raise ValueError(_type_error(x, "NetConf", field, "bool"))
 
 
 def _check_dns(v: "Any", field: str) -> None:
     if v is None:
         return
     if not isinstance(v, dict):
-        raise _GoDecodeError(_type_error(v, "NetConf", field, "types.DNS"))
+        raise ValueError(_type_error(v, "NetConf", field, "types.DNS"))
     for key in v:
         low = key.casefold()
         sub = v[key]
@@ -337,7 +333,7 @@ def _check_dns(v: "Any", field: str) -> None:
             if sub is None:
                 continue
             if not isinstance(sub, list):
-                raise _GoDecodeError(_type_error(sub, "DNS", path, "[]string"))
+                raise ValueError(_type_error(sub, "DNS", path, "[]string"))
             for x in sub:
                 _check_str(x, "DNS", path)
 
@@ -346,12 +342,12 @@ def _check_attachments(v: "Any", field: str) -> None:
     if v is None:
         return
     if not isinstance(v, list):
-        raise _GoDecodeError(_type_error(v, "NetConf", field, "[]types.GCAttachment"))
+        raise ValueError(_type_error(v, "NetConf", field, "[]types.GCAttachment"))
     for a in v:
         if a is None:
             continue
         if not isinstance(a, dict):
-            raise _GoDecodeError(_type_error(a, "NetConf", field, "types.GCAttachment"))
+            raise ValueError(_type_error(a, "NetConf", field, "types.GCAttachment"))
         for key, sub in a.items():
             low = key.casefold()
             if low == "containerid":
@@ -386,7 +382,7 @@ def load_netconf(raw: "dict[str, Any]") -> FlannelNetConf:
             field = _FIELDS.get(key.casefold())
             if field is not None:
                 field[1](v, field[0])
-    except _GoDecodeError as e:
+    except ValueError as e:
         raise CNIError(ERR_INTERNAL, f"failed to load netconf: {e}") from None
 
     def opt(key: str, default: "Any") -> "Any":

@@ -167,10 +167,6 @@ def _check_floor(cmd: str, version: str, floor: str) -> None:
 _MAX_DELEGATE_OUTPUT = 16 << 20
 
 
-class _DelegateError(CNIError):
-    """The delegate's own error result, passed through untouched (libcni's skel does not wrap a CNI error)."""
-
-
 def _go_err(e: BaseException) -> str:
     from pyflannel.cni import _goerr
 
@@ -274,7 +270,7 @@ def _plugin_error(rc: int, out: bytes) -> CNIError:
 
     All of these are CNI errors, which skel passes on unwrapped (no "failed to delegate add:")."""
     if not out:
-        return _DelegateError(ERR_INTERNAL, f"netplugin failed with no error message: {_exit_text(rc)}")
+        return _passed_on(CNIError(ERR_INTERNAL, f"netplugin failed with no error message: {_exit_text(rc)}"))
     try:
         e = _fastjson.loads(out)
         if e is None:
@@ -287,7 +283,7 @@ def _plugin_error(rc: int, out: bytes) -> CNIError:
         if code is not None and (
             isinstance(code, bool) or not isinstance(code, int) or isinstance(code, float) or not 0 <= code < 2**64
         ):
-            text = code.text if isinstance(code, _fastjson.BigNumber) else _num_text(code)
+            text = f"number {code.text}" if hasattr(code, "text") else _num_text(code)
             raise ValueError(f"json: cannot unmarshal {text} into Go struct field Error.code of type uint")
         for key, v in (("msg", msg), ("details", details)):
             if v is not None and not isinstance(v, str):
@@ -295,12 +291,20 @@ def _plugin_error(rc: int, out: bytes) -> CNIError:
     except ValueError as err:
         from pyflannel.cni import _goerr
 
-        return _DelegateError(
-            ERR_INTERNAL,
-            f"netplugin failed but error parsing its diagnostic message {_goerr.quote_bytes(out)}: {err}",
+        return _passed_on(
+            CNIError(
+                ERR_INTERNAL,
+                f"netplugin failed but error parsing its diagnostic message {_goerr.quote_bytes(out)}: {err}",
+            )
         )
     # libcni passes a missing code on as 0 (ErrUnknown); 999 says the same and is what runtimes expect.
-    return _DelegateError(int(code or 0) or ERR_INTERNAL, msg or "", details or "")
+    return _passed_on(CNIError(int(code or 0) or ERR_INTERNAL, msg or "", details or ""))
+
+
+def _passed_on(e: CNIError) -> CNIError:
+    """Mark the delegate's own error result: passed on untouched (libcni's skel does not wrap a CNI error)."""
+    e.passed_on = True  # type: ignore[attr-defined]
+    return e
 
 
 def _kind(v: "Any") -> str:
@@ -488,9 +492,9 @@ def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO
     # A failed delegate ADD keeps the stored file: the runtime's following DEL needs it to clean up.
     try:
         result = call_delegate(env, "ADD", d["type"], data, version)
-    except _DelegateError:
-        raise
     except CNIError as e:
+        if getattr(e, "passed_on", False):
+            raise
         raise CNIError(e.code, f"failed to delegate add: {e.msg}", e.details) from None
     if version == "1.1.0":
         try:
@@ -687,30 +691,19 @@ def _answer(out: "BinaryIO", e: CNIError, version: str = CURRENT_VERSION) -> int
     return 1
 
 
-class _NoInput:
-    """stdin when the runtime left fd 0 closed (sys.stdin is None): an empty config."""
-
-    def read(self, n: int = -1) -> bytes:
-        return b""
-
-
-class _FdOut:
-    """stdout when fd 1 was closed at start (sys.stdout is None): writes fail, and the exit status tells."""
-
-    def write(self, b: bytes) -> int:
-        return posix.write(1, b)
-
-    def flush(self) -> None:
-        pass
-
-
 def main() -> "NoReturn":
     """The executable: runs the plugin and leaves with _exit, skipping the interpreter's shutdown."""
     enc, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     env = {k.decode(enc, errors): v.decode(enc, errors) for k, v in posix.environ.items()}
-    stdin: Any = sys.stdin.buffer if sys.stdin is not None else _NoInput()
-    stdout: Any = sys.stdout.buffer if sys.stdout is not None else _FdOut()
-    errout: Any = sys.stderr if sys.stderr is not None else _NoErr()
+    if sys.stdin is None or sys.stdout is None or sys.stderr is None:
+        # The runtime left fd 0, 1 or 2 closed: no config, or nowhere to answer (the exit status still tells).
+        import io
+
+        stdin: Any = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+        stdout: Any = sys.stdout.buffer if sys.stdout is not None else io.BytesIO()
+        errout: Any = sys.stderr if sys.stderr is not None else io.StringIO()
+    else:
+        stdin, stdout, errout = sys.stdin.buffer, sys.stdout.buffer, sys.stderr
     rc = run(env, stdin, stdout, errout)
     try:
         stdout.flush()
@@ -718,14 +711,6 @@ def main() -> "NoReturn":
     except Exception:
         rc = rc or 1  # the runtime never got the answer
     posix._exit(rc)
-
-
-class _NoErr:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
 
 
 if __name__ == "__main__":
