@@ -250,6 +250,35 @@ def test_bad_options_are_clear_errors(tmp_path: Any) -> None:
         EtcdStore(EtcdOptions(lease_ttl=60, renew_margin=60))
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "taken"),
+    [
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","BackendData":' + b"[" * 995 + b"]" * 995 + b"}", True),
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","BackendData":' + b"[" * 100_000 + b"}", True),
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","BackendData":' + b"9" * 5000 + b"}", True),
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","BackendData":{"VNI":NaN}}', True),
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","BackendData":{"VNI":1e400}}', True),
+        ("10.5.4.0-24", b'{"PublicIP":"192.0.2.4","PublicIPv6":"fe80::1%eth0"}', True),
+        ("10.5.4.0-024", b'{"PublicIP":"192.0.2.4"}', False),
+        ("10.5.4.0-24&FD00::-64", b'{"PublicIP":"192.0.2.4"}', False),
+    ],
+)
+def test_garbage_lease_of_another_node_is_skipped_with_a_warning(
+    name: str, value: bytes, taken: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pyflannel.store.etcd import EtcdOptions, EtcdStore
+
+    st = EtcdStore(EtcdOptions(endpoints=["http://127.0.0.1:2379"], prefix=PREFIX))
+    with caplog.at_level("WARNING"):
+        entry = st._decode(f"{PREFIX}/subnets/{name}", value, 0, 0.0)
+    assert "etcd: skipping" in caplog.text
+    assert len(caplog.records[-1].getMessage()) < 500
+    if taken:  # a readable key with a garbage value: its subnet stays taken, there is no lease to program
+        assert entry is not None and entry.lease is None and entry.taken is not None
+    else:
+        assert entry is None
+
+
 # --- config ----------------------------------------------------------------------------------------------
 
 
