@@ -95,8 +95,11 @@ class Root:
     def snapshot(self, data_dir: str) -> dict[str, tuple[int, int]]:
         skip = {self.fake.resolve()}
         dd = Path(data_dir if data_dir.startswith("/") else self.cwd / data_dir)
+        ancestors: set[str] = set()
         with contextlib.suppress(OSError, RuntimeError):
             skip.add(dd.resolve())
+            # MkdirAll makes dataDir's parents: part of the dataDir the config names, not "outside" it.
+            ancestors = {str(a) for a in dd.resolve().parents}
         out: dict[str, tuple[int, int]] = {}
         for dirpath, dirnames, filenames in os.walk(self.path):
             here = Path(dirpath)
@@ -105,7 +108,8 @@ class Root:
                 st_ = (here / f).lstat()
                 out[str(here / f)] = (st_.st_size, st_.st_mtime_ns)
             for d in dirnames:
-                out[str(here / d)] = (0, 0)
+                if str(here / d) not in ancestors:
+                    out[str(here / d)] = (0, 0)
         return out
 
 
