@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump curl
           containernetworking-plugins procps librsvg2-bin
-          python3.11 gcc libc6-dev patchelf file strace)  # scripts/build-cni.sh and its test
+          python3.11 gcc libc6-dev patchelf file strace  # scripts/build-cni.sh and its test
+          qemu-system-x86 linux-image-amd64 busybox-static)  # the stock-kernel VM pass (virtme-ng needs busybox)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

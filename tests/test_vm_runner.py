@@ -189,3 +189,25 @@ def test_cli_fails_in_one_line_without_a_kernel(tmp_path: Path, capsys: pytest.C
     assert rc == vm.EXIT_VM_FAILURE
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("vm: FAILED: no stock kernel")
+
+
+def test_cached_exports_once_each_and_never_the_overlaid_roots() -> None:
+    got = vm.cached_exports(
+        [Path("/work/main"), Path("/work/main/.venv"), Path("/root/.pyenv/versions/3.11.7"), Path("/usr"),
+         Path("/srv/with space"), Path("/work/main/")]
+    )  # fmt: skip
+    assert got == [Path("/work/main"), Path("/root/.pyenv/versions/3.11.7")]
+    opts = vm.cached_export_opts(got)
+    assert opts[:4] == [
+        "-fsdev", "local,id=pfvmfs0,path=/work/main,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=pfvmfs0,mount_tag=pfvm0",
+    ]  # fmt: skip
+    text = vm.inner_script(Path("/work/main"), Path("/tmp/pfvm1-ab"), [], {}, got)
+    assert "cache=loose" in text and "pfvm1 /root/.pyenv/versions/3.11.7" in text
+    assert text.index("pfvm0 /work/main") < text.index("cd /work/main")
+
+
+def test_python_home_from_pyvenv_cfg(tmp_path: Path) -> None:
+    (tmp_path / "pyvenv.cfg").write_text("home = /opt/py/bin\ninclude-system-site-packages = false\n")
+    assert vm.python_home(tmp_path) == Path("/opt/py")
+    assert vm.python_home(tmp_path / "nosuch") is None

@@ -175,10 +175,68 @@ def find_tools(venv_bin: Path, path: str | None = None) -> Tools:
     return Tools(vng, Path(qemu), Path(shutil.which(busybox, path=path) or busybox))
 
 
-def inner_script(repo: Path, rundir: Path, pytest_args: Sequence[str], env: dict[str, str]) -> str:
-    """What the guest runs: mark the boot, run pytest on the kernel_vm selection, leave its status for the host."""
+WARM_UP = (
+    "import importlib\n"
+    "for m in ('pyflannel.daemon', 'pyflannel.cli', 'pyflannel.lab.testbed', 'pyflannel.cni.plugin', 'pyroute2',"
+    " 'pytest'):\n"
+    "    try: importlib.import_module(m)\n"
+    "    except Exception as e: print('vm: warm-up:', m, e)\n"
+    "from pyroute2 import IPRoute\n"
+    "IPRoute().close()\n"
+)
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]+$")  # what survives vng's shell and qemu's option syntax unquoted
+_NO_CACHED_EXPORT = {"/", "/usr", "/etc", "/lib", "/var", "/tmp", "/run", "/home", "/opt", "/srv"}
+
+
+def python_home(venv: Path) -> Path | None:
+    """The interpreter installation a venv runs on (pyvenv.cfg `home` is its bin dir)."""
+    try:
+        cfg = (venv / "pyvenv.cfg").read_text()
+    except OSError:
+        return None
+    for line in cfg.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home" and value.strip():
+            return Path(value.strip()).resolve().parent
+    return None
+
+
+def cached_exports(paths: Sequence[Path]) -> list[Path]:
+    """The trees to export a second time with guest-side caching: each once, none inside another, none that
+    virtme overlays or a shell would split.
+
+    The guest's root is 9p without cache: every stat and read of a Python module is a round trip to qemu, and
+    under TCG that made `import pyflannel.daemon` take ~50 s. These trees (the repo, its venv, the interpreter)
+    are mounted again over themselves with `cache=loose`, read-only, so each file crosses once per VM."""
+    out: list[Path] = []
+    for p in sorted({Path(os.path.normpath(p)) for p in paths}, key=lambda p: len(p.parts)):
+        s = str(p)
+        if s in _NO_CACHED_EXPORT or not _SAFE_PATH.match(s) or "," in s:
+            continue
+        if any(p.is_relative_to(o) for o in out):
+            continue
+        out.append(p)
+    return out
+
+
+def cached_export_opts(exports: Sequence[Path]) -> list[str]:
+    """qemu options for the cached exports: one virtio-9p device each, tags pfvm0, pfvm1..."""
+    opts: list[str] = []
+    for i, p in enumerate(exports):
+        opts += [
+            "-fsdev", f"local,id=pfvmfs{i},path={p},security_model=none,readonly=on,multidevs=remap",
+            "-device", f"virtio-9p-pci,fsdev=pfvmfs{i},mount_tag=pfvm{i}",
+        ]  # fmt: skip
+    return opts
+
+
+def inner_script(
+    repo: Path, rundir: Path, pytest_args: Sequence[str], env: dict[str, str], exports: Sequence[Path] = ()
+) -> str:
+    """What the guest runs: mount the cached exports, mark the boot, run pytest on the kernel_vm selection, leave
+    its status for the host."""
     venv_bin = repo / ".venv" / "bin"
-    exports = {
+    variables = {
         "PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         IN_VM_ENV: "1",
         "PYTHONPATH": str(repo),  # this checkout's pyflannel, whatever the venv's editable install points at
@@ -188,13 +246,26 @@ def inner_script(repo: Path, rundir: Path, pytest_args: Sequence[str], env: dict
     }
     pytest = [str(venv_bin / "pytest"), "-p", "no:cacheprovider", "-q", "-m", "kernel_vm", *pytest_args]
     q = shlex.quote
+    mount = "mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=512000"
     lines = [
         "#!/bin/sh",
         "# Written by pyflannel.lab.vm; runs inside the VM.",
         f"uname -r > {q(str(rundir / 'started'))}",
-        *(f"export {k}={q(v)}" for k, v in exports.items()),
+        *(
+            f"{mount} pfvm{i} {q(str(p))} || echo 'vm: warning: no cached mount of {p} (slower)'"
+            for i, p in enumerate(exports)
+        ),
+        *(f"export {k}={q(v)}" for k, v in variables.items()),
         f"cd {q(str(repo))} || {{ echo 'vm: no repo at {repo}'; exit {EXIT_VM_FAILURE}; }}",
-        'echo "vm: guest up: kernel $(uname -r), $(nproc) cpus; running the kernel_vm tests"',
+        'echo "vm: guest up: kernel $(uname -r), $(nproc) cpus; warming the file cache"',
+        # The first agent a test starts would otherwise pull every module and binary across 9p inside the
+        # test's own timeouts; never fatal.
+        "t0=$(date +%s)",
+        f"{q(str(venv_bin / 'python'))} -c {q(WARM_UP)} || echo 'vm: warning: the warm-up failed'",
+        "for c in 'etcd --version' 'etcdctl version' 'ip -V' 'bridge -V' 'tcpdump --version' 'iptables -V' "
+        "'nft -v'; do $c >/dev/null 2>&1; done",
+        "cat /usr/lib/cni/* >/dev/null 2>&1",
+        'echo "vm: warm-up $(( $(date +%s) - t0 )) s; running the kernel_vm tests"',
         shlex.join(pytest),
         "rc=$?",
         f"echo $rc > {q(str(rundir / 'status.tmp'))} && mv {q(str(rundir / 'status.tmp'))} {q(str(rundir / 'status'))}",
@@ -214,6 +285,7 @@ def vng_command(
     cwd: Path,
     cpus: int,
     memory: str,
+    exports: Sequence[Path] = (),
     verbose: bool = False,
 ) -> list[str]:
     cmd = [str(tools.vng), "--run", str(kernel.image)]
@@ -231,6 +303,8 @@ def vng_command(
     ]  # fmt: skip
     if verbose:
         cmd.append("--verbose")
+    if exports:
+        cmd.append("--qemu-opts=" + " ".join(cached_export_opts(exports)))
     cmd += ["--exec", f"sh {shlex.quote(str(rundir / 'inner.sh'))}"]
     return cmd
 
@@ -450,13 +524,15 @@ def run(opts: Options) -> int:
     }
     passed = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     passed[KERNEL_ENV] = kernel.version
+    venv = (opts.repo / ".venv").resolve()
+    exports = cached_exports([opts.repo, venv, *([home] if (home := python_home(venv)) else [])])
     try:
-        (rundir / "inner.sh").write_text(inner_script(opts.repo, rundir, opts.pytest_args, passed))
+        (rundir / "inner.sh").write_text(inner_script(opts.repo, rundir, opts.pytest_args, passed, exports))
         deadline = time.monotonic() + opts.timeout
         while True:
             cmd = vng_command(
                 tools, kernel, accel, name=name, rundir=rundir, cwd=opts.repo, cpus=opts.cpus, memory=opts.memory,
-                verbose=opts.verbose,
+                exports=exports, verbose=opts.verbose,
             )  # fmt: skip
             _say(
                 f"booting {kernel.image} ({accel.reason}), {opts.cpus} cpus, {opts.memory}, name {name}, "
