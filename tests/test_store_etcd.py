@@ -663,6 +663,45 @@ def test_watch_survives_etcd_restart(etcd: Etcd) -> None:
     etcd.run(body, kill=etcd.kill, start=etcd.start)
 
 
+def test_silent_watch_is_detected_and_relisted(etcd: Etcd) -> None:
+    """A member that stops answering without closing the connection (SIGSTOP here, a dropped network in the
+    cluster tests) is noticed by the progress requests within a few seconds: the store drops the connection and
+    re-lists, instead of waiting for gRPC keepalive (15 s)."""
+
+    def stop() -> None:
+        etcd.proc().send_signal(signal.SIGSTOP)
+
+    def cont() -> None:
+        etcd.proc().send_signal(signal.SIGCONT)
+
+    async def body(c: Ctl) -> None:
+        await c.put(f"{PREFIX}/subnets/10.5.1.0-24", '{"PublicIP":"192.0.2.1"}')
+        store = _store(c.endpoint, call_timeout=3.0, max_backoff=1.0)
+        it = store.watch_leases()
+        try:
+            assert isinstance(await _next(it), LeaseSnapshot)
+            pending = asyncio.create_task(_next(it, timeout=60))
+            await asyncio.sleep(2.5)  # a few probes answered: the member is known to answer them
+            assert store._members[0].answers_probes, "etcd never answered a progress request"
+            await c.ask("stop")
+            try:
+                await asyncio.sleep(4.0)
+            finally:
+                await c.ask("cont")
+            await c.put(f"{PREFIX}/subnets/10.5.2.0-24", '{"PublicIP":"192.0.2.2"}')
+            u = await pending
+            for _ in range(5):
+                if isinstance(u, LeaseSnapshot):
+                    break
+                u = await _next(it)
+            assert isinstance(u, LeaseSnapshot), "the silent stream was not dropped"
+        finally:
+            await it.aclose()
+            await store.close()
+
+    etcd.run(body, stop=stop, cont=cont)
+
+
 # --- auth ------------------------------------------------------------------------------------------------
 
 
@@ -795,15 +834,19 @@ def test_tls_with_client_certificates(scope: netns.RunScope) -> None:
 
 
 def test_endpoint_targets() -> None:
-    from pyflannel.store.etcd import EtcdOptions, EtcdStore
+    from pyflannel.store.etcd import EtcdOptions, EtcdStore, _target
 
-    async def target(*eps: str) -> tuple[str, str | None]:
-        return await EtcdStore(EtcdOptions(endpoints=list(eps)))._target()
+    def targets(*eps: str) -> list[tuple[str, str | None]]:
+        return [_target(m.ep) for m in EtcdStore(EtcdOptions(endpoints=list(eps)))._members]
 
-    assert asyncio.run(target("http://127.0.0.1:4001", "http://127.0.0.1:2379")) == (
-        "ipv4:127.0.0.1:4001,127.0.0.1:2379",
-        "127.0.0.1",
-    )
-    assert asyncio.run(target("https://etcd.example:2379"))[0] == "dns:///etcd.example:2379"
-    assert asyncio.run(target("http://[fd00::1]:2379", "http://[fd00::2]"))[0] == "ipv6:[fd00::1]:2379,[fd00::2]:2379"
-    assert asyncio.run(target("10.0.0.1:2379", "localhost:2380"))[0] == "ipv4:10.0.0.1:2379,127.0.0.1:2380"
+    # One member, one channel per endpoint: the store moves between them itself.
+    assert targets("http://127.0.0.1:4001", "http://127.0.0.1:2379") == [
+        ("ipv4:127.0.0.1:4001", "127.0.0.1"),
+        ("ipv4:127.0.0.1:2379", "127.0.0.1"),
+    ]
+    assert targets("https://etcd.example:2379") == [("dns:///etcd.example:2379", None)]
+    assert [t for t, _ in targets("http://[fd00::1]:2379", "http://[fd00::2]")] == [
+        "ipv6:[fd00::1]:2379",
+        "ipv6:[fd00::2]:2379",
+    ]
+    assert [t for t, _ in targets("10.0.0.1:2379", "localhost:2380")] == ["ipv4:10.0.0.1:2379", "dns:///localhost:2380"]

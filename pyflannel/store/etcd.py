@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import random
 import re
-import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from etcd3aio import (
     EtcdPermissionDeniedError,
     EtcdTransientError,
     EtcdUnauthenticatedError,
+    _protobuf,
     prefix_range_end,
 )
 from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
@@ -95,8 +95,13 @@ class EtcdOptions:
     renew_margin: int = 60 * 60
     # Deadline of one etcd call; a dead member is also caught by gRPC keepalive (10 s + 5 s).
     call_timeout: float = 10.0
-    # Longest pause between retries while etcd is unreachable.
-    max_backoff: float = 30.0
+    # Longest pause between retries while etcd is unreachable: short, so that nodes are back within a few
+    # seconds of etcd's return (a retry against a dead member is a refused connection, cheap on both sides).
+    max_backoff: float = 3.0
+    # Liveness of the watch stream: a progress request every interval (0: none); this many unanswered in a row
+    # and the member is treated as gone.
+    watch_probe_interval: float = 1.0
+    watch_probes_lost: int = 2
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,16 @@ def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
+def _target(ep: _Endpoint) -> tuple[str, str | None]:
+    """The gRPC target of one endpoint and, for an IP address, the name to verify its certificate against."""
+    ip = _literal_ip(ep.host)
+    if ip is None:
+        return f"dns:///{ep.host}:{ep.port}", None
+    if ip.version == 4:
+        return f"ipv4:{ip}:{ep.port}", ep.host
+    return f"ipv6:[{ip}]:{ep.port}", ep.host
+
+
 def _read(path: str | None, what: str) -> bytes | None:
     if not path:
         return None
@@ -196,6 +211,46 @@ def _translate(what: str, e: BaseException) -> StoreError:
     return StoreError(f"etcd {what}: {e}")
 
 
+_REQUIRE_LEADER = ("hasleader", "true")
+# etcd >= 3.4's WatchProgressRequest; etcd3aio does not re-export it.
+_WatchProgressRequest: Any = _protobuf.rpc_pb2.WatchProgressRequest  # type: ignore[attr-defined]
+
+
+class _RequireLeader(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Marks every call as etcd's own client does with WithRequireLeader: a member that has lost its leader (cut
+    off from the quorum) answers UNAVAILABLE "no leader" at once instead of hanging until the deadline or
+    serving a stale view; the store then moves to another member."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        md = grpc.aio.Metadata(*(details.metadata or ()), _REQUIRE_LEADER)
+        return await continuation(details._replace(metadata=md), request)
+
+
+@dataclass
+class _Conn:
+    channel: grpc.aio.Channel
+    kv: KVService
+    lease: LeaseService
+    auth: AuthService
+    watch: Any
+
+
+@dataclass
+class _Member:
+    """One --etcd-endpoints entry. The store talks to one member at a time over its own channel and moves to the
+    next one when that member fails a call or its watch goes silent (see EtcdStore._failover)."""
+
+    ep: _Endpoint
+    conn: _Conn | None = None
+    # Whether this member answers watch progress requests (etcd >= 3.4); only then is silence a failure.
+    answers_probes: bool = False
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.ep.host}]" if ":" in self.ep.host else self.ep.host
+        return f"{host}:{self.ep.port}"
+
+
 class EtcdStore(Store):
     def __init__(self, opts: EtcdOptions) -> None:
         if not opts.endpoints:
@@ -221,13 +276,12 @@ class EtcdStore(Store):
         self._config_key = f"{self._prefix}/config"
         self._subnets = f"{self._prefix}/subnets/"
         self._subnets_end = prefix_range_end(self._subnets)
-        self._channel: grpc.aio.Channel | None = None
-        self._kv: KVService | None = None
-        self._lease: LeaseService | None = None
-        self._auth: AuthService | None = None
-        self._watch_stub: Any = None
+        self._members = [_Member(ep) for ep in self._eps]
+        # Nodes start on different members, as a round-robin balancer would spread them.
+        self._cur = random.randrange(len(self._members))
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._token: str | None = None
-        self._connect_lock: asyncio.Lock | None = None
 
     # --- connection -------------------------------------------------------------------------------------
 
@@ -245,72 +299,69 @@ class EtcdStore(Store):
             return None
         return lease.expiration - self._opts.renew_margin
 
-    async def _target(self) -> tuple[str, str | None]:
-        """The gRPC target and, for TLS over several addresses, the name to verify certificates against."""
-        ips = [_literal_ip(e.host) for e in self._eps]
-        if len(self._eps) == 1 and ips[0] is None:
-            ep = self._eps[0]
-            return f"dns:///{ep.host}:{ep.port}", None
-        addrs: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
-        loop = asyncio.get_running_loop()
-        for ep, ip in zip(self._eps, ips, strict=True):
-            if ip is not None:
-                addrs.append((ip, ep.port))
-                continue
-            try:
-                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
-            except OSError as e:
-                raise EtcdUnavailableError(f"cannot resolve etcd endpoint {ep.host}: {e}") from None
-            addrs.extend((ipaddress.ip_address(str(i[4][0])), ep.port) for i in infos)
-        # gRPC's static resolvers take one address family per target; prefer IPv4 like etcd3aio does.
-        v4 = [(a, p) for a, p in addrs if a.version == 4]
-        if v4:
-            target = "ipv4:" + ",".join(f"{a}:{p}" for a, p in dict.fromkeys(v4))
+    def _connect_now(self, member: _Member) -> _Conn:
+        """Open `member`'s channel (gRPC connects lazily, at the first call)."""
+        target, server_name = _target(member.ep)
+        options: list[tuple[str, Any]] = [
+            # Only while a call is open: etcd answers pings on an idle connection with GOAWAY (too_many_pings).
+            # The watch has its own, faster liveness check (progress requests, see _stream).
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 0),
+            # gRPC's default reconnect backoff grows to 120 s; a restarted etcd should be found sooner.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        interceptors = [_RequireLeader()]
+        if self._tls:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
+            )
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            channel = grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
         else:
-            target = "ipv6:" + ",".join(f"[{a}]:{p}" for a, p in dict.fromkeys(addrs))
-        return target, self._eps[0].host
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        conn = _Conn(channel, KVService(channel), LeaseService(channel), AuthService(channel), WatchStub(channel))
+        for svc in (conn.kv, conn.lease, conn.auth):
+            svc.set_token(self._token)
+        member.conn = conn
+        log.info("etcd: using member %s (%d of %d endpoints)", member.label, self._cur + 1, len(self._members))
+        return conn
 
-    async def _ensure(self) -> None:
-        if self._channel is not None:
+    async def _connect(self) -> tuple[_Member, _Conn]:
+        """The member in use and its connection."""
+        if self._closed:
+            raise EtcdUnavailableError("etcd client is closed")
+        member = self._members[self._cur]
+        conn = member.conn or self._connect_now(member)
+        return member, conn
+
+    def _failover(self, member: _Member, why: str) -> None:
+        """`member` failed a call or went silent: drop its connection (a half-open TCP connection to a cut-off
+        member would hang the next call too) and move to the next endpoint. A no-op when an earlier failure
+        already moved on."""
+        if self._members[self._cur] is not member:
             return
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
-        async with self._connect_lock:
-            if self._channel is not None:
-                return
-            target, server_name = await self._target()
-            options: list[tuple[str, Any]] = [
-                ("grpc.lb_policy_name", "round_robin"),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                # gRPC's default reconnect backoff grows to 120 s; a restarted etcd should be found sooner.
-                ("grpc.initial_reconnect_backoff_ms", 500),
-                ("grpc.min_reconnect_backoff_ms", 500),
-                ("grpc.max_reconnect_backoff_ms", 5_000),
-            ]
-            if self._tls:
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
-                )
-                if server_name is not None:
-                    options.append(("grpc.ssl_target_name_override", server_name))
-                channel = grpc.aio.secure_channel(target, creds, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(target, options=options)
-            self._kv = KVService(channel)
-            self._lease = LeaseService(channel)
-            self._auth = AuthService(channel)
-            self._watch_stub = WatchStub(channel)
-            self._channel = channel
-            log.info("etcd: using endpoints %s (%s)", ", ".join(self._opts.endpoints), target)
+        if len(self._members) > 1:
+            self._cur = (self._cur + 1) % len(self._members)
+            log.warning("etcd: member %s failed (%s); moving to %s", member.label, why, self._members[self._cur].label)
+        self._drop(member)
 
-    async def _authenticate(self) -> None:
-        assert self._auth is not None
+    def _drop(self, member: _Member) -> None:
+        conn, member.conn = member.conn, None
+        if conn is not None:
+            # Closing cancels the calls still open on it (a watch stream there ends and re-lists elsewhere).
+            task = asyncio.get_running_loop().create_task(conn.channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _authenticate(self, conn: _Conn) -> None:
         # etcd checks a token sent along with Authenticate too, so a stale one would make logging in fail.
-        self._auth.set_token(None)
+        conn.auth.set_token(None)
         try:
-            resp = await self._auth.authenticate(
+            resp = await conn.auth.authenticate(
                 self._opts.username or "", self._opts.password or "", timeout=self._opts.call_timeout
             )
         except (EtcdUnauthenticatedError, grpc.aio.AioRpcError) as e:
@@ -323,29 +374,42 @@ class EtcdStore(Store):
         except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
             raise _translate("authentication", e) from None
         self._token = resp.token or None
-        for svc in (self._kv, self._lease, self._auth):
-            if svc is not None:
-                svc.set_token(self._token)
+        for m in self._members:
+            if m.conn is not None:
+                for svc in (m.conn.kv, m.conn.lease, m.conn.auth):
+                    svc.set_token(self._token)
 
-    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return (("token", self._token),) if self._token else None
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (_REQUIRE_LEADER,) + ((("token", self._token),) if self._token else ())
 
-    async def _rpc(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """One etcd call with errors turned into StoreError/EtcdUnavailableError; re-authenticates once when
-        the token expired (etcd's simple tokens die after 5 idle minutes)."""
-        await self._ensure()
+    async def _rpc(self, what: str, call: Callable[[_Conn], Awaitable[T]]) -> T:
+        """One etcd call with errors turned into StoreError/EtcdUnavailableError. A member that fails it
+        (unreachable, no leader, deadline) is left for the next one, each member tried once."""
+        for tried in range(1, len(self._members) + 1):
+            member, conn = await self._connect()
+            try:
+                return await self._call_once(what, conn, call)
+            except EtcdUnavailableError as e:
+                self._failover(member, str(e))
+                if tried == len(self._members):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, what: str, conn: _Conn, call: Callable[[_Conn], Awaitable[T]]) -> T:
+        """One call on one member; re-authenticates once when the token expired (etcd's simple tokens die
+        after 5 idle minutes)."""
         if self._opts.username and self._token is None:
-            await self._authenticate()
+            await self._authenticate(conn)
         for attempt in (1, 2):
             try:
-                return await call()
+                return await call(conn)
             except EtcdUnauthenticatedError as e:
                 if not self._opts.username:
                     raise StoreError(f"etcd {what}: {e} (etcd needs --etcd-username/--etcd-password)") from None
                 if attempt == 2:
                     raise StoreError(f"etcd {what}: {e}") from None
                 log.info("etcd: auth token rejected (%s), authenticating again", e)
-                await self._authenticate()
+                await self._authenticate(conn)
             except (EtcdPermissionDeniedError, EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
                 raise _translate(what, e) from None
             except grpc.aio.AioRpcError as e:
@@ -353,11 +417,11 @@ class EtcdStore(Store):
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-        self._channel = None
-        self._kv = self._lease = self._auth = None
-        self._watch_stub = None
+        self._closed = True
+        for m in self._members:
+            self._drop(m)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- config -------------------------------------------------------------------------------------
 
@@ -367,7 +431,7 @@ class EtcdStore(Store):
         while True:
             try:
                 resp = await self._rpc(
-                    "read config", lambda: self._kvs().get(self._config_key, timeout=self._opts.call_timeout)
+                    "read config", lambda c: c.kv.get(self._config_key, timeout=self._opts.call_timeout)
                 )
             except EtcdUnavailableError as e:
                 delay = backoff.next()
@@ -386,16 +450,6 @@ class EtcdStore(Store):
                 return parse_net_config(resp.kvs[0].value)
             except ConfigError as e:
                 raise ConfigError(f"{self._config_key}: {e}") from None
-
-    def _kvs(self) -> KVService:
-        if self._kv is None:
-            raise EtcdUnavailableError("etcd client is closed")
-        return self._kv
-
-    def _leases(self) -> LeaseService:
-        if self._lease is None:
-            raise EtcdUnavailableError("etcd client is closed")
-        return self._lease
 
     # --- decoding -------------------------------------------------------------------------------------
 
@@ -422,7 +476,7 @@ class EtcdStore(Store):
     async def _list(self) -> tuple[list[_Entry], int]:
         resp = await self._rpc(
             "list leases",
-            lambda: self._kvs().get(self._subnets, self._subnets_end, timeout=self._opts.call_timeout),
+            lambda c: c.kv.get(self._subnets, self._subnets_end, timeout=self._opts.call_timeout),
         )
         now = time.time()
         out: list[_Entry] = []
@@ -455,7 +509,7 @@ class EtcdStore(Store):
             await asyncio.sleep(random.uniform(0.05, 0.3))
 
     async def _txn(self, what: str, compare: Sequence[Any], success: Sequence[Any]) -> bool:
-        resp = await self._rpc(what, lambda: self._kvs().txn(compare, success, timeout=self._opts.call_timeout))
+        resp = await self._rpc(what, lambda c: c.kv.txn(compare, success, timeout=self._opts.call_timeout))
         return bool(resp.succeeded)
 
     def _cmp_mod(self, key: str, mod_revision: int) -> Any:
@@ -506,7 +560,7 @@ class EtcdStore(Store):
 
     async def _grant(self) -> tuple[int, int]:
         resp = await self._rpc(
-            "grant lease", lambda: self._leases().grant(self._opts.lease_ttl, timeout=self._opts.call_timeout)
+            "grant lease", lambda c: c.lease.grant(self._opts.lease_ttl, timeout=self._opts.call_timeout)
         )
         if resp.error:
             raise StoreError(f"etcd grant lease: {resp.error}")
@@ -514,7 +568,7 @@ class EtcdStore(Store):
 
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
-            await self._rpc("revoke lease", lambda: self._leases().revoke(lease_id, timeout=self._opts.call_timeout))
+            await self._rpc("revoke lease", lambda c: c.lease.revoke(lease_id, timeout=self._opts.call_timeout))
         except StoreError as e:
             log.debug("could not revoke etcd lease %x (it will expire): %s", lease_id, e)
 
@@ -526,7 +580,7 @@ class EtcdStore(Store):
         try:
             ttl = await self._rpc(
                 "lease time-to-live",
-                lambda: self._leases().time_to_live(old_id, keys=True, timeout=self._opts.call_timeout),
+                lambda c: c.lease.time_to_live(old_id, keys=True, timeout=self._opts.call_timeout),
             )
         except StoreError as e:
             log.debug("could not inspect etcd lease %x: %s", old_id, e)
@@ -565,7 +619,7 @@ class EtcdStore(Store):
         """
         key = self.subnet_key(lease)
         for _ in range(MAX_ACQUIRE_RACES):
-            resp = await self._rpc("read lease", lambda: self._kvs().get(key, timeout=self._opts.call_timeout))
+            resp = await self._rpc("read lease", lambda c: c.kv.get(key, timeout=self._opts.call_timeout))
             if not resp.kvs:
                 raise LeaseRevokedError(f"lease {key} has been revoked (deleted from etcd)")
             kv = resp.kvs[0]
@@ -610,19 +664,47 @@ class EtcdStore(Store):
     async def _stream(
         self, start: int, known: dict[str, Lease], backoff: _Backoff
     ) -> AsyncGenerator[list[LeaseEvent], None]:
-        """Follow one watch stream until it breaks or is cancelled; the caller then re-lists."""
-        await self._ensure()
+        """Follow one watch stream until it breaks, is cancelled or goes silent; the caller then re-lists.
+
+        Silence: a member cut off by the network leaves its TCP connection hanging, and gRPC keepalive would take
+        15 s to notice. So a progress request goes out every `watch_probe_interval`; etcd answers each at once
+        (an empty response), and no message for `watch_probes_lost` + 0.5 intervals makes the store drop that
+        member and re-list on the next (at most 2.5 s after the cut with the defaults)."""
+        member, conn = await self._connect()
         create = WatchCreateRequest(key=self._subnets.encode(), range_end=self._subnets_end, start_revision=start)
+        interval = self._opts.watch_probe_interval
+        # Counted only while waiting for a message: messages that queue up while our consumer is busy are no
+        # silence, they are read at once when it comes back.
+        window = interval * (self._opts.watch_probes_lost + 0.5)
 
         async def requests() -> AsyncIterator[Any]:
             yield WatchRequest(create_request=create)
+            while interval > 0:
+                await asyncio.sleep(interval)
+                yield WatchRequest(progress_request=_WatchProgressRequest())
             # The request side must stay open or the server ends the stream.
             await asyncio.Future()
 
-        call = self._watch_stub.Watch(requests(), metadata=self._metadata())
+        call = conn.watch.Watch(requests(), metadata=self._metadata())
         delay = 0.0
         try:
-            async for resp in call:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                await asyncio.wait((read,), timeout=window if interval > 0 and member.answers_probes else None)
+                if not read.done():
+                    read.cancel()
+                    log.warning(
+                        "watch: etcd member %s sent nothing for %.1f s, not even answers to progress requests",
+                        member.label,
+                        window,
+                    )
+                    self._failover(member, "watch went silent")
+                    break
+                resp = read.result()
+                if resp is grpc.aio.EOF:
+                    delay = backoff.next()
+                    log.warning("watch: etcd closed the stream; listing again in %.1f s", delay)
+                    break
                 if resp.compact_revision > 0:
                     # Not an outage: re-list at once.
                     log.warning(
@@ -641,18 +723,21 @@ class EtcdStore(Store):
                     break
                 if resp.created:
                     continue
+                if not resp.events:
+                    member.answers_probes = True  # a progress response
+                    continue
                 backoff.reset()
                 batch = self._events(resp.events, known)
                 if batch:
                     yield batch
-            else:
-                delay = backoff.next()
-                log.warning("watch: etcd closed the stream; listing again in %.1f s", delay)
         except grpc.aio.AioRpcError as e:
-            delay = backoff.next()
             if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._opts.username:
                 # The next list goes through _rpc, which authenticates again when there is no token.
                 self._token = None
+            if e.code() in _RETRY_CODES and self._members[self._cur] is member:
+                self._failover(member, f"watch: {e.code().name}: {e.details()}")
+            # Moving to another member is worth an immediate re-list; the same one again gets the backoff.
+            delay = backoff.next() if len(self._members) == 1 else 0.0
             log.warning("watch: %s (%s); listing again in %.1f s", e.code().name, e.details(), delay)
         finally:
             call.cancel()
