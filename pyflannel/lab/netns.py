@@ -208,11 +208,15 @@ def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, mtu: int = 1500) -> Non
          "peer", "name", name_b, "mtu", str(mtu), "netns", ns_b])  # fmt: skip
 
 
-def start_etcd(scope: RunScope, ns: str, ip: str, *, name: str = "etcd") -> str:
-    """Start Debian's etcd inside `ns`, listening on `ip`:2379; return the client endpoint once healthy."""
+def spawn_etcd(
+    scope: RunScope, ns: str, ip: str, *, name: str = "etcd", cluster: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start Debian's etcd inside `ns` on `ip` (client 2379, peer 2380) without waiting for it. `cluster` is the
+    --initial-cluster of a multi-member cluster (`name=http://ip:2380,...`); its members must all be started
+    before any becomes healthy. The data dir is named after the member, so a restart keeps its data."""
     data = scope.tmpdir / f"{name}-data"
     url = f"http://{ip}:2379"
-    scope.spawn(
+    return scope.spawn(
         ns,
         [
             shutil.which("etcd") or "/usr/bin/etcd",
@@ -222,23 +226,36 @@ def start_etcd(scope: RunScope, ns: str, ip: str, *, name: str = "etcd") -> str:
             "--advertise-client-urls", url,
             "--listen-peer-urls", f"http://{ip}:2380",
             "--initial-advertise-peer-urls", f"http://{ip}:2380",
-            "--initial-cluster", f"{name}=http://{ip}:2380",
+            "--initial-cluster", cluster or f"{name}=http://{ip}:2380",
+            "--initial-cluster-token", scope.prefix + "etcd",
             "--log-level", "warn",
         ],
         log=scope.tmpdir / f"{name}.log",
         env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
     )  # fmt: skip
-    deadline = time.monotonic() + 20
+
+
+def wait_etcd(scope: RunScope, ns: str, ip: str, *, name: str = "etcd", timeout: float = 20) -> str:
+    """Wait until the etcd member on `ip` reports healthy (it has a leader and answers); return its endpoint."""
+    url = f"http://{ip}:2379"
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         p = subprocess.run(
-            ["ip", "netns", "exec", ns, "etcdctl", "--endpoints", url, "endpoint", "health"],
+            ["ip", "netns", "exec", ns, "etcdctl", "--endpoints", url, "--dial-timeout", "1s",
+             "--command-timeout", "2s", "endpoint", "health"],
             capture_output=True, text=True, timeout=10, env={**os.environ, "ETCDCTL_API": "3"},
         )  # fmt: skip
         if p.returncode == 0:
             return url
         time.sleep(0.2)
     log = (scope.tmpdir / f"{name}.log").read_text(errors="replace")[-2000:]
-    raise NetnsError(f"etcd in {ns} did not become healthy in 20s; log tail:\n{log}")
+    raise NetnsError(f"etcd {name} in {ns} did not become healthy in {timeout:.0f}s; log tail:\n{log}")
+
+
+def start_etcd(scope: RunScope, ns: str, ip: str, *, name: str = "etcd") -> str:
+    """Start a one-member etcd inside `ns`, listening on `ip`:2379; return the client endpoint once healthy."""
+    spawn_etcd(scope, ns, ip, name=name)
+    return wait_etcd(scope, ns, ip, name=name)
 
 
 def etcdctl(ns: str, endpoint: str, *args: str, input: str | None = None) -> str:

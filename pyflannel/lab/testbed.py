@@ -1,7 +1,7 @@
 """A multi-node flannel cluster in network namespaces: the test bed of the integration tests and the lab.
 
     underlay ns: bridge br0 (192.168.77.1/24)
-      |-- etcd ns   eth0 192.168.77.2     (real etcd)
+      |-- etcd ns   eth0 192.168.77.2     (real etcd; start_etcd(members=3) adds etcd2 .3 and etcd3 .4)
       |-- node ns   eth0 192.168.77.1x    (real flanneld; cni0 bridge for its pods)
               |-- pod ns  eth0 <subnet>.x (veth into cni0)
 
@@ -25,7 +25,7 @@ from typing import Any
 from ..cni.driver import Driver, RuntimeConf, kube_flannel_conflist
 from ..cni.launcher import install as install_launcher
 from ..subnetenv import SubnetEnv, read_subnet_env
-from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, start_etcd, veth
+from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, spawn_etcd, veth, wait_etcd
 
 DEFAULT_UNDERLAY = "192.168.77.0/24"
 REF_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -46,6 +46,20 @@ def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, d
     )
     driver = Driver([bin_dir, REF_PLUGINS], node_dir / "cni" / "cache", exec_prefix=["ip", "netns", "exec", node_ns])
     return driver, conflist
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    ns: str
+    ip: str
+    proc: subprocess.Popen[bytes] | None = None
+    # Set while the test has it stopped or cut off: etcdctl then goes through another member.
+    down: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:2379"
 
 
 @dataclass
@@ -90,6 +104,7 @@ class Testbed:
         self.nodes: dict[str, Node] = {}
         self.etcd_ns = ""
         self.endpoint = ""
+        self.etcd_members: list[EtcdMember] = []
         self._next_host = 11
         # Further L2 segments behind the underlay namespace, which routes between them: {bridge: (net, next host)}.
         self.segments: dict[str, tuple[ipaddress.IPv4Network, int]] = {}
@@ -116,6 +131,7 @@ class Testbed:
         tb.nodes = {}
         tb.etcd_ns = etcd_ns
         tb.endpoint = endpoint
+        tb.etcd_members = []
         tb._next_host = next_host
         tb.segments = {}
         return tb
@@ -141,22 +157,112 @@ class Testbed:
         self.segments[bridge] = (net, 11)
         return bridge
 
-    def start_etcd(self) -> str:
-        self.etcd_ns = self.scope.add_ns("etcd")
-        ip = str(self.underlay.network_address + 2)
-        self._attach(self.etcd_ns, "etcd", ip)
-        self.endpoint = start_etcd(self.scope, self.etcd_ns, ip)
+    def start_etcd(self, members: int = 1) -> str:
+        """etcd on the underlay: one member in namespace `etcd` (192.168.77.2), or a cluster of `members` with
+        the others in `etcd2`, `etcd3`... (.3, .4, ...). Agents are given every member's endpoint. Returns the
+        first member's endpoint (`endpoint`; `endpoints` has them all)."""
+        cluster = []
+        for i in range(members):
+            name = "etcd" if i == 0 else f"etcd{i + 1}"
+            ns = self.scope.add_ns(name)
+            ip = str(self.underlay.network_address + 2 + i)
+            self._attach(ns, name, ip)
+            self.etcd_members.append(EtcdMember(name, ns, ip))
+            cluster.append(f"{name}=http://{ip}:2380")
+        self.etcd_ns = self.etcd_members[0].ns
+        self.endpoint = self.etcd_members[0].url
+        self._cluster = ",".join(cluster)
+        self.restart_etcd()
         return self.endpoint
 
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.etcd_members] or [self.endpoint]
+
     def stop_etcd(self) -> None:
-        kill_ns_processes(self.etcd_ns)
+        """Stop every member (SIGTERM, then SIGKILL)."""
+        if not self.etcd_members:  # attached to the lab's etcd: stop what runs in its namespace
+            kill_ns_processes(self.etcd_ns)
+            return
+        for i in range(len(self.etcd_members)):
+            self.stop_member(i, signal.SIGTERM)
 
     def restart_etcd(self) -> None:
-        """Start etcd again on the same data dir (same members, same keys)."""
-        start_etcd(self.scope, self.etcd_ns, str(self.underlay.network_address + 2))
+        """Start every stopped member again on its data dir (same members, same keys), and wait until all are
+        healthy."""
+        if not self.etcd_members:  # attached to the lab's one-member etcd
+            ip = str(self.underlay.network_address + 2)
+            spawn_etcd(self.scope, self.etcd_ns, ip)
+            wait_etcd(self.scope, self.etcd_ns, ip)
+            return
+        stopped = [m for m in self.etcd_members if m.proc is None or m.proc.poll() is not None]
+        for m in stopped:
+            m.proc = spawn_etcd(self.scope, m.ns, m.ip, name=m.name, cluster=getattr(self, "_cluster", None))
+        for m in stopped:
+            wait_etcd(self.scope, m.ns, m.ip, name=m.name, timeout=30)
+            m.down = False
+
+    def stop_member(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Stop one member by its PID (SIGKILL by default: no goodbye to its peers or clients)."""
+        m = self.etcd_members[i]
+        m.down = True
+        if m.proc is not None and m.proc.poll() is None:
+            m.proc.send_signal(sig)
+            try:
+                m.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                m.proc.kill()
+                m.proc.wait(timeout=5)
+
+    def start_member(self, i: int) -> None:
+        self.restart_etcd()
+
+    def partition_member(self, i: int) -> None:
+        """Cut member i off silently: every packet in or out of its namespace (but loopback) is dropped, so its
+        TCP connections hang instead of being reset. Only inside the member's own namespace."""
+        m = self.etcd_members[i]
+        m.down = True
+        for chain in ("INPUT", "OUTPUT"):
+            ns_exec(m.ns, ["iptables", "-w", "-I", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
+
+    def heal_member(self, i: int, timeout: float = 30) -> None:
+        m = self.etcd_members[i]
+        for chain in ("INPUT", "OUTPUT"):
+            ns_exec(m.ns, ["iptables", "-w", "-D", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
+        wait_etcd(self.scope, m.ns, m.ip, name=m.name, timeout=timeout)
+        m.down = False
+
+    def _status(self, m: EtcdMember) -> dict[str, Any]:
+        out = etcdctl(m.ns, m.url, "endpoint", "status", "-w", "json")
+        st: dict[str, Any] = json.loads(out)[0]["Status"]
+        return st
+
+    def etcd_leader(self) -> int:
+        """Index of the current leader among etcd_members (asked of a member that is up)."""
+        st = self._status(self._ctl_member())
+        ids = {self._status(m)["header"]["member_id"]: i for i, m in enumerate(self.etcd_members) if not m.down}
+        return ids[st["leader"]]
+
+    def member_watchers(self, i: int) -> int:
+        """How many watchers member i serves now (etcd's own gauge), i.e. which member the agents watch on."""
+        m = self.etcd_members[i]
+        out = ns_exec(m.ns, ["curl", "-s", "--max-time", "3", f"{m.url}/metrics"])
+        for line in out.splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return int(float(line.split()[1]))
+        return 0
+
+    def _ctl_member(self) -> EtcdMember:
+        for m in self.etcd_members:
+            if not m.down:
+                return m
+        raise NetnsError("every etcd member is down")
 
     def etcdctl(self, *args: str, input: str | None = None) -> str:
-        return etcdctl(self.etcd_ns, self.endpoint, *args, input=input)
+        if not self.etcd_members:
+            return etcdctl(self.etcd_ns, self.endpoint, *args, input=input)
+        m = self._ctl_member()
+        return etcdctl(m.ns, m.url, *args, input=input)
 
     def put_config(self, conf: dict[str, Any] | str) -> None:
         text = conf if isinstance(conf, str) else json.dumps(conf)
@@ -195,7 +301,7 @@ class Testbed:
     def agent_cmd(self, node: Node, *extra: str) -> list[str]:
         return [
             sys.executable, "-m", "pyflannel.cli",
-            f"--etcd-endpoints={self.endpoint}",
+            f"--etcd-endpoints={','.join(self.endpoints)}",
             f"--etcd-prefix={self.prefix}",
             f"--subnet-file={node.subnet_file}",
             *node.extra_args, *extra,
