@@ -9,11 +9,11 @@ Markers of the stock-kernel VM pass (`python -m pyflannel.lab.vm`, run by script
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from needs import need
 
 from pyflannel.lab import netns
 from pyflannel.lab.vm import IN_VM_ENV
@@ -56,15 +56,6 @@ def require_kernel_module() -> Callable[..., None]:
     return _require_kernel_module
 
 
-def _can_netns() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    for tool in ("ip", "etcd", "etcdctl"):
-        if shutil.which(tool) is None:
-            return f"needs {tool} (run scripts/setup.sh)"
-    return None
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_leftovers() -> Iterator[None]:
     """Remove namespaces/temp dirs of earlier crashed test runs before starting, and ours at the end."""
@@ -78,11 +69,7 @@ def _sweep_leftovers() -> Iterator[None]:
 @pytest.fixture
 def scope(request: pytest.FixtureRequest) -> Iterator[netns.RunScope]:
     """A per-test RunScope: namespaces, processes and a temp dir removed even when the test fails."""
-    why = _can_netns()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"integration test cannot run in CI: {why}")
-        pytest.skip(why)
+    need(tools=("ip", "etcd", "etcdctl"))
     tag = "".join(ch for ch in request.node.name if ch.isalnum())[:12]
     s = netns.RunScope(tag=f"x{tag}")
     try:

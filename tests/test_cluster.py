@@ -7,13 +7,13 @@ The assertions read what the kernel holds (`ip route`, `ip neigh`, `bridge fdb`)
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
+from needs import need
 
 from pyflannel.lab import netns
 from pyflannel.lab.testbed import Node, Testbed
@@ -22,12 +22,6 @@ from pyflannel.subnetenv import SubnetEnv
 pytestmark = [pytest.mark.integration, pytest.mark.kernel_vm]
 
 NETWORK = "10.244.0.0/16"
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    return None
 
 
 def ip(ns: str, *args: str) -> str:
@@ -59,9 +53,7 @@ class Cluster:
 
 
 def _make_cluster(backend: str) -> Iterator[Cluster]:
-    why = _skip_reason()
-    if why:
-        pytest.skip(why)
+    need(tools=("ip", "etcd", "etcdctl"))
     scope = netns.RunScope(tag=f"c{backend.replace('-', '')}")
     try:
         tb = Testbed(scope)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from fakekube import KubeAdmin
+from needs import require
 
 from pyflannel.lab import netns
 from pyflannel.lab.testbed import Node, Testbed
@@ -80,9 +81,7 @@ class KubeCluster:
 
 @pytest.fixture
 def cluster(scope: netns.RunScope) -> Iterator[KubeCluster]:
-    why = _skip_reason()
-    if why:
-        pytest.skip(why)
+    require(_skip_reason())
     c = KubeCluster(scope)
     yield c
     for node in c.tb.nodes.values():

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import need
 from test_cni_plugin import EXPECTED_IPV4, IPV4_ENV, Bed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,8 +205,8 @@ HOST_OK = re.compile(
 )
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
 def test_touches_no_file_outside_the_dist(linked: Path, dist: Path, tmp_path: Path) -> None:
+    need(root=False, tools=("strace",))
     bed = Bed(tmp_path)
     bed.write_env(IPV4_ENV)
     trace = tmp_path / "trace"

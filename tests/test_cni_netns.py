@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import need
 
 from pyflannel.cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
 from pyflannel.cni.launcher import install as install_launcher
 from pyflannel.lab import netns
 from pyflannel.lab.netns import RunScope, ns_exec, run
+from pyflannel.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +33,7 @@ NETWORK = "10.244.0.0/16"
 
 
 def _need_plugins() -> None:
-    for p in ("bridge", "host-local", "portmap", "loopback"):
-        if not (REF_PLUGINS / p).is_file():
-            pytest.skip("needs Debian's containernetworking-plugins in /usr/lib/cni")
+    need(files=[REF_PLUGINS / p for p in ("bridge", "host-local", "portmap", "loopback")])
 
 
 def flannel_bin_dir(tmp: Path) -> Path:
@@ -306,10 +305,8 @@ def test_cross_node_pods_and_host_port_from_another_host(scope: RunScope, node1:
 def test_pods_across_flanneld_nodes(scope: RunScope) -> None:
     """Real flanneld (vxlan) writes subnet.env on each node; pods made through the conflist reach each other."""
     _need_plugins()
-    if shutil.which("etcd") is None:
-        pytest.skip("needs etcd")
-    testbed = pytest.importorskip("pyflannel.lab.testbed")
-    tb = testbed.Testbed(scope)
+    need(tools=("etcd", "etcdctl"))
+    tb = Testbed(scope)
     tb.start_etcd()
     tb.put_config({"Network": NETWORK, "Backend": {"Type": "vxlan"}})
     nodes = [tb.add_node(n) for n in ("f1", "f2", "f3")]

@@ -12,13 +12,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
+import yaml
 
 from pyflannel.cli import parse_args
 from pyflannel.config import parse_net_config
-
-yaml = pytest.importorskip("yaml")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "kube-flannel.yml"

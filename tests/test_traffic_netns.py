@@ -18,6 +18,7 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
+from needs import need
 
 from pyflannel.lab.netns import RunScope, ns_exec, run, veth
 from pyflannel.subnetenv import SubnetEnv
@@ -110,9 +111,7 @@ def _root_namespace_untouched() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _need_tools() -> None:
-    for tool in ("iptables", "iptables-restore", "ip6tables-restore", "nft"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
+    need(tools=("iptables", "iptables-restore", "ip6tables-restore", "nft"))
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
