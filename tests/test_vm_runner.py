@@ -122,7 +122,7 @@ def test_inner_script_reports_status_through_the_run_dir(tmp_path: Path) -> None
     fake.chmod(0o755)
     rundir = tmp_path / "run"
     rundir.mkdir()
-    (rundir / "inner.sh").write_text(vm.inner_script(repo, rundir, ["-k", "a b"], {}))
+    (rundir / "inner.sh").write_text(vm.inner_script(repo, rundir, ["-k", "a b"], {}, warm_up=False))
     p = subprocess.run(["sh", str(rundir / "inner.sh")], capture_output=True, text=True, timeout=30)
     assert p.returncode == 3
     assert "args: -p no:cacheprovider -q -m kernel_vm -k a b" in p.stdout
