@@ -21,13 +21,13 @@ import sys
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, NoReturn
 
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.entries import OwnedEntries
 from .backend.registry import backend_class
-from .config import ConfigError, NetConfig
+from .config import ConfigError, NetConfig, parse_ip
 from .flags import Options
 from .health import HealthServer
 from .iface import IfaceError, IfaceRequest, external_interface, link_addrs
@@ -284,7 +284,7 @@ class Agent:
         reach_index = None
         if req.can_reach:
             try:
-                target: IPv4Address | IPv6Address = ip_address(req.can_reach)
+                target: IPv4Address | IPv6Address = parse_ip(req.can_reach)
             except ValueError:
                 raise IfaceError(f"--iface-can-reach {req.can_reach!r} is not an IP address") from None
             reach_index = await self.netlink.route_get_index(target)

@@ -7,12 +7,13 @@ is --public-ip when given, else the chosen interface's address.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import TYPE_CHECKING
+
+from .config import parse_ip
 
 if TYPE_CHECKING:
     from .netlink import Address, Link
@@ -90,7 +91,7 @@ def select_link(
     if req.ifaces:
         for spec in req.ifaces:
             try:
-                ip = ipaddress.ip_address(spec)
+                ip = parse_ip(spec)
             except ValueError:
                 link = next((lk for lk in links if lk.name == spec), None)
                 if link is not None and _usable(link, req):
@@ -145,8 +146,8 @@ def external_interface(
     if req.need_ipv6 and addr6 is None:
         raise IfaceError(f"failed to find an IPv6 address for interface {link.name}")
     try:
-        pub4 = IPv4Address(req.public_ip) if req.public_ip else addr4
-        pub6 = IPv6Address(req.public_ipv6) if req.public_ipv6 else addr6
+        pub4 = IPv4Address(parse_ip(req.public_ip)) if req.public_ip else addr4
+        pub6 = IPv6Address(parse_ip(req.public_ipv6)) if req.public_ipv6 else addr6
     except ValueError as e:
         raise IfaceError(f"--public-ip/--public-ipv6: {e}") from None
     return ExternalInterface(

@@ -51,3 +51,11 @@ def test_ipv6_needs_a_global_address() -> None:
 def test_clear_errors(req: IfaceRequest, default: int | None) -> None:
     with pytest.raises(IfaceError):
         external_interface(req, LINKS, default)
+
+
+def test_addresses_with_a_zone_are_refused_as_go_refuses_them() -> None:
+    with pytest.raises(IfaceError, match="zone"):
+        external_interface(IfaceRequest(need_ipv6=True, public_ipv6="fd00::7%eth1"), LINKS, 3)
+    with pytest.raises(IfaceError):
+        # A zone never names an address of a link, so --iface with one selects nothing.
+        external_interface(IfaceRequest(ifaces=("fd00::5%eth1",)), LINKS, 2)
