@@ -46,11 +46,13 @@ EXIT_VM_FAILURE = 100
 EXIT_TIMEOUT = 124
 DEFAULT_TIMEOUT = 1500.0
 DEFAULT_BOOT_TIMEOUT = 300.0
+KVM_BOOT_TIMEOUT = 60.0  # a KVM guest is up in seconds; past this, auto mode retries under TCG
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY = "4G"
 PASS_ENV = ("CI", "ETCD_UNSUPPORTED_ARCH")
 IN_VM_ENV = "PYFLANNEL_IN_VM"
 KERNEL_ENV = "PYFLANNEL_VM_KERNEL"  # the version the runner booted, for the guest's self-test
+HOST_KERNEL_ENV = "PYFLANNEL_HOST_KERNEL"  # the host's own kernel release, which the guest must not be running
 REPO = Path(__file__).resolve().parents[2]
 
 _KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
@@ -464,12 +466,20 @@ def _kill_group(p: subprocess.Popen[bytes], grace: float = 5.0) -> None:
             os.killpg(p.pid, sig)
         try:
             p.wait(timeout=grace)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    # qemu is vng's grandchild: make sure the whole group is gone (bounded), not just vng.
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
-def _boot_once(cmd: list[str], env: dict[str, str], rundir: Path, opts: Options, deadline: float) -> Outcome:
+def _boot_once(cmd: list[str], env: dict[str, str], rundir: Path, boot_timeout: float, deadline: float) -> Outcome:
     """Start vng, copy its output to our stdout as it comes, enforce the boot and wall-time bounds."""
     t0 = time.monotonic()
     started_file, status_file = rundir / "started", rundir / "status"
@@ -504,12 +514,11 @@ def _boot_once(cmd: list[str], env: dict[str, str], rundir: Path, opts: Options,
                 if now > deadline:
                     timed_out = True
                     break
-                if boot_s is None and now - t0 > opts.boot_timeout:
-                    _say(f"the guest did not start within {opts.boot_timeout:.0f} s; stopping the VM")
+                if boot_s is None and now - t0 > boot_timeout:
+                    _say(f"the guest did not start within {boot_timeout:.0f} s; stopping the VM")
                     break
     finally:
-        if p.poll() is None:
-            _kill_group(p)
+        _kill_group(p)  # also after a normal exit: nothing of the group may outlive the run
         p.stdout.close()
     if boot_s is None and started_file.exists():
         boot_s = time.monotonic() - t0
@@ -539,7 +548,9 @@ def run(opts: Options) -> int:
         "TMPDIR": str(rundir),  # vng's own temp files (the return-code file) die with the run dir
     }
     passed = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    passed[KERNEL_ENV] = kernel.version
+    passed[HOST_KERNEL_ENV] = os.uname().release
+    if kernel.image.name.startswith("vmlinuz-"):
+        passed[KERNEL_ENV] = kernel.version
     venv = (opts.repo / ".venv").resolve()
     exports = cached_exports([opts.repo, venv, *([home] if (home := python_home(venv)) else [])])
     try:
@@ -558,7 +569,10 @@ def run(opts: Options) -> int:
                 print(shlex.join(cmd))
                 print((rundir / "inner.sh").read_text(), end="")
                 return 0
-            out = _boot_once(cmd, env, rundir, opts, deadline)
+            # A KVM that hangs instead of failing must not cost the whole boot bound before the TCG retry.
+            retry = accel.kvm and opts.accel == "auto"
+            boot_timeout = min(opts.boot_timeout, KVM_BOOT_TIMEOUT) if retry else opts.boot_timeout
+            out = _boot_once(cmd, env, rundir, boot_timeout, deadline)
             if out.timed_out:
                 _say(f"FAILED: the VM pass hit its {opts.timeout:.0f} s bound; the VM was killed")
                 return EXIT_TIMEOUT
@@ -636,6 +650,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.errno != errno.EPIPE:
             _say(f"FAILED: {e}")
         return EXIT_VM_FAILURE
+    except KeyboardInterrupt:
+        _say("interrupted; the VM was stopped")
+        return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
 
