@@ -13,7 +13,9 @@ The VM's own failures exit with EXIT_VM_FAILURE (missing kernel/qemu/vng, boot f
 or EXIT_TIMEOUT (wall-time bound reached; the VM is killed), each with one line saying why.
 
 KVM is used only when the CPU advertises vmx/svm and /dev/kvm can create a VM; otherwise, and when a KVM boot
-fails before the guest runs, qemu runs under TCG (about 8x slower than the host).
+fails (or is not up within 60 s) before the guest runs, qemu runs under TCG, where Python runs 10-15x slower than
+on the host. To keep the tests' own timeouts meaningful there, the repo, the venv and the interpreter are exported
+a second time with guest-side caching, and a warm-up pulls modules, binaries and kernel modules in before pytest.
 
 Every VM is named `pfvm<runner pid>-<random>` (qemu `-name`, guest hostname) and has a run directory of the same
 name under the temp dir (the status file, vng's temp files); a sweep at start kills VMs whose runner is dead (by
