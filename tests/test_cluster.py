@@ -404,7 +404,7 @@ def test_readyz_and_healthz(cluster: Cluster) -> None:
         assert out.strip() == "200"
 
 
-def _one_shot(tb: Testbed, node: Node, timeout: float = 30) -> tuple[int, str]:
+def _one_shot(tb: Testbed, node: Node, timeout: float = 120) -> tuple[int, str]:
     p = subprocess.run(
         ["ip", "netns", "exec", node.ns, *tb.agent_cmd(node)], capture_output=True, text=True, timeout=timeout
     )

@@ -21,7 +21,7 @@ from pyflannel.lab.testbed import Testbed
 
 DEV = "flannel.ipip"
 # Under emulation (the VM pass, TCG) an agent takes tens of seconds to start and fail.
-ONE_SHOT_TIMEOUT = 180
+ONE_SHOT_TIMEOUT = 120
 
 
 def _ipip_cluster(tag: str, *, direct_routing: bool = False) -> Iterator[Cluster]:
@@ -41,7 +41,7 @@ def _ipip_cluster(tag: str, *, direct_routing: bool = False) -> Iterator[Cluster
             node.extra_args = ("--reconcile-interval=300",)
             tb.start_agent(node)
         for node in tb.nodes.values():
-            cl.env[node.name] = tb.wait_ready(node, timeout=120)
+            cl.env[node.name] = tb.wait_ready(node)
             tb.add_pod(node, cl.env[node.name])
         yield cl
     finally:

@@ -330,8 +330,9 @@ class Testbed:
         node.proc = None
         return p.returncode
 
-    def wait_ready(self, node: Node, timeout: float = 40, since: float = 0.0) -> SubnetEnv:
-        """Wait until the agent wrote subnet.env (after `since`, a time.time() value)."""
+    def wait_ready(self, node: Node, timeout: float = 120, since: float = 0.0) -> SubnetEnv:
+        """Wait until the agent wrote subnet.env (after `since`, a time.time() value). The bound is roomy: under
+        emulation (the VM pass) a cold agent takes tens of seconds to start; a dead agent is reported at once."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
