@@ -717,3 +717,33 @@ def test_own_node_deleted_or_unannotated_keeps_the_lease_and_is_annotated_again(
             await st.close()
 
     run(body)
+
+
+def test_tls_files_a_kubeconfig_names_go_through_the_capped_reader(tmp_path: Path) -> None:
+    """A kubeconfig whose CA is a huge file would be read whole when the client connects: refused at configuration
+    (the library itself already refuses what is no regular file)."""
+    fifo = tmp_path / "ca.pem"
+    with fifo.open("wb") as f:
+        f.truncate(2 << 30)  # sparse: no disk used
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "c", "cluster": {"server": "https://127.0.0.1:6443", "certificate-authority": str(fifo)}}
+                ],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    st = KubeStore(KubeOptions(kubeconfig_file=str(kubeconfig)))
+
+    async def body() -> None:
+        with pytest.raises(StoreError, match="Kubernetes CA file"):
+            await asyncio.wait_for(st._client_config(), 30)
+
+    asyncio.run(body())

@@ -335,6 +335,11 @@ class KubeStore(Store):
                         "KUBERNETES_SERVICE_PORT": self.opts.service_port,
                     },
                 ).load_and_set(cfg)
+            # The TLS files a kubeconfig (or the service account) names are read by the client when it connects:
+            # check them through the same capped reader now, so a FIFO or a device there is a clear error too.
+            for what, path in (("CA", cfg.ssl_ca_cert), ("client certificate", cfg.cert_file), ("key", cfg.key_file)):
+                if path:
+                    read_config_file(path, f"Kubernetes {what} file")
         except (ConfigException, OSError, ConfigError) as e:
             raise StoreError(
                 f"cannot configure the Kubernetes client (use --kube-api-url, --kubeconfig-file, "
