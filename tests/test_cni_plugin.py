@@ -298,6 +298,59 @@ def test_non_bridge_delegate_has_no_is_gateway(bed: Bed) -> None:
     assert (d["type"], d["ipMasq"], d["mtu"]) == ("ipvlan", True, 1400)
 
 
+# What the reference bridge prints for a 1.0.0 ADD: types.Result.Print(), json.MarshalIndent with four spaces.
+BRIDGE_100_RESULT = """{
+    "cniVersion": "1.0.0",
+    "interfaces": [
+        {
+            "name": "cni0",
+            "mac": "5e:1b:0a:7f:3c:01"
+        },
+        {
+            "name": "veth1a2b3c4d",
+            "mac": "a2:3b:44:10:9e:7f"
+        },
+        {
+            "name": "eth0",
+            "mac": "36:7e:2f:1d:aa:02",
+            "sandbox": "/var/run/netns/cni-1234"
+        }
+    ],
+    "ips": [
+        {
+            "interface": 2,
+            "address": "10.1.17.2/24",
+            "gateway": "10.1.17.1"
+        }
+    ],
+    "routes": [
+        {
+            "dst": "10.1.0.0/16"
+        }
+    ],
+    "dns": {}
+}"""
+
+
+def test_v110_result_is_printed_as_upstream_does(bed: Bed) -> None:
+    """Upstream's ADD ends with result.Print(): MarshalIndent of the 1.1.0 result, no trailing newline. The
+    delegate answered 1.0.0 in that layout (the same Go struct), so only the version differs."""
+    bed.write_env(IPV4_ENV)
+    (bed.bin / "bridge").write_text(f"#!/bin/sh\ncat > /dev/null\ncat <<'EOF'\n{BRIDGE_100_RESULT}\nEOF\n")
+    out = io.BytesIO()
+    conf = json.dumps(bed.conf(cniVersion="1.1.0")).encode()
+    assert plugin.run(bed.env("ADD"), io.BytesIO(conf), out, io.StringIO()) == 0
+    expected = BRIDGE_100_RESULT.replace('"cniVersion": "1.0.0"', '"cniVersion": "1.1.0"').encode()
+    assert out.getvalue() == expected
+    # Go's escaping and empty containers: <>& as \u003c..., non-ASCII kept, [] and {} on one line.
+    r = {"cniVersion": "1.1.0", "interfaces": [], "dns": {"domain": "a<b>&c", "search": ["é"]}, "x": 1.5}
+    assert plugin._print_result(r) == (
+        b'{\n    "cniVersion": "1.1.0",\n    "interfaces": [],\n    "dns": {\n'
+        b'        "domain": "a\\u003cb\\u003e\\u0026c",\n        "search": [\n            "\xc3\xa9"\n'
+        b'        ]\n    },\n    "x": 1.5\n}'
+    )
+
+
 def test_v110_talks_100_to_delegate_and_answers_110(bed: Bed) -> None:
     bed.write_env(IPV4_ENV)
     rc, res, _ = bed.run("ADD", bed.conf(cniVersion="1.1.0"))

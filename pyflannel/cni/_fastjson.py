@@ -146,6 +146,45 @@ def dumps(obj: "Any") -> str:
     return "".join(_encode_plain(obj, 0))
 
 
+def dumps_indent(obj: "Any", number: "Any") -> str:
+    """json.MarshalIndent(v, "", "    ")'s layout, keys in their own order (a decoded Go struct's field order):
+    `{` / `[` then one member per line, `"key": value`, empty containers as `{}` / `[]`, no trailing newline.
+    `number` formats a float (conf._go_float); strings as dumps() writes them (the caller escapes <>&)."""
+    parts: list[str] = []
+    _indent(obj, "\n", parts, number)
+    return "".join(parts)
+
+
+def _indent(obj: "Any", nl: str, out: list[str], number: "Any") -> None:
+    if isinstance(obj, dict):
+        if not obj:
+            out.append("{}")
+            return
+        inner = nl + "    "
+        sep = "{"
+        for k, v in obj.items():
+            out.append(sep + inner)
+            out.append(_json.encode_basestring(k) + ": ")
+            _indent(v, inner, out, number)
+            sep = ","
+        out.append(nl + "}")
+    elif isinstance(obj, list):
+        if not obj:
+            out.append("[]")
+            return
+        inner = nl + "    "
+        sep = "["
+        for v in obj:
+            out.append(sep + inner)
+            _indent(v, inner, out, number)
+            sep = ","
+        out.append(nl + "]")
+    elif isinstance(obj, float) and not isinstance(obj, bool):
+        out.append(number(obj))
+    else:
+        out.append("".join(_encode_plain(obj, 0)))
+
+
 # ---- addresses ----------------------------------------------------------------------------------------
 
 

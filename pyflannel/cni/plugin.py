@@ -500,10 +500,23 @@ def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO
         try:
             r = _fastjson.loads(result)
             r["cniVersion"] = version
-            result = _fastjson.dumps(r).encode()
-        except (ValueError, TypeError) as e:
+            result = _print_result(r)
+        except (ValueError, TypeError, AttributeError) as e:
             raise CNIError(ERR_DECODE, f"failed to delegate add: failed to decode the delegate's result: {e}") from None
     out.write(result)
+
+
+def _print_result(r: "dict[str, Any]") -> bytes:
+    """types.Result.Print() as upstream answers ADD: json.MarshalIndent with four spaces, no trailing newline,
+    <>& escaped. The delegate printed its 1.0.0 result the same way (the 1.0.0 and 1.1.0 results are one Go
+    struct), so its field order, kept here, is the struct's; only cniVersion changes."""
+    from pyflannel.cni.conf import _HTML_ESCAPES, _go_float
+
+    text = _fastjson.dumps_indent(r, _go_float)
+    for ch, esc in _HTML_ESCAPES:
+        if ch in text:
+            text = text.replace(ch, esc)
+    return text.encode("utf-8", "surrogateescape")
 
 
 def cmd_del(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
