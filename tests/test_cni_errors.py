@@ -420,3 +420,37 @@ def test_error_paths_need_no_import_on_success(bed: Bed) -> None:
 
 def test_goerr_quote_like_strconv() -> None:
     assert _goerr.quote('a"b\\c\n\x00\x7f\u00a0\u00e9\U0001f600\udcff') == '"a\\"b\\\\c\\n\\x00\\x7f\\u00a0é😀\\xff"'
+
+
+def test_unknown_command_without_container_id_is_code_4(bed: Bed) -> None:
+    """libcni v1.2's skel (upstream's) checks the container ID only for ADD/CHECK/DEL: an unknown command
+    without one is code 4 "unknown CNI_COMMAND", not v1.1's code 3 "missing containerID"."""
+    env = {k: v for k, v in bed.env("FROB").items() if k not in ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_NETNS")}
+    out = io.BytesIO()
+    assert plugin.run(env, io.BytesIO(json.dumps(bed.conf()).encode()), out, io.StringIO()) == 1
+    e = json.loads(out.getvalue())
+    assert (e["code"], e["msg"]) == (4, "unknown CNI_COMMAND: FROB")
+    # The config is still checked first (skel's validateConfig runs for every command but VERSION).
+    out = io.BytesIO()
+    assert plugin.run(env, io.BytesIO(b"{"), out, io.StringIO()) == 1
+    assert json.loads(out.getvalue())["code"] == 6
+
+
+def test_unreadable_stdin_is_code_5_and_closed_stdin_is_empty(bed: Bed, flannel_exe: Path, tmp_path: Path) -> None:
+    """skel: io.ReadAll(os.Stdin) failing is code 5 with the *PathError; a closed fd 0 is reopened on /dev/null by
+    Go's runtime (checkfds, Go 1.22+), so it reads as empty stdin: code 6, unexpected end of JSON input."""
+    env = {k.encode(): v.encode() for k, v in bed.env("ADD").items()}
+    with open(tmp_path / "w", "wb") as w:  # fd 0 open write-only: read(2) fails with EBADF
+        p = subprocess.run([str(flannel_exe)], stdin=w, env=env, capture_output=True, timeout=30, cwd="/")
+    e = json.loads(p.stdout)
+    assert (p.returncode, e["code"], e["msg"]) == (
+        1,
+        5,
+        "error reading from stdin: read /dev/stdin: bad file descriptor",
+    )
+    # fd 0 closed: the answer is the empty-stdin one, and the delegate never sees a stray fd 0 (none runs here).
+    p = subprocess.run([str(flannel_exe)], stdin=subprocess.DEVNULL, env=env, capture_output=True, timeout=30,
+                       cwd="/", preexec_fn=lambda: os.close(0))  # fmt: skip
+    e = json.loads(p.stdout)
+    assert (p.returncode, e["code"]) == (1, 6)
+    assert e["msg"] == "error unmarshall network config: unexpected end of JSON input"

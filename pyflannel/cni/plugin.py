@@ -640,7 +640,9 @@ def _read_stdin(stdin: "BinaryIO") -> bytes:
         try:
             b = stdin.read(MAX_STDIN + 1 - size)
         except OSError as e:
-            raise CNIError(ERR_IO, f"error reading from stdin: {_go_err(e)}") from None
+            # io.ReadAll(os.Stdin)'s *PathError: code 5 (a read that fails, e.g. fd 0 open write-only). A closed
+            # fd 0 is not this: Go's runtime (1.22+, checkfds) reopens it on /dev/null, so stdin reads empty.
+            raise CNIError(ERR_IO, f"error reading from stdin: read /dev/stdin: {_go_err(e)}") from None
         if not b:
             return b"".join(chunks)
         chunks.append(b)
@@ -677,6 +679,9 @@ def run(env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any") -> 
             _validate_ifname(env["CNI_IFNAME"])
         fn = _COMMANDS.get(cmd)
         if fn is None:
+            # Code 4 even without CNI_CONTAINERID, as libcni v1.2's skel (flannel-io/cni-plugin builds on v1.2.3):
+            # it validates the container ID only for the commands that require it. v1.1's skel validated it for
+            # every command but VERSION, so there an unknown command without an ID was 3, "missing containerID".
             raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {cmd}")
         version = config_version(raw)
         if cmd in _FLOORS:
@@ -710,7 +715,18 @@ def main() -> "NoReturn":
     env = {k.decode(enc, errors): v.decode(enc, errors) for k, v in posix.environ.items()}
     if sys.stdin is None or sys.stdout is None or sys.stderr is None:
         # The runtime left fd 0, 1 or 2 closed: no config, or nowhere to answer (the exit status still tells).
+        # As Go's runtime does at start (checkfds), the closed ones are opened on /dev/null, so that no file
+        # the plugin opens later (the stored config, the delegate's pipes) can land on them.
         import io
+
+        for fd in range(3):
+            try:
+                posix.fstat(fd)
+            except OSError:
+                try:  # noqa: SIM105  (contextlib is an import the plugin does without)
+                    posix.open("/dev/null", posix.O_RDWR)  # the lowest free fd: this one
+                except OSError:
+                    pass
 
         stdin: Any = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
         stdout: Any = sys.stdout.buffer if sys.stdout is not None else io.BytesIO()
