@@ -28,21 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import any_json, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from test_cni_plugin import FAKE_DELEGATE, IPV4_ENV
 
 from pyflannel.cni.launcher import install
 
-_DEFAULT_EXAMPLES = 150
-EXAMPLES = int(os.environ.get("PYFLANNEL_FUZZ_EXAMPLES") or _DEFAULT_EXAMPLES)
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=EXAMPLES <= _DEFAULT_EXAMPLES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz_settings(150, HealthCheck.function_scoped_fixture)
 CODES = {1, 3, 4, 5, 6, 7, 11, 50, 999}
 MEMORY = 512 << 20  # address space of a fuzzed process (a plugin run needs ~30 MB)
 
@@ -119,11 +112,7 @@ env_bytes = st.binary(max_size=12).map(lambda b: b.replace(b"\x00", b"")) | st.s
     [b"some-id", b"a\xff", b"\xc3(", b"eth0", b"a" * 256, b"..", b"x/y", b"ADD", b"DEL"]
 )
 commands = st.sampled_from([b"ADD", b"DEL", b"CHECK", b"STATUS", b"GC", b"VERSION", b""]) | env_bytes
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-    max_leaves=8,
-)
+json_values = any_json(int_bound=None, text=8, leaves=8, width=3, infinity=True)
 raw_literals = st.sampled_from(
     ['"\\udc80"', '"\\ud800"', '"\\u0000"', "1e400", "-1" + "0" * 400, "9" * 5000, "[" * 600 + "]" * 600,
      '"' + "x" * 70000 + '"', "NaN", '"\\u003c&\\u2028"', "0.000001", "1E21", '{"type":"endless"}',

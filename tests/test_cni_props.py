@@ -18,39 +18,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from fuzzing import any_json, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from test_cni_plugin import IPV4_ENV, Bed
 
 from pyflannel.cni import _fastjson, _goerr, plugin
 
-_DEFAULT_EXAMPLES = 150
-EXAMPLES = int(os.environ.get("PYFLANNEL_FUZZ_EXAMPLES") or _DEFAULT_EXAMPLES)
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=EXAMPLES <= _DEFAULT_EXAMPLES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+FUZZ = fuzz_settings(150, HealthCheck.filter_too_much)
 # What the plugin answers (the spec's well-known codes, 50 for STATUS, 999), plus the fake delegate's own 11.
 CODES = {1, 3, 4, 5, 6, 7, 11, 50, 999}
 COMMANDS = ["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"]
 
 # ---- strategies ------------------------------------------------------------------------------------------------
 
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12)
-)
-values = st.recursive(
-    scalars,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
-    max_leaves=12,
-)
+values = any_json(int_bound=2**70, text=12, leaves=12)
 # Names that are often valid CNI names, sometimes not at all.
 names = st.sampled_from(["cni-flannel", "cbr0", "a.b_c-d", "", "bad name", "-x", "\ufffd", "é"]) | st.text(max_size=6)
 versions = st.sampled_from(["0.1.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "", "1.0", "2.0.0", "x.y.z"]) | st.text(

@@ -12,13 +12,13 @@ tests/test_properties.py`.
 from __future__ import annotations
 
 import json
-import os
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import any_json, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from pyflannel.config import MAX_JSON_DEPTH, ConfigError, NetConfig, parse_net_config
@@ -27,30 +27,11 @@ from pyflannel.store.base import StoreError
 from pyflannel.store.kube import Annotations, KubeOptions, KubeStore, node_to_lease
 from pyflannel.subnetenv import SubnetEnv, SubnetEnvError, parse_subnet_env, read_subnet_env, write_subnet_env
 
-_DEFAULT_EXAMPLES = 200
-EXAMPLES = int(os.environ.get("PYFLANNEL_FUZZ_EXAMPLES") or _DEFAULT_EXAMPLES)
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=EXAMPLES <= _DEFAULT_EXAMPLES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-)
+FUZZ = fuzz_settings(200, HealthCheck.filter_too_much)
 
 # --- strategies -------------------------------------------------------------------------------------------------
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(10**30), max_value=10**30)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=20,
-)
+json_values = any_json(int_bound=10**30, text=20, leaves=20)
 
 # Pieces that broke decoders before: numbers past float64 or int()'s digit limit, non-JSON constants, lone
 # surrogates, zones, deep nesting, control characters, byte order marks.

@@ -52,7 +52,7 @@ def ns_exec(ns: str, cmd: Sequence[str], **kw: object) -> str:
     return run(["ip", "netns", "exec", ns, *cmd], **kw)  # type: ignore[arg-type]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +85,7 @@ def kill_ns_processes(ns: str, grace: float = 3.0) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _pid_alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
         time.sleep(0.05)
     for pid in ns_pids(ns):
         with contextlib.suppress(ProcessLookupError):
@@ -109,13 +109,13 @@ def sweep(stem: str, *, include_alive: bool = False) -> list[str]:
         if not ns.startswith(stem):
             continue
         owner = _owner_pid(ns, stem)
-        if include_alive or owner is None or not _pid_alive(owner):
+        if include_alive or owner is None or not pid_alive(owner):
             delete_ns(ns)
             removed.append(ns)
     tmp = Path(tempfile.gettempdir())
     for d in tmp.glob(f"{stem}*"):
         owner = _owner_pid(d.name, stem)
-        if include_alive or owner is None or not _pid_alive(owner):
+        if include_alive or owner is None or not pid_alive(owner):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(str(d))
     return removed

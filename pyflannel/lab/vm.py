@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .netns import pid_alive
+
 STEM = "pfvm"
 EXIT_VM_FAILURE = 100
 EXIT_TIMEOUT = 124
@@ -332,16 +334,6 @@ def vng_command(
 # --- leftovers of crashed runs ----------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _running(pid: int) -> bool:
     """Alive and not a zombie (a killed child its parent has not reaped yet)."""
     try:
@@ -400,7 +392,7 @@ def sweep(*, proc: Path = Path("/proc"), tmp: Path | None = None, only: str | No
         if only is not None:
             return name == only
         owner = owner_pid(name)
-        return owner is None or (owner != os.getpid() and not _pid_alive(owner))
+        return owner is None or (owner != os.getpid() and not pid_alive(owner))
 
     removed: list[str] = []
     victims = [(pid, name) for pid, name in vm_processes(proc) if pid != os.getpid() and orphaned(name)]
