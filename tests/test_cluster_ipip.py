@@ -17,7 +17,7 @@ import pytest
 from test_cluster import NETWORK, Cluster, _one_shot, all_pairs_ping, ip
 
 from pyflannel.lab import netns
-from pyflannel.lab.testbed import Testbed
+from pyflannel.lab.testbed import Node, Testbed
 
 DEV = "flannel.ipip"
 # Under emulation (the VM pass, TCG) an agent takes tens of seconds to start and fail.
@@ -219,16 +219,19 @@ def test_direct_routing_same_segment_direct_far_one_tunnelled(dr_cluster: Cluste
 # ---- bad input: refused before anything is built (host and VM) -------------------------------------------------
 
 
-def _agent(scope: netns.RunScope, backend: dict[str, object], **conf: object) -> tuple[Testbed, int, str]:
+def _ipip_node(scope: netns.RunScope, **conf: object) -> tuple[Testbed, Node]:
     tb = Testbed(scope)
     tb.start_etcd()
-    tb.put_config({"Network": NETWORK, "Backend": backend, **conf})
-    node = tb.add_node("n1")
-    return tb, *_one_shot(tb, node, timeout=ONE_SHOT_TIMEOUT)
+    tb.put_config({"Network": NETWORK, "Backend": {"Type": "ipip"}, **conf})
+    return tb, tb.add_node("n1")
 
 
-def _nothing_built(tb: Testbed) -> None:
-    node = tb.nodes["n1"]
+def _refused(tb: Testbed, node: Node, needle: str) -> None:
+    """The agent exits 1 with `needle` in one clear line, having taken no lease and written no subnet.env."""
+    code, out = _one_shot(tb, node, timeout=ONE_SHOT_TIMEOUT)
+    assert code == 1, out
+    assert needle in out, out
+    assert "Traceback" not in out
     assert not node.subnet_file.exists()
     assert tb.leases() == {}
 
@@ -236,47 +239,30 @@ def _nothing_built(tb: Testbed) -> None:
 @pytest.mark.integration
 @pytest.mark.kernel_vm
 def test_foreign_device_with_our_name_is_refused(scope: netns.RunScope) -> None:
-    tb = Testbed(scope)
-    tb.start_etcd()
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "ipip"}})
-    node = tb.add_node("n1")
+    tb, node = _ipip_node(scope)
     netns.run(["ip", "-n", node.ns, "link", "add", DEV, "type", "bridge"])
-    code, out = _one_shot(tb, node, timeout=ONE_SHOT_TIMEOUT)
-    assert code == 1, out
-    assert f"{DEV} already exists and is not one flannel made: it is a bridge device" in out, out
-    assert "Traceback" not in out
-    _nothing_built(tb)
+    _refused(tb, node, f"{DEV} already exists and is not one flannel made: it is a bridge device")
     assert "bridge" in ip(node.ns, "-d", "link", "show", DEV)  # the user's device is left alone
 
 
 @pytest.mark.integration
 @pytest.mark.kernel_vm
 def test_underlay_mtu_too_small(scope: netns.RunScope) -> None:
-    tb = Testbed(scope)
-    tb.start_etcd()
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "ipip"}})
-    node = tb.add_node("n1")
+    tb, node = _ipip_node(scope)
     # A second underlay interface with a tiny MTU, chosen by --iface (etcd stays reachable over eth0).
     netns.run(["ip", "-n", node.ns, "link", "add", "eth1", "mtu", "80", "type", "veth", "peer", "eth1p", "mtu", "80"])
     netns.run(["ip", "-n", node.ns, "addr", "add", "10.99.0.1/24", "dev", "eth1"])
     netns.run(["ip", "-n", node.ns, "link", "set", "eth1", "up"])
     node.extra_args = ("--iface=eth1",)
-    code, out = _one_shot(tb, node, timeout=ONE_SHOT_TIMEOUT)
-    assert code == 1, out
-    assert "ipip: MTU 80 of eth1 is too small" in out, out
-    assert "Traceback" not in out
-    _nothing_built(tb)
+    _refused(tb, node, "ipip: MTU 80 of eth1 is too small")
     assert DEV not in ip(node.ns, "link")
 
 
 @pytest.mark.integration
 @pytest.mark.kernel_vm
 def test_ipv6_is_a_config_error(scope: netns.RunScope) -> None:
-    tb, code, out = _agent(scope, {"Type": "ipip"}, EnableIPv6=True, IPv6Network="fd00:10:244::/56")
-    assert code == 1, out
-    assert "ipip carries IPv4 only" in out, out
-    assert "Traceback" not in out
-    _nothing_built(tb)
+    tb, node = _ipip_node(scope, EnableIPv6=True, IPv6Network="fd00:10:244::/56")
+    _refused(tb, node, "ipip carries IPv4 only")
 
 
 def _kernel_has_ipip() -> bool:
@@ -289,18 +275,11 @@ def _kernel_has_ipip() -> bool:
 def test_a_kernel_without_ipip_is_named(scope: netns.RunScope) -> None:
     """On this host's kernel (no ipip module) the agent says which module is missing and builds nothing; where
     the module exists (the VM pass) the same start comes up with the device instead."""
-    tb = Testbed(scope)
-    tb.start_etcd()
-    tb.put_config({"Network": NETWORK, "Backend": {"Type": "ipip"}})
-    node = tb.add_node("n1")
+    tb, node = _ipip_node(scope)
     if _kernel_has_ipip():
         tb.start_agent(node)
         tb.wait_ready(node, timeout=120)
         assert "ipip" in ip(node.ns, "-d", "link", "show", DEV)
         return
-    code, out = _one_shot(tb, node, timeout=ONE_SHOT_TIMEOUT)
-    assert code == 1, out
-    assert "Traceback" not in out
-    assert "ipip" in out and "module" in out, out
-    _nothing_built(tb)
+    _refused(tb, node, "the kernel lacks the `ipip` module")
     assert DEV not in ip(node.ns, "link")
