@@ -41,8 +41,8 @@ from .netlink import (
     Route,
 )
 from .store.base import LeaseRevokedError, Store, StoreError, SubnetExhaustedError
-from .store.etcd import EtcdOptions, EtcdStore
-from .store.kube import KubeOptions, KubeStore
+from .store.options import EtcdOptions, KubeOptions
+from .store.registry import create_store
 from .subnetenv import SubnetEnv, read_subnet_env, write_subnet_env
 from .traffic import TrafficManager, create_traffic_manager
 
@@ -491,9 +491,7 @@ def run_daemon(opts: Options) -> NoReturn:
     async def _run() -> int:
         try:
             netlink = Netlink()
-            store: Store = (
-                KubeStore(kube_options_from_cli(opts, os.environ)) if opts["kube-subnet-mgr"] else EtcdStore(cfg.etcd)
-            )
+            store = create_store(kube_options_from_cli(opts, os.environ) if opts["kube-subnet-mgr"] else cfg.etcd)
         except FATAL as e:
             log.error("%s", e)
             return 1

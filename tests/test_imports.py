@@ -77,3 +77,20 @@ def test_agent_imports_only_its_backend() -> None:
     loaded = set(ast.literal_eval(out))
     assert "pyflannel.backend.hostgw" in loaded
     assert "pyflannel.backend.vxlan" not in loaded
+
+
+def _loaded_after(code: str) -> set[str]:
+    code += "; import sys; print(sorted(m.partition('.')[0] for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(ast.literal_eval(out))
+
+
+def test_each_store_loads_only_its_client_library() -> None:
+    clients = {"grpc", "etcd3aio", "kubernetes_asyncio", "aiohttp"}
+    base = "from pyflannel.store.registry import create_store; from pyflannel.store.options import "
+    assert not _loaded_after("import pyflannel.daemon") & clients
+    kube = _loaded_after(base + "KubeOptions; create_store(KubeOptions())")
+    assert not kube & {"grpc", "etcd3aio"}
+    etcd = _loaded_after(base + "EtcdOptions; create_store(EtcdOptions())")
+    assert {"grpc", "etcd3aio"} <= etcd
+    assert not etcd & {"kubernetes_asyncio", "aiohttp"}

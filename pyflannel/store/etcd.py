@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -54,13 +54,12 @@ from ..lease import (
 from ..subnetenv import SubnetEnv
 from .allocate import Taken, find_own_leases, pick_subnets
 from .base import LeaseRevokedError, Store, StoreError
+from .options import EtcdOptions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
-DEFAULT_PREFIX = "/coreos.com/network"
 # Lost races (another node created the same key first) before acquire gives up; each retry re-lists.
 MAX_ACQUIRE_RACES = 10
 # gRPC status codes that mean "try again later" rather than "this request is wrong".
@@ -79,29 +78,6 @@ _RETRY_CODES = frozenset(
 
 class EtcdUnavailableError(StoreError):
     """etcd could not be reached or did not answer in time; transient, worth retrying."""
-
-
-@dataclass
-class EtcdOptions:
-    endpoints: list[str] = field(default_factory=lambda: list(DEFAULT_ENDPOINTS))
-    prefix: str = DEFAULT_PREFIX
-    # TLS files and credentials; empty or None means unset.
-    keyfile: str | None = None
-    certfile: str | None = None
-    cafile: str | None = None
-    username: str | None = None
-    password: str | None = None
-    lease_ttl: int = 24 * 3600
-    renew_margin: int = 60 * 60
-    # Deadline of one etcd call; a dead member is also caught by gRPC keepalive (10 s + 5 s).
-    call_timeout: float = 10.0
-    # Longest pause between retries while etcd is unreachable: short, so that nodes are back within a few
-    # seconds of etcd's return (a retry against a dead member is a refused connection, cheap on both sides).
-    max_backoff: float = 3.0
-    # Liveness of the watch stream: a progress request every interval (0: none); this many unanswered in a row
-    # and the member is treated as gone.
-    watch_probe_interval: float = 1.0
-    watch_probes_lost: int = 2
 
 
 @dataclass(frozen=True)
@@ -768,3 +744,6 @@ class EtcdStore(Store):
                     old = Lease(sn, sn6, LeaseAttrs())
                 out.append(LeaseEvent(EventType.REMOVED, old))
         return out
+
+
+STORE = EtcdStore

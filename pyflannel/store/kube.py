@@ -33,12 +33,10 @@ from ..config import ConfigError, NetConfig, loads_json, parse_cidr, parse_ip, p
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
 from .base import LeaseRevokedError, Store, StoreError
+from .options import KubeOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "flannel.alpha.coreos.com"
-DEFAULT_NET_CONFIG = "/etc/kube-flannel/net-conf.json"
-SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 STRATEGIC = "application/strategic-merge-patch+json"
 
 
@@ -105,27 +103,6 @@ class Annotations:
     @property
     def node_public_ipv6(self) -> str:
         return self.prefix + "node-public-ipv6"
-
-
-@dataclass(frozen=True)
-class KubeOptions:
-    api_url: str = ""
-    kubeconfig_file: str = ""
-    annotation_prefix: str = DEFAULT_PREFIX
-    node_name: str = ""  # NODE_NAME; when empty the pod below is read for spec.nodeName
-    pod_name: str = ""
-    pod_namespace: str = ""
-    net_config_path: str = DEFAULT_NET_CONFIG
-    set_node_network_unavailable: bool = True
-    podcidr_wait: float = 30.0  # how long to wait for the controller manager to assign spec.podCIDR
-    # In-cluster configuration (used when neither api_url nor kubeconfig_file is given).
-    service_host: str = ""  # KUBERNETES_SERVICE_HOST
-    service_port: str = ""  # KUBERNETES_SERVICE_PORT
-    serviceaccount_dir: str = SERVICEACCOUNT_DIR
-    watch_timeout: float = 300.0  # server-side timeout of one watch request; then we watch again
-    request_timeout: float = 30.0
-    patch_attempts: int = 5
-    retry_delay: float = 0.5  # first backoff step for patches and re-lists, doubled up to 16x
 
 
 class _ApiError(StoreError):
@@ -792,3 +769,6 @@ class KubeStore(Store):
         current[name] = lease
         batch.append(LeaseEvent(EventType.ADDED, lease))
         return new_rv
+
+
+STORE = KubeStore
