@@ -5,50 +5,69 @@ from __future__ import annotations
 
 import ast
 import errno
+import ipaddress
 import struct
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2.netlink.exceptions import NetlinkError as Pyroute2Error
 
 import pyflannel.netlink
 from pyflannel.netlink import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFF_UP,
+    IFINFO,
     IFLA_EXT_MASK,
     IFLA_IFNAME,
+    NLM_F_ACK,
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
+    NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_EXCL,
     NLM_F_REQUEST,
+    RTM_DELADDR,
     RTM_DELLINK,
     RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
     RTM_NEWLINK,
     RTN_BLACKHOLE,
     RTNH_F_ONLINK,
+    Address,
     Fdb,
     IpipInfo,
     KernelEvent,
     Link,
     Neigh,
+    Netlink,
     NetlinkError,
     Op,
     Route,
     VxlanInfo,
     codec,
+    decode_addr,
     decode_error,
     decode_event,
     decode_link,
     decode_neigh,
     decode_route,
+    encode_addr,
+    encode_link_del,
     encode_link_dump,
     encode_link_get,
+    encode_link_new,
+    encode_link_set,
     encode_op,
+    encode_route_get,
     format_mac,
-    iproute,
+    ipip_info_data,
     is_missing,
     iter_nla,
     parse_mac,
+    vxlan_info_data,
 )
 
 NLA_F_NESTED = 0x8000
@@ -234,36 +253,87 @@ def test_decode_error() -> None:
     assert is_missing(NetlinkError(errno.ESRCH, "x")) and not is_missing(NetlinkError(errno.EEXIST, "x"))
 
 
-class FakeIPRoute:
-    """Answers `link add` like pyroute2 does when the kernel refuses it."""
+class RefusingRaw:
+    """A RawRoute whose requests the kernel refuses with `code`."""
 
     def __init__(self, code: int) -> None:
         self.code = code
-        self.calls: list[dict[str, Any]] = []
+        self.sent: list[bytes] = []
 
-    def link(self, what: str, **kw: Any) -> None:
-        self.calls.append({"what": what, **kw})
-        raise Pyroute2Error(self.code, errno.errorcode[self.code])
+    def request(self, encode: Any, what: str) -> None:
+        self.sent.append(encode(7))
+        raise NetlinkError(self.code, f"{what}: {errno.errorcode[self.code]}")
 
 
 def test_create_link_errors() -> None:
     # What this machine's kernel answers for `type ipip` / `type wireguard`: it has no such module.
-    ipr = FakeIPRoute(errno.EOPNOTSUPP)
-    with pytest.raises(NetlinkError) as ei:
-        iproute.create_link(ipr, "flannel.ipip", "ipip", 1480, None, {"ipip_local": "192.168.0.1"})
-    assert ei.value.errno == errno.EOPNOTSUPP
-    assert str(ei.value) == (
-        "[Errno 95] create ipip flannel.ipip: the kernel lacks the `ipip` module (modprobe ipip): "
-        "Operation not supported"
+    nl = Netlink()
+    try:
+        raw = RefusingRaw(errno.EOPNOTSUPP)
+        nl._raw = raw  # type: ignore[assignment]
+        with pytest.raises(NetlinkError) as ei:
+            nl._create_w("flannel.ipip", "ipip", 1480, None, ipip_info_data(IPv4Address("192.168.0.1"), False))
+        assert ei.value.errno == errno.EOPNOTSUPP
+        assert str(ei.value) == (
+            "[Errno 95] create ipip flannel.ipip: the kernel lacks the `ipip` module (modprobe ipip): "
+            "Operation not supported"
+        )
+        link = decode_link(raw.sent[0], 16, len(raw.sent[0]))
+        assert (link.name, link.kind, link.mtu) == ("flannel.ipip", "ipip", 1480)
+        assert link.ipip is not None and link.ipip.local == IPv4Address("192.168.0.1") and not link.ipip.pmtudisc
+        # Any other refusal keeps its errno and names the request.
+        nl._raw = RefusingRaw(errno.EEXIST)  # type: ignore[assignment]
+        with pytest.raises(NetlinkError) as ei:
+            nl._create_w("wg0", "wireguard", None, None, b"")
+        assert ei.value.errno == errno.EEXIST and "create wireguard wg0" in str(ei.value)
+        assert "module" not in str(ei.value)
+    finally:
+        nl._raw = None
+        nl._pool.shutdown()
+
+
+def test_link_requests_decode_back() -> None:
+    # What encode_link_new sends is an RTM_NEWLINK body, so the one link decoder reads it back.
+    data = vxlan_info_data(1, IPv4Address("192.168.0.1"), 3, 4789, False, True)
+    msg = encode_link_new(9, "flannel.1", "vxlan", 1450, "0a:00:00:00:00:01", data)
+    n, kind, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert (n, kind, seq) == (len(msg), RTM_NEWLINK, 9)
+    assert flags == NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    link = decode_link(msg, 16, len(msg))
+    assert (link.name, link.kind, link.mtu, link.mac) == ("flannel.1", "vxlan", 1450, "0a:00:00:00:00:01")
+    assert link.vxlan == VxlanInfo(vni=1, local=IPv4Address("192.168.0.1"), port=4789, learning=False, gbp=True, link=3)
+    v6 = vxlan_info_data(2, IPv6Address("fd00::1"), None, 0, True, False)
+    link6 = decode_link(m := encode_link_new(1, "flannel-v6.2", "vxlan", None, None, v6), 16, len(m))
+    assert link6.vxlan == VxlanInfo(vni=2, local=IPv6Address("fd00::1"), port=0, learning=True, gbp=False, link=None)
+    up = encode_link_set(3, 12, up=True, mtu=1400)
+    _fam, _t, index, iflags, change = IFINFO.unpack_from(up, 16)
+    assert (index, iflags, change) == (12, IFF_UP, IFF_UP)
+    assert decode_link(up, 16, len(up)).mtu == 1400
+    assert struct.unpack_from("=HH", encode_link_del(4, 12), 4)[0] == RTM_DELLINK
+
+
+@pytest.mark.parametrize("iface", ["10.5.0.0/32", "192.168.1.7/24", "fd00:5::/128", "fd00::7/64"])
+def test_address_requests_decode_back(iface: str) -> None:
+    ifc = ipaddress.ip_interface(iface)
+    for action, kind in (("add", RTM_NEWADDR), ("replace", RTM_NEWADDR), ("del", RTM_DELADDR)):
+        msg = encode_addr(5, action, 12, ifc)  # type: ignore[arg-type]
+        assert struct.unpack_from("=IH", msg)[1] == kind
+        assert decode_addr(msg, 16, len(msg)) == Address(index=12, address=ifc, scope=0)
+    # A point-to-point address: IFA_LOCAL is ours, IFA_ADDRESS the peer's.
+    peer = (
+        struct.pack("=BBBBI", 2, 32, 0, 0, 4)
+        + nla(IFA_LOCAL, bytes([10, 0, 0, 1]))
+        + nla(IFA_ADDRESS, bytes([10, 0, 0, 2]))
     )
-    assert ipr.calls == [
-        {"what": "add", "ifname": "flannel.ipip", "kind": "ipip", "ipip_local": "192.168.0.1", "mtu": 1480}
-    ]
-    # Any other refusal keeps its errno and names the request.
-    with pytest.raises(NetlinkError) as ei:
-        iproute.create_link(FakeIPRoute(errno.EEXIST), "wg0", "wireguard", None, None, {})
-    assert ei.value.errno == errno.EEXIST and "create wireguard wg0" in str(ei.value)
-    assert "module" not in str(ei.value)
+    assert decode_addr(peer, 0, len(peer)) == Address(index=4, address=ipaddress.ip_interface("10.0.0.1/32"))
+
+
+def test_route_get_request() -> None:
+    msg = encode_route_get(8, IPv4Address("10.1.2.3"))
+    assert struct.unpack_from("=IH", msg)[1] == RTM_GETROUTE
+    fam, dst_len = struct.unpack_from("=BB", msg, 16)
+    assert (fam, dst_len) == (2, 32)
+    assert decode_route(msg, 16, len(msg)) is not None
 
 
 # ---------------------------------------------------------------- the package itself

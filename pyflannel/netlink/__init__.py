@@ -3,20 +3,18 @@
 Layout:
     codec.py     constants, the value types (Link, Route, Neigh, Fdb, Op, KernelEvent, ...) and the hand-written
                  codec (encode_op, decode_route/neigh/link, ...): pure, no sockets, no threads
-    raw.py       RawRoute, the raw NETLINK_ROUTE socket: batched route/neighbour/FDB requests, dumps
-    iproute.py   what goes through pyroute2's IPRoute: link create/set/delete, addresses, `ip route get`
+    raw.py       RawRoute, the raw NETLINK_ROUTE socket: batched route/neighbour/FDB requests, link and address
+                 requests, dumps and gets (no pyroute2 in the agent: it costs ~10 MB of resident memory)
     monitor.py   KernelMonitor: kernel-change notifications decoded into KernelEvent
     api.py       Netlink, the async API over all of the above
 
 Concurrency model (the only one; do not add a third way):
-1. Requests run on one worker thread per Netlink instance. Every socket that sends requests (the pyroute2
-   IPRoute of iproute.py, the RawRoute of raw.py) is opened, used and closed on that thread alone, and every
-   public coroutine of Netlink gets there through Netlink._run (loop.run_in_executor on a one-thread pool).
-   pyroute2's sync IPRoute runs an event loop of its own, so it cannot live on the daemon's loop thread; one
-   thread serialises the requests, which keeps each socket's sequence numbers and reply stream trivially
-   consistent, and a slow kernel never blocks the event loop. raw.py and iproute.py therefore hold plain
-   blocking functions, never coroutines; a new request kind is one of those plus a coroutine in api.py that
-   calls it through Netlink._run.
+1. Requests run on one worker thread per Netlink instance. The socket that sends requests (the RawRoute of
+   raw.py) is opened, used and closed on that thread alone, and every public coroutine of Netlink gets there
+   through Netlink._run (loop.run_in_executor on a one-thread pool). One thread serialises the requests, which
+   keeps the socket's sequence numbers and reply stream trivially consistent, and a slow kernel never blocks
+   the event loop. raw.py therefore holds plain blocking functions, never coroutines; a new request kind is a
+   codec encoder plus a coroutine in api.py that sends it through Netlink._run.
 2. Notifications are read on the event loop. The monitor's socket (monitor.py) is opened on the worker thread
    (entering a namespace blocks), then read only by the event loop through add_reader; it never sends a
    request. So a long dump or batch on the worker does not delay events, and a burst of events does not

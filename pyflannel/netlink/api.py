@@ -1,6 +1,6 @@
 """Netlink: the async API over the package's sockets, and the one owner of its worker thread.
 
-Each public coroutine hands a plain blocking function (of raw.py or iproute.py) to Netlink._run, which runs it
+Each public coroutine hands a plain blocking function (of raw.py) to Netlink._run, which runs it
 on the instance's single worker thread; the monitor's socket is opened there too and then read by the event
 loop (monitor.py). The package docstring explains why, and is the place to change that model.
 """
@@ -11,12 +11,12 @@ import asyncio
 import contextlib
 import errno
 import functools
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from . import iproute
 from .codec import (
     AF_BRIDGE,
     AF_INET,
@@ -36,7 +36,13 @@ from .codec import (
     NetlinkError,
     Op,
     Route,
+    encode_addr,
+    encode_link_del,
+    encode_link_new,
+    encode_link_set,
+    ipip_info_data,
     is_missing,
+    vxlan_info_data,
 )
 from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
 from .raw import RawRoute
@@ -53,7 +59,6 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        self._ipr: Any = None
         self._raw: RawRoute | None = None
         self._monitors: set[KernelMonitor] = set()
 
@@ -69,11 +74,6 @@ class Netlink:
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     # worker-thread helpers: the sockets are opened lazily, on the worker thread, by the first call needing them
-    def _ipr_w(self) -> Any:
-        if self._ipr is None:
-            self._ipr = iproute.open_iproute(self.netns)
-        return self._ipr
-
     def _raw_w(self) -> RawRoute:
         if self._raw is None:
             try:
@@ -83,10 +83,6 @@ class Netlink:
         return self._raw
 
     def _close_w(self) -> None:
-        if self._ipr is not None:
-            with contextlib.suppress(Exception):
-                self._ipr.close()
-            self._ipr = None
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -128,8 +124,16 @@ class Netlink:
     async def link_by_index(self, index: int) -> Link | None:
         return await self._run(self._link_get_w, index=index)
 
-    def _create_w(self, name: str, kind: str, mtu: int | None, mac: str | None, attrs: dict[str, Any]) -> Link:
-        iproute.create_link(self._ipr_w(), name, kind, mtu, mac, attrs)
+    def _create_w(self, name: str, kind: str, mtu: int | None, mac: str | None, info_data: bytes) -> Link:
+        what = f"create {kind} {name}"
+        try:
+            self._raw_w().request(lambda seq: encode_link_new(seq, name, kind, mtu, mac, info_data), what)
+        except NetlinkError as e:
+            # What the kernel answers for an unknown kind, even after trying to load its module.
+            if e.errno == errno.EOPNOTSUPP:
+                why = f"the kernel lacks the `{kind}` module (modprobe {kind}): {os.strerror(e.errno)}"
+                raise NetlinkError(e.errno, f"{what}: {why}") from None
+            raise
         link = self._link_get_w(name=name)
         if link is None:
             raise NetlinkError(errno.ENODEV, f"{kind} {name} vanished right after creation")
@@ -151,8 +155,8 @@ class Netlink:
         """`ip link add NAME type vxlan id VNI local LOCAL dev DEV [dstport PORT] [no]learning [gbp]`.
 
         port 0 leaves the destination port to the kernel (8472)."""
-        attrs = iproute.vxlan_attrs(vni, local, dev_index, port, learning, gbp)
-        return await self._run(self._create_w, name, "vxlan", mtu, mac, attrs)
+        data = vxlan_info_data(vni, local, dev_index, port, learning, gbp)
+        return await self._run(self._create_w, name, "vxlan", mtu, mac, data)
 
     async def create_ipip(
         self, name: str, *, local: IPv4Address | None, mtu: int | None = None, pmtudisc: bool = True
@@ -161,42 +165,47 @@ class Netlink:
         back carries `.ipip`.
 
         A kernel without the ipip module raises NetlinkError EOPNOTSUPP saying so."""
-        attrs: dict[str, Any] = {"ipip_pmtudisc": int(pmtudisc)}
-        if local is not None:
-            attrs["ipip_local"] = str(local)
-        return await self._run(self._create_w, name, "ipip", mtu, None, attrs)
+        return await self._run(self._create_w, name, "ipip", mtu, None, ipip_info_data(local, pmtudisc))
 
     async def create_wireguard(self, name: str, *, mtu: int | None = None) -> Link:
         """`ip link add NAME type wireguard` (keys and peers are set over generic netlink, not here).
 
         A kernel without the wireguard module raises NetlinkError EOPNOTSUPP saying so."""
-        return await self._run(self._create_w, name, "wireguard", mtu, None, {})
+        return await self._run(self._create_w, name, "wireguard", mtu, None, b"")
+
+    def _request_w(self, encode: Callable[[int], bytes], what: str) -> None:
+        self._raw_w().request(encode, what)
 
     async def delete_link(self, index: int) -> None:
-        await self._run(lambda: iproute.link_op(self._ipr_w(), "del", index=index))
+        await self._run(self._request_w, lambda seq: encode_link_del(seq, index), f"link del index {index}")
 
     async def set_up(self, index: int) -> None:
-        await self._run(lambda: iproute.link_op(self._ipr_w(), "set", index=index, state="up"))
+        await self._run(self._request_w, lambda seq: encode_link_set(seq, index, up=True), f"link set {index} up")
 
     async def set_mtu(self, index: int, mtu: int) -> None:
-        await self._run(lambda: iproute.link_op(self._ipr_w(), "set", index=index, mtu=mtu))
+        what = f"link set {index} mtu {mtu}"
+        await self._run(self._request_w, lambda seq: encode_link_set(seq, index, mtu=mtu), what)
 
     # ------------------------------------------------------------ addresses
 
     def _addresses_w(self, index: int | None, family: int | None) -> list[Address]:
-        return iproute.addresses(self._ipr_w(), index, family)
+        return [a for a in self._raw_w().addresses(family) if index is None or a.index == index]
 
     async def addresses(self, index: int | None = None, family: int | None = None) -> list[Address]:
         return await self._run(self._addresses_w, index, family)
 
+    async def _addr(self, action: Literal["add", "replace", "del"], index: int, iface: IPInterface) -> None:
+        what = f"addr {action} {iface} dev {index}"
+        await self._run(self._request_w, lambda seq: encode_addr(seq, action, index, iface), what)
+
     async def add_address(self, index: int, iface: IPInterface) -> None:
-        await self._run(lambda: iproute.addr_op(self._ipr_w(), "add", index, iface))
+        await self._addr("add", index, iface)
 
     async def replace_address(self, index: int, iface: IPInterface) -> None:
-        await self._run(lambda: iproute.addr_op(self._ipr_w(), "replace", index, iface))
+        await self._addr("replace", index, iface)
 
     async def delete_address(self, index: int, iface: IPInterface) -> None:
-        await self._run(lambda: iproute.addr_op(self._ipr_w(), "del", index, iface))
+        await self._addr("del", index, iface)
 
     async def links_with_addresses(self) -> list[tuple[Link, list[Address]]]:
         """Every link with its addresses, for choosing the external interface (--iface, --iface-regex)."""
@@ -298,7 +307,8 @@ class Netlink:
 
     async def route_get_index(self, target: IPAddress) -> int | None:
         """`ip route get TARGET`: the ifindex the kernel would send to `target` by (for --iface-can-reach)."""
-        return await self._run(lambda: iproute.route_get_index(self._ipr_w(), target))
+        route = await self._run(lambda: self._raw_w().route_get(target))
+        return route.oif if route is not None and route.oif else None
 
     async def default_route(self, family: int = AF_INET) -> DefaultRouteInfo | None:
         """The interface holding the default route of `family` (lowest metric), with its addresses and MTU."""

@@ -1,8 +1,9 @@
 """The pure part of rtnetlink: constants, the value types, and the hand-written codec.
 
 No sockets, no threads, no pyroute2: everything here turns bytes into values and back, so it is tested without
-root. Requests are packed with `struct` (encode_op, encode_link_request); replies, dumps and notifications are
-decoded by hand (decode_route, decode_neigh, decode_link, decode_error). Buffers are `bytes | memoryview`, and
+root. Requests are packed with `struct` (encode_op, encode_link_new/set/del, encode_addr, encode_route_get, ...);
+replies, dumps and notifications are decoded by hand (decode_route, decode_neigh, decode_link, decode_addr,
+decode_error). Buffers are `bytes | memoryview`, and
 every decoder takes (buf, off, end): the body of one message, after its 16-byte header.
 """
 
@@ -38,6 +39,9 @@ RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+RTM_GETADDR = 22
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
@@ -92,7 +96,11 @@ RTNLGRP_NEIGH = 3  # neighbours, and bridge/vxlan FDB entries (AF_BRIDGE)
 RTNLGRP_IPV4_ROUTE = 7
 RTNLGRP_IPV6_ROUTE = 11
 
-# links (only what Link carries)
+# addresses
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+
+# links (what Link carries and what creating one needs)
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
@@ -122,6 +130,8 @@ IFLA_IPTUN_PMTUDISC = 10
 
 HDR = struct.Struct("=IHHII")
 IFINFO = struct.Struct("=BxHiII")
+IFADDRMSG = struct.Struct("=BBBBI")
+_U8 = struct.Struct("=B")
 _BE16 = struct.Struct("!H")
 RTMSG = struct.Struct("=BBBBBBBBI")
 NDMSG = struct.Struct("=BxxxiHBB")
@@ -499,6 +509,98 @@ def encode_link_dump(seq: int) -> bytes:
     return pack_msg(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, IFINFO.pack(0, 0, 0, 0, 0) + attrs)
 
 
+def vxlan_info_data(
+    vni: int, local: IPAddress | None, dev_index: int | None, port: int, learning: bool, gbp: bool
+) -> bytes:
+    """IFLA_INFO_DATA of `type vxlan id VNI local LOCAL dev DEV [dstport PORT] [no]learning [gbp]`."""
+    out = pack_nla(IFLA_VXLAN_ID, _U32.pack(vni)) + pack_nla(IFLA_VXLAN_LEARNING, _U8.pack(int(learning)))
+    if local is not None:
+        out += pack_nla(IFLA_VXLAN_LOCAL if local.version == 4 else IFLA_VXLAN_LOCAL6, local.packed)
+    if dev_index:
+        out += pack_nla(IFLA_VXLAN_LINK, _U32.pack(dev_index))
+    if port:
+        out += pack_nla(IFLA_VXLAN_PORT, _BE16.pack(port))
+    if gbp:
+        out += pack_nla(IFLA_VXLAN_GBP, b"")
+    return out
+
+
+def ipip_info_data(local: IPv4Address | None, pmtudisc: bool) -> bytes:
+    """IFLA_INFO_DATA of `type ipip [local LOCAL] [no]pmtudisc` (remote any, no dev, ttl inherit)."""
+    out = pack_nla(IFLA_IPTUN_PMTUDISC, _U8.pack(int(pmtudisc)))
+    if local is not None:
+        out += pack_nla(IFLA_IPTUN_LOCAL, local.packed)
+    return out
+
+
+def encode_link_new(seq: int, name: str, kind: str, mtu: int | None, mac: str | None, info_data: bytes) -> bytes:
+    """`ip link add NAME [mtu MTU] [address MAC] type KIND ...`: fails with EEXIST when NAME exists."""
+    attrs = pack_nla(IFLA_IFNAME, name.encode() + b"\0")
+    if mtu:
+        attrs += pack_nla(IFLA_MTU, _U32.pack(mtu))
+    if mac:
+        attrs += pack_nla(IFLA_ADDRESS, parse_mac(mac))
+    info = pack_nla(IFLA_INFO_KIND, kind.encode())
+    if info_data:
+        info += pack_nla(IFLA_INFO_DATA, info_data)
+    attrs += pack_nla(IFLA_LINKINFO, info)
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+    return pack_msg(RTM_NEWLINK, flags, seq, IFINFO.pack(0, 0, 0, 0, 0) + attrs)
+
+
+def encode_link_set(seq: int, index: int, *, up: bool | None = None, mtu: int | None = None) -> bytes:
+    """`ip link set dev INDEX [up|down] [mtu MTU]`."""
+    flags = change = 0
+    if up is not None:
+        flags, change = (IFF_UP if up else 0), IFF_UP
+    attrs = pack_nla(IFLA_MTU, _U32.pack(mtu)) if mtu else b""
+    return pack_msg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, seq, IFINFO.pack(0, 0, index, flags, change) + attrs)
+
+
+def encode_link_del(seq: int, index: int) -> bytes:
+    return pack_msg(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, seq, IFINFO.pack(0, 0, index, 0, 0))
+
+
+def encode_addr(seq: int, action: Literal["add", "replace", "del"], index: int, iface: IPInterface) -> bytes:
+    """`ip addr add|replace|del IP/LEN dev INDEX`: IFA_LOCAL and IFA_ADDRESS both the address, as iproute2 sends
+    it for an address without a peer."""
+    fam = AF_INET if iface.version == 4 else AF_INET6
+    body = IFADDRMSG.pack(fam, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+    body += pack_nla(IFA_LOCAL, iface.ip.packed) + pack_nla(IFA_ADDRESS, iface.ip.packed)
+    if action == "del":
+        return pack_msg(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+    mode = NLM_F_EXCL if action == "add" else NLM_F_REPLACE
+    return pack_msg(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | mode, seq, body)
+
+
+def encode_addr_dump(seq: int, family: int | None) -> bytes:
+    return pack_msg(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, IFADDRMSG.pack(family or 0, 0, 0, 0, 0))
+
+
+def decode_addr(buf: bytes | memoryview, off: int, end: int) -> Address | None:
+    fam, plen, _flags, scope, index = IFADDRMSG.unpack_from(buf, off)
+    if fam not in (AF_INET, AF_INET6):
+        return None
+    local = addr = b""
+    for kind, a, b in iter_nla(buf, off + IFADDRMSG.size, end):
+        if kind == IFA_LOCAL:
+            local = bytes(buf[a:b])
+        elif kind == IFA_ADDRESS:
+            addr = bytes(buf[a:b])
+    # IFA_LOCAL is the interface's own address on point-to-point links; IFA_ADDRESS is the peer there.
+    raw = local or addr
+    if len(raw) != (4 if fam == AF_INET else 16):
+        return None
+    return Address(index=index, address=ipaddress.ip_interface((_ip(fam, raw), plen)), scope=scope)
+
+
+def encode_route_get(seq: int, target: IPAddress) -> bytes:
+    """`ip route get TARGET`: the reply is one RTM_NEWROUTE (decode_route) or an error."""
+    fam = AF_INET if target.version == 4 else AF_INET6
+    body = RTMSG.pack(fam, target.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + pack_nla(RTA_DST, target.packed)
+    return pack_msg(RTM_GETROUTE, NLM_F_REQUEST, seq, body)
+
+
 EventKind = Literal["link", "route", "neigh", "fdb", "resync"]
 
 
@@ -535,6 +637,9 @@ __all__ = [
     "AF_INET",
     "AF_INET6",
     "HDR",
+    "IFADDRMSG",
+    "IFA_ADDRESS",
+    "IFA_LOCAL",
     "IFF_UP",
     "IFINFO",
     "IFLA_ADDRESS",
@@ -594,12 +699,15 @@ __all__ = [
     "RTA_TABLE",
     "RTEXT_FILTER_SKIP_STATS",
     "RTMSG",
+    "RTM_DELADDR",
     "RTM_DELLINK",
     "RTM_DELNEIGH",
     "RTM_DELROUTE",
+    "RTM_GETADDR",
     "RTM_GETLINK",
     "RTM_GETNEIGH",
     "RTM_GETROUTE",
+    "RTM_NEWADDR",
     "RTM_NEWLINK",
     "RTM_NEWNEIGH",
     "RTM_NEWROUTE",
@@ -636,17 +744,26 @@ __all__ = [
     "Op",
     "Route",
     "VxlanInfo",
+    "decode_addr",
     "decode_error",
     "decode_link",
     "decode_neigh",
     "decode_route",
+    "encode_addr",
+    "encode_addr_dump",
+    "encode_link_del",
     "encode_link_dump",
     "encode_link_get",
+    "encode_link_new",
+    "encode_link_set",
     "encode_op",
+    "encode_route_get",
     "format_mac",
+    "ipip_info_data",
     "is_missing",
     "iter_nla",
     "pack_msg",
     "pack_nla",
     "parse_mac",
+    "vxlan_info_data",
 ]

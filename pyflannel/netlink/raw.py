@@ -1,4 +1,5 @@
-"""The raw NETLINK_ROUTE socket: batched route/neighbour/FDB requests and hand-decoded dumps.
+"""The raw NETLINK_ROUTE socket: batched route/neighbour/FDB requests, link and address requests, and
+hand-decoded dumps and gets.
 
 Worker thread only (see the package docstring): RawRoute is not thread safe and blocks in send/recv.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from .codec import (
@@ -29,23 +30,29 @@ from .codec import (
     NLMSG_ERROR,
     RTM_GETROUTE,
     RTM_NEWLINK,
+    RTM_NEWROUTE,
     RTMSG,
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SOL_NETLINK,
+    Address,
     Fdb,
+    IPAddress,
     Link,
     Neigh,
     NetlinkError,
     Op,
     Route,
+    decode_addr,
     decode_error,
     decode_link,
     decode_neigh,
     decode_route,
+    encode_addr_dump,
     encode_link_dump,
     encode_link_get,
     encode_op,
+    encode_route_get,
     pack_msg,
 )
 
@@ -117,6 +124,25 @@ class RawRoute:
         except OSError as e:
             raise NetlinkError(e.errno or errno.EIO, f"netlink send: {e}") from e
 
+    def _answers(self, first: int, last: int) -> Iterator[tuple[bytes, int, int, int, int, int]]:
+        """(buffer, type, flags, seq, body start, body end) of each reply to the requests numbered first..last, read
+        until the caller stops iterating. Replies to anything else (a request that timed out earlier) are
+        skipped."""
+        while True:
+            buf = self._recv()
+            off = 0
+            while off + 16 <= len(buf):
+                n, mtype, flags, seq, _pid = HDR.unpack_from(buf, off)
+                if n < 16:
+                    break
+                if first <= seq <= last:
+                    yield buf, mtype, flags, seq, off + 16, off + n
+                off += (n + 3) & ~3
+
+    def _error(self, buf: bytes, flags: int, a: int, b: int, what: str) -> NetlinkError | None:
+        code, text = decode_error(buf, a, b, flags)
+        return NetlinkError(code, f"{what}: {text or errno.errorcode.get(code, code)}") if code else None
+
     def apply(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
         results: list[NetlinkError | None] = [None] * len(ops)
         i = 0
@@ -136,26 +162,47 @@ class RawRoute:
                     break
             last_seq = self.seq
             self._send(b"".join(parts))
-            done = False
-            while not done:
-                buf = self._recv()
-                off = 0
-                while off + 16 <= len(buf):
-                    n, kind, flags, seq, _pid = HDR.unpack_from(buf, off)
-                    if n < 16:
-                        break
-                    if kind == NLMSG_ERROR and seq0 <= seq <= last_seq:
-                        code, text = decode_error(buf, off + 16, off + n, flags)
-                        k = i + (seq - seq0)
-                        if code:
-                            results[k] = NetlinkError(
-                                code, f"{ops[k].action} {ops[k].obj}: {text or errno.errorcode.get(code, code)}"
-                            )
-                        if seq == last_seq:
-                            done = True
-                    off += (n + 3) & ~3
+            for buf, mtype, flags, seq, a, b in self._answers(seq0, last_seq):
+                if mtype != NLMSG_ERROR:
+                    continue
+                k = i + (seq - seq0)
+                results[k] = self._error(buf, flags, a, b, f"{ops[k].action} {ops[k].obj}")
+                if seq == last_seq:
+                    break
             i = j
         return results
+
+    def request(self, encode: Callable[[int], bytes], what: str) -> None:
+        """One request that asks for an ack (link and address changes); raises NetlinkError on refusal."""
+        seq = self._next_seq()
+        self._send(encode(seq))
+        for buf, mtype, flags, _seq, a, b in self._answers(seq, seq):
+            if mtype == NLMSG_ERROR:
+                err = self._error(buf, flags, a, b, what)
+                if err is not None:
+                    raise err
+                return
+
+    def get(
+        self,
+        encode: Callable[[int], bytes],
+        reply_type: int,
+        decode: Callable[[bytes, int, int], T | None],
+        what: str,
+        absent: tuple[int, ...],
+    ) -> T | None:
+        """One object asked for by a get request; None when the kernel answers one of the `absent` errnos."""
+        seq = self._next_seq()
+        self._send(encode(seq))
+        for buf, mtype, flags, _seq, a, b in self._answers(seq, seq):
+            if mtype == reply_type:
+                return decode(buf, a, b)
+            if mtype == NLMSG_ERROR:
+                err = self._error(buf, flags, a, b, what)
+                if err is None or err.errno in absent:
+                    return None
+                raise err
+        raise AssertionError("unreachable")
 
     def dump(self, kind: int, family: int) -> list[Route | Neigh | Fdb]:
         """Every route (kind RTM_GETROUTE) or neighbour/FDB entry (RTM_GETNEIGH; AF_BRIDGE: FDB) of `family`."""
@@ -169,27 +216,29 @@ class RawRoute:
     def links(self) -> list[Link]:
         return self._dump(encode_link_dump, decode_link, "dump links")
 
+    def addresses(self, family: int | None) -> list[Address]:
+        return self._dump(lambda seq: encode_addr_dump(seq, family), decode_addr, "dump addresses")
+
     def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
         """One link, by index or (index 0) by name; None when there is no such link."""
-        seq = self._next_seq()
-        self._send(encode_link_get(seq, index=index, name=name))
-        while True:
-            buf = self._recv()
-            off = 0
-            while off + 16 <= len(buf):
-                n, mtype, flags, mseq, _pid = HDR.unpack_from(buf, off)
-                if n < 16:
-                    break
-                if mseq == seq:
-                    if mtype == RTM_NEWLINK:
-                        return decode_link(buf, off + 16, off + n)
-                    if mtype == NLMSG_ERROR:
-                        code, text = decode_error(buf, off + 16, off + n, flags)
-                        if code in (0, errno.ENODEV, errno.ENOENT):
-                            return None
-                        what = f"name {name}" if index == 0 else f"index {index}"
-                        raise NetlinkError(code, f"link get {what}: {text or errno.errorcode.get(code, code)}")
-                off += (n + 3) & ~3
+        what = f"link get name {name}" if index == 0 else f"link get index {index}"
+        return self.get(
+            lambda seq: encode_link_get(seq, index=index, name=name),
+            RTM_NEWLINK,
+            decode_link,
+            what,
+            (errno.ENODEV, errno.ENOENT),
+        )
+
+    def route_get(self, target: IPAddress) -> Route | None:
+        """`ip route get TARGET`; None when the kernel has no route there."""
+        return self.get(
+            lambda seq: encode_route_get(seq, target),
+            RTM_NEWROUTE,
+            decode_route,
+            f"route get {target}",
+            (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH),
+        )
 
     def _dump(
         self, request: Callable[[int], bytes], decode: Callable[[bytes, int, int], T | None], what: str
@@ -207,24 +256,17 @@ class RawRoute:
         self._send(request(seq))
         out: list[T] = []
         interrupted = False
-        while True:
-            buf = self._recv()
-            off = 0
-            while off + 16 <= len(buf):
-                n, mtype, flags, mseq, _pid = HDR.unpack_from(buf, off)
-                if n < 16:
-                    break
-                if mseq == seq:
-                    if flags & NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if mtype == NLMSG_DONE:
-                        return out, interrupted
-                    if mtype == NLMSG_ERROR:
-                        code, text = decode_error(buf, off + 16, off + n, flags)
-                        if code:
-                            raise NetlinkError(code, f"{what}: {text or errno.errorcode.get(code, code)}")
-                        return out, interrupted
-                    obj = decode(buf, off + 16, off + n)
-                    if obj is not None:
-                        out.append(obj)
-                off += (n + 3) & ~3
+        for buf, mtype, flags, _seq, a, b in self._answers(seq, seq):
+            if flags & NLM_F_DUMP_INTR:
+                interrupted = True
+            if mtype == NLMSG_DONE:
+                break
+            if mtype == NLMSG_ERROR:
+                err = self._error(buf, flags, a, b, what)
+                if err is not None:
+                    raise err
+                break
+            obj = decode(buf, a, b)
+            if obj is not None:
+                out.append(obj)
+        return out, interrupted
