@@ -1,6 +1,6 @@
 """Three real flanneld agents in kube mode (`--kube-subnet-mgr`) against the fake API server, in namespaces.
 
-    underlay 192.168.77.0/24: kapi ns (tests/fakekube.py on 192.168.77.11:6443), nodes n1..n3 (flanneld)
+    underlay 192.168.77.0/24: kapi ns (pyflannel/lab/fakekube.py on 192.168.77.11:6443), nodes n1..n3 (flanneld)
 
 The Node objects carry podCIDRs as the controller manager would set them; assertions read the kernel routes
 of every node, the Node annotations the agents wrote, and pings between pod namespaces.
@@ -16,16 +16,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fakekube import KubeAdmin
 from needs import require
 
 from pyflannel.lab import netns
+from pyflannel.lab.fakekube import KubeAdmin
 from pyflannel.lab.testbed import Node, Testbed
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE = str(Path(__file__).with_name("fakekube.py"))
+FAKE = [sys.executable, "-m", "pyflannel.lab.fakekube"]
 P = "flannel.alpha.coreos.com/"
 NET_CONF = '{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
 CIDRS = {"n1": "10.244.1.0/24", "n2": "10.244.2.0/24", "n3": "10.244.3.0/24"}
@@ -53,7 +53,7 @@ class KubeCluster:
         self.sock = str(scope.tmpdir / "kube.sock")
         scope.spawn(
             api.ns,
-            [sys.executable, FAKE, "--listen", f"{api.ip}:6443", "--unix", self.sock, "--history", "200"],
+            [*FAKE, "--listen", f"{api.ip}:6443", "--unix", self.sock, "--history", "200"],
             log=scope.tmpdir / "fakekube.log",
         )
         assert netns.wait_for(lambda: os.path.exists(self.sock), 10), "fake API server did not start"

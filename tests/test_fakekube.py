@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekube import ApiError, FakeKube, KubeAdmin, _UnixHTTPConnection, strategic_merge
 
 from pyflannel.lab import netns
+from pyflannel.lab.fakekube import ApiError, FakeKube, KubeAdmin, _UnixHTTPConnection, strategic_merge
 
-FAKE = str(Path(__file__).with_name("fakekube.py"))
+FAKE = [sys.executable, "-m", "pyflannel.lab.fakekube"]
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_subprocess_in_a_namespace_keeps_state_across_restarts(scope: netns.RunS
     netns.run(["ip", "-n", ns, "addr", "add", "192.168.77.3/32", "dev", "lo"])
     sock = str(scope.tmpdir / "kube.sock")
     state = str(scope.tmpdir / "state.json")
-    cmd = [sys.executable, FAKE, "--listen", "192.168.77.3:6443", "--unix", sock, "--state", state]
+    cmd = [*FAKE, "--listen", "192.168.77.3:6443", "--unix", sock, "--state", state]
 
     def start() -> subprocess.Popen[bytes]:
         p = scope.spawn(ns, cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,4 +1,4 @@
-"""The Kubernetes store against the fake API server (tests/fakekube.py) over real HTTP.
+"""The Kubernetes store against the fake API server (pyflannel/lab/fakekube.py) over real HTTP.
 
 The fake and the store's client both run in a thread that joined a network namespace of this run, so the
 traffic stays on that namespace's loopback. Assertions read the Node objects the fake holds.
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from fakekube import FakeKube, KubeAdmin
 
 from pyflannel.cli import parse_args
 from pyflannel.config import ConfigError, parse_net_config
 from pyflannel.daemon import kube_options_from_cli
 from pyflannel.lab import netns
+from pyflannel.lab.fakekube import FakeKube, KubeAdmin
 from pyflannel.lease import EventType, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from pyflannel.store.base import LeaseRevokedError, StoreError
 from pyflannel.store.kube import (
@@ -173,19 +173,20 @@ def test_in_cluster_config_uses_the_service_account(tmp_path: Path) -> None:
     st = KubeStore(
         KubeOptions(
             node_name="n1",
-            service_host="10.96.0.1",
+            service_host="fd00::1",
             service_port="443",
             serviceaccount_dir=str(tmp_path),
         )
     )
 
     async def go() -> Any:
-        return await st._client_config()
+        cfg = await st._client_config()
+        return cfg, await cfg.credentials.get()
 
-    cfg = asyncio.run(go())
-    assert cfg.host == "https://10.96.0.1:443"
-    assert cfg.ssl_ca_cert == str(tmp_path / "ca.crt")
-    assert "tok-123" in json.dumps(cfg.api_key)
+    cfg, creds = asyncio.run(go())
+    assert cfg.server.url == "https://[fd00::1]"
+    assert cfg.tls.ca_file == str(tmp_path / "ca.crt")
+    assert creds.authorization == "Bearer tok-123"
 
 
 def test_no_cluster_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -18,12 +18,10 @@ Two optional Store hooks carry what upstream's main.go and vxlan backend read fr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -33,11 +31,11 @@ from ..config import ConfigError, NetConfig, loads_json, parse_cidr, parse_ip, p
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
 from .base import LeaseRevokedError, Store, StoreError
+from .kubeclient import STRATEGIC, KubeApiError, KubeClient, KubeClientError, path_segment
+from .kubeconfig import ClientConfig, explicit_url, in_cluster, load_kubeconfig
 from .options import KubeOptions
 
 log = logging.getLogger(__name__)
-
-STRATEGIC = "application/strategic-merge-patch+json"
 
 
 class KubeNodeError(ConfigError):
@@ -237,19 +235,11 @@ def _node_name(node: Any) -> str:
 
 
 @dataclass
-class _Conn:
-    """The kubernetes_asyncio client objects, created on first use inside the running loop."""
-
-    api_client: Any
-    core: Any
-
-
-@dataclass
 class KubeStore(Store):
     opts: KubeOptions
     ann: Annotations = field(init=False)
     node_name: str = field(init=False, default="")
-    _conn: _Conn | None = field(init=False, default=None)
+    _client: KubeClient | None = field(init=False, default=None)
     _net: NetConfig | None = field(init=False, default=None)
     _start_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     # Our lease and the attrs we annotated it with, once acquired: the watch keeps the lease while our Node is
@@ -266,13 +256,9 @@ class KubeStore(Store):
     async def start(self) -> None:
         """Build the client (kubeconfig, --kube-api-url or in-cluster) and resolve our node name."""
         async with self._start_lock:
-            if self._conn is not None:
+            if self._client is not None:
                 return
-            from kubernetes_asyncio import client
-
-            cfg = await self._client_config()
-            api_client = client.ApiClient(configuration=cfg)
-            self._conn = _Conn(api_client=api_client, core=client.CoreV1Api(api_client))
+            self._client = KubeClient(await self._client_config(), timeout=self.opts.request_timeout)
             try:
                 self.node_name = await self._resolve_node_name()
             except BaseException:
@@ -280,112 +266,69 @@ class KubeStore(Store):
                 raise
             log.info("kube subnet manager for node %s, annotation prefix %s", self.node_name, self.ann.prefix)
 
-    async def _client_config(self) -> Any:
-        from kubernetes_asyncio import client, config
-        from kubernetes_asyncio.config.config_exception import ConfigException
-        from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
-
-        cfg = client.Configuration()
+    async def _client_config(self) -> ClientConfig:
+        o = self.opts
         try:
-            if self.opts.kubeconfig_file:
-                # Through the size-capped reader first: a FIFO or a device is refused instead of read forever.
-                read_config_file(self.opts.kubeconfig_file, "kubeconfig file")
-                await config.load_kube_config(config_file=self.opts.kubeconfig_file, client_configuration=cfg)
-                if self.opts.api_url:
-                    cfg.host = self.opts.api_url.rstrip("/")
-            elif self.opts.api_url:
-                cfg.host = self.opts.api_url.rstrip("/")
-                # Inside a pod the service-account token still authenticates us against an explicit URL.
-                token = os.path.join(self.opts.serviceaccount_dir, "token")
-                if os.path.isfile(token):
-                    text = read_config_file(token, "service account token").decode(errors="replace")
-                    cfg.api_key = {"BearerToken": text.strip()}
-                    ca = os.path.join(self.opts.serviceaccount_dir, "ca.crt")
-                    if os.path.isfile(ca):
-                        cfg.ssl_ca_cert = ca
-            else:
-                InClusterConfigLoader(
-                    token_filename=os.path.join(self.opts.serviceaccount_dir, "token"),
-                    cert_filename=os.path.join(self.opts.serviceaccount_dir, "ca.crt"),
-                    environ={
-                        "KUBERNETES_SERVICE_HOST": self.opts.service_host,
-                        "KUBERNETES_SERVICE_PORT": self.opts.service_port,
-                    },
-                ).load_and_set(cfg)
-            # The TLS files a kubeconfig (or the service account) names are read by the client when it connects:
-            # check them through the same capped reader now, so a FIFO or a device there is a clear error too.
-            for what, path in (("CA", cfg.ssl_ca_cert), ("client certificate", cfg.cert_file), ("key", cfg.key_file)):
-                if path:
-                    read_config_file(path, f"Kubernetes {what} file")
-        except (ConfigException, OSError, ConfigError) as e:
+            if o.kubeconfig_file:
+                return load_kubeconfig(o.kubeconfig_file, context=o.kube_context, api_url=o.api_url)
+            if o.api_url:
+                return explicit_url(o.api_url, o.serviceaccount_dir)
+            return in_cluster(o.serviceaccount_dir, o.service_host, o.service_port)
+        except ConfigError as e:
             raise StoreError(
                 f"cannot configure the Kubernetes client (use --kube-api-url, --kubeconfig-file, "
                 f"or run in a pod with a service account): {e}"
             ) from None
-        return cfg
 
     async def _resolve_node_name(self) -> str:
         if self.opts.node_name:
             return self.opts.node_name
-        if not self.opts.pod_name or not self.opts.pod_namespace:
+        ns, pod_name = self.opts.pod_namespace, self.opts.pod_name
+        if not pod_name or not ns:
             raise StoreError("env variables POD_NAME and POD_NAMESPACE must be set when NODE_NAME is not")
-        pod = await self._get(f"pod {self.opts.pod_namespace}/{self.opts.pod_name}", self._core().read_namespaced_pod,
-                              self.opts.pod_name, self.opts.pod_namespace)  # fmt: skip
-        name = (pod.get("spec") or {}).get("nodeName") or ""
-        if not name:
-            raise StoreError(f"node name not present in pod spec '{self.opts.pod_namespace}/{self.opts.pod_name}'")
-        return str(name)
+        path = f"/api/v1/namespaces/{path_segment(ns)}/pods/{path_segment(pod_name)}"
+        pod = await self._call(f"pod {ns}/{pod_name}", self._kube().get(path))
+        spec = pod.get("spec")
+        name = spec.get("nodeName") if isinstance(spec, dict) else None
+        if not name or not isinstance(name, str):
+            raise StoreError(f"node name not present in pod spec '{ns}/{pod_name}'")
+        return name
 
-    def _core(self) -> Any:
-        assert self._conn is not None
-        return self._conn.core
+    def _kube(self) -> KubeClient:
+        assert self._client is not None
+        return self._client
+
+    def _node_path(self, sub: str = "") -> str:
+        return f"/api/v1/nodes/{path_segment(self.node_name)}{sub}"
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.api_client.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
 
     # --- requests ----------------------------------------------------------------------------------
-    async def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
-        """One request with the raw JSON answer; raises _ApiError (with the HTTP status) or StoreError."""
-        import aiohttp
-
+    async def _call(self, what: str, request: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """One request's JSON answer; raises _ApiError (with the HTTP status) or StoreError, naming `what`."""
         try:
-            resp = await fn(*args, _preload_content=False, _request_timeout=self.opts.request_timeout, **kw)
-            async with resp:
-                body = await resp.read()
-                status = resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise StoreError(f"{what}: cannot reach the Kubernetes API: {e or type(e).__name__}") from None
-        try:
-            obj = json.loads(body) if body else {}
-        except (ValueError, RecursionError):  # not JSON, a number past int()'s limit, nested too deeply
-            obj = {"message": body[:200].decode(errors="replace")}
-        if not 200 <= status < 300:
-            msg = str(obj.get("message", ""))[:300] if isinstance(obj, dict) else ""
-            if status == 403:
+            return await request
+        except KubeApiError as e:
+            msg = e.message
+            if e.status == 403:
                 msg += " (check the flannel ClusterRole: pods get; nodes get/list/watch; nodes/status patch)"
-            raise _ApiError(status, f"{what}: HTTP {status}: {msg}")
-        if not isinstance(obj, dict):
-            raise StoreError(f"{what}: the API answered with a non-object")
-        return obj
-
-    async def _get(self, what: str, fn: Any, *args: Any) -> dict[str, Any]:
-        return await self._call(what, fn, *args)
+            raise _ApiError(e.status, f"{what}: HTTP {e.status}: {msg}") from None
+        except KubeClientError as e:
+            raise StoreError(f"{what}: {e}") from None
 
     async def get_node(self) -> dict[str, Any]:
         """Our Node object, as JSON."""
         await self.start()
-        return await self._get(f"node {self.node_name}", self._core().read_node, self.node_name)
+        return await self._call(f"node {self.node_name}", self._kube().get(self._node_path()))
 
     async def _patch_status(self, body: dict[str, Any], what: str) -> dict[str, Any]:
         delay = self.opts.retry_delay
         for attempt in range(1, self.opts.patch_attempts + 1):
             try:
-                return await self._call(
-                    what, self._core().patch_node_status, self.node_name, body, _content_type=STRATEGIC
-                )
+                return await self._call(what, self._kube().patch(self._node_path("/status"), body, STRATEGIC))
             except _ApiError as e:
                 # 4xx other than conflicts and throttling will not get better by retrying.
                 if (e.status < 500 and e.status not in (409, 429)) or attempt == self.opts.patch_attempts:
@@ -657,7 +600,7 @@ class KubeStore(Store):
         current: dict[str, Lease] = {}
         while True:
             try:
-                listing = await self._call("list nodes", self._core().list_node)
+                listing = await self._call("list nodes", self._kube().list("/api/v1/nodes"))
             except StoreError as e:
                 log.warning("listing nodes failed, retrying in %.1fs: %s", delay, e)
                 await asyncio.sleep(delay)
@@ -691,44 +634,24 @@ class KubeStore(Store):
     async def _watch_once(
         self, rv: str, current: dict[str, Lease], net: NetConfig
     ) -> AsyncIterator[tuple[list[LeaseEvent], str]]:
-        """One watch request from `rv`; updates `current` in place and yields (events, rv) per chunk read."""
-        import aiohttp
-
+        """One watch request from `rv`; updates `current` in place and yields (events, rv) per batch of lines."""
         # Spread the timeouts as client-go's reflector does, so that agents do not re-watch in step.
         timeout = int(self.opts.watch_timeout * (1 + random.random()))
+        query = {"watch": "true", "allowWatchBookmarks": "true", "resourceVersion": rv, "timeoutSeconds": str(timeout)}
         try:
-            resp = await self._core().list_node(
-                watch=True,
-                allow_watch_bookmarks=True,
-                resource_version=rv,
-                timeout_seconds=timeout,
-                _preload_content=False,
-                # No bookmark or event for this long means the connection is dead even if TCP did not say so.
-                _request_timeout=aiohttp.ClientTimeout(connect=self.opts.request_timeout, sock_read=timeout + 30),
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
-            raise StoreError(f"watch nodes: {e or type(e).__name__}") from None
-        async with resp:
-            if resp.status == 410:
-                raise _WatchGone(f"HTTP 410 for resourceVersion {rv}")
-            if resp.status != 200:
-                raise StoreError(f"watch nodes: HTTP {resp.status}: {(await resp.read())[:200]!r}")
-            buf = b""
-            try:
-                async for chunk in resp.content.iter_any():
-                    buf += chunk
-                    lines = buf.split(b"\n")
-                    buf = lines.pop()
-                    batch: list[LeaseEvent] = []
-                    for line in lines:
-                        if line.strip():
-                            rv = self._apply_watch_line(line, rv, current, net, batch)
-                    # Also without events: a bookmark moved rv, and the next watch should start there.
-                    yield batch, rv
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                raise StoreError(f"watch nodes: {e or type(e).__name__}") from None
-            if buf.strip():
-                raise StoreError(f"watch nodes: the stream ended in the middle of an event: {buf[:100]!r}")
+            # No bookmark or event for this long means the connection is dead even if TCP did not say so.
+            async for lines in self._kube().watch("/api/v1/nodes", query, idle_timeout=timeout + 30):
+                batch: list[LeaseEvent] = []
+                for line in lines:
+                    rv = self._apply_watch_line(line, rv, current, net, batch)
+                # Also without events: a bookmark moved rv, and the next watch should start there.
+                yield batch, rv
+        except KubeApiError as e:
+            if e.status == 410:
+                raise _WatchGone(f"HTTP 410 for resourceVersion {rv}") from None
+            raise StoreError(f"watch nodes: HTTP {e.status}: {e.message[:200]}") from None
+        except KubeClientError as e:
+            raise StoreError(f"watch nodes: {str(e).removeprefix('watch /api/v1/nodes: ')}") from None
 
     def _apply_watch_line(
         self, line: bytes, rv: str, current: dict[str, Lease], net: NetConfig, batch: list[LeaseEvent]

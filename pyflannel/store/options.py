@@ -42,6 +42,7 @@ class EtcdOptions:
 class KubeOptions:
     api_url: str = ""
     kubeconfig_file: str = ""
+    kube_context: str = ""  # the kubeconfig's context to use; empty: its current-context
     annotation_prefix: str = KUBE_DEFAULT_PREFIX
     node_name: str = ""  # NODE_NAME; when empty the pod below is read for spec.nodeName
     pod_name: str = ""

@@ -18,7 +18,7 @@ Test side channel under `/_admin/`: `POST expire` (drop the event history; runni
 `GET stats` (request counters), `GET state`.
 
 Run in process (`FakeKube().start()`, returns the URL) or as a process, for example inside a network namespace:
-`python tests/fakekube.py --listen 192.168.77.3:6443 --state /tmp/x/state.json --unix /tmp/x/kube.sock`.
+`python -m pyflannel.lab.fakekube --listen 192.168.77.3:6443 --state /tmp/x/state.json --unix /tmp/x/kube.sock`.
 The unix socket serves the same API and lets a test in another network namespace reach the fake.
 """
 
