@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -25,7 +26,7 @@ _KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.AS
 _UNSET4 = IPv4Address("0.0.0.0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     public_ip: IPv4Address | None = None
     public_ipv6: IPv6Address | None = None
@@ -72,10 +73,17 @@ class LeaseAttrs:
         return cls(
             public_ip=ip4,
             public_ipv6=ip6,
-            backend_type=btype or "",
-            backend_data=ci_get(obj, "BackendData"),
-            backend_v6_data=ci_get(obj, "BackendV6Data"),
+            # Thousands of peers carry the same type and the same BackendData field names: one string each.
+            backend_type=sys.intern(btype) if btype else "",
+            backend_data=_interned_keys(ci_get(obj, "BackendData")),
+            backend_v6_data=_interned_keys(ci_get(obj, "BackendV6Data")),
         )
+
+
+def _interned_keys(data: Any) -> Any:
+    if isinstance(data, dict) and len(data) <= 8:
+        return {sys.intern(k): v for k, v in data.items()}
+    return data
 
 
 def _cut(v: Any, limit: int = 60) -> str:
@@ -127,7 +135,7 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
     return sn, sn6
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     subnet: IPv4Network | None
     ipv6_subnet: IPv6Network | None
@@ -136,10 +144,11 @@ class Lease:
     expiration: float | None = None
     # Store-specific handle (etcd lease id), not part of the wire form.
     store_lease_id: int = field(default=0, compare=False)
+    # The subnet key, made once: every table of leases is keyed by it, and events look it up.
+    key: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        return make_subnet_key(self.subnet, self.ipv6_subnet)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", make_subnet_key(self.subnet, self.ipv6_subnet))
 
     @property
     def is_reservation(self) -> bool:
@@ -151,13 +160,13 @@ class EventType(enum.Enum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseEvent:
     type: EventType
     lease: Lease
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseSnapshot:
     """The complete set of leases, sent first and after every re-list (compaction, reconnect).
 

@@ -169,7 +169,7 @@ def _ip(family: int, raw: bytes) -> IPAddress:
     return IPv4Address(raw) if family == AF_INET else IPv6Address(raw)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VxlanInfo:
     vni: int
     local: IPAddress | None
@@ -179,7 +179,7 @@ class VxlanInfo:
     link: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IpipInfo:
     """An ipip device's tunnel parameters; local/remote None is "any" (0.0.0.0), link None is no `dev`."""
 
@@ -190,7 +190,7 @@ class IpipInfo:
     pmtudisc: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     index: int
     name: str
@@ -202,14 +202,14 @@ class Link:
     ipip: IpipInfo | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Address:
     index: int
     address: IPInterface
     scope: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """A route: unicast (the default) or blackhole (`type=RTN_BLACKHOLE`, which has no gateway and no oif).
     Equality covers what we program; kernel bookkeeping fields are compare=False."""
@@ -225,7 +225,7 @@ class Route:
     type: int = RTN_UNICAST
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Neigh:
     ifindex: int
     dst: IPAddress
@@ -233,7 +233,7 @@ class Neigh:
     state: int = field(default=NUD_PERMANENT, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fdb:
     """A `self` FDB entry of a vxlan device: frames for `lladdr` are sent to `dst`."""
 
@@ -244,7 +244,7 @@ class Fdb:
     flags: int = field(default=NTF_SELF, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Op:
     """One route/neighbour/FDB request for Netlink.apply(). `append` is for FDB only (`bridge fdb append`)."""
 
@@ -260,7 +260,7 @@ class Op:
         return cls("delete", obj)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """One read of the tables a backend owns entries in (see Netlink.snapshot())."""
 
@@ -269,7 +269,7 @@ class DeviceState:
     fdb: list[Fdb]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DefaultRouteInfo:
     link: Link
     gateway: IPAddress | None
@@ -604,7 +604,7 @@ def encode_route_get(seq: int, target: IPAddress) -> bytes:
 EventKind = Literal["link", "route", "neigh", "fdb", "resync"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KernelEvent:
     """One change the kernel announced. kind "resync": notifications were lost (socket overrun), so the
     consumer must re-read the kernel state; action and obj carry nothing then."""
