@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from .config import ci_get, loads_json, parse_ip
+from .config import ci_fold, loads_json, parse_ip
 
 
 class LeaseError(ValueError):
@@ -56,9 +56,10 @@ class LeaseAttrs:
             raise LeaseError(f"lease value is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise LeaseError("lease value is not a JSON object")
-        pub = ci_get(obj, "PublicIP")
-        pub6 = ci_get(obj, "PublicIPv6")
-        btype = ci_get(obj, "BackendType")
+        obj = ci_fold(obj)
+        pub = obj.get("publicip")
+        pub6 = obj.get("publicipv6")
+        btype = obj.get("backendtype")
         if btype is None:
             btype = ""  # a JSON null leaves Go's string field empty
         # Python's address classes also take integers; upstream's decoder takes only strings.
@@ -75,8 +76,8 @@ class LeaseAttrs:
             public_ipv6=ip6,
             # Thousands of peers carry the same type and the same BackendData field names: one string each.
             backend_type=sys.intern(btype) if btype else "",
-            backend_data=_interned_keys(ci_get(obj, "BackendData")),
-            backend_v6_data=_interned_keys(ci_get(obj, "BackendV6Data")),
+            backend_data=_interned_keys(obj.get("backenddata")),
+            backend_v6_data=_interned_keys(obj.get("backendv6data")),
         )
 
 
@@ -118,9 +119,12 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
     m = _KEY_RE.fullmatch(key)  # not match + $, which lets a trailing newline through
     if not m:
         raise LeaseError(f"not a subnet key: {_cut(key)}")
+    ip_text, len_text, ip6_text, len6_text = m.groups()
     try:
-        sn: IPv4Network | None = IPv4Network(f"{m.group(1)}/{m.group(2)}")
-        sn6 = IPv6Network(f"{m.group(3)}/{m.group(4)}") if m.group(3) else None
+        ip = parse_ip(ip_text)
+        # From the parsed address, not the text: ipaddress would parse the same string a second time.
+        sn: IPv4Network | None = IPv4Network((ip, int(len_text)))
+        sn6 = IPv6Network(f"{ip6_text}/{len6_text}") if ip6_text else None
     except ValueError as e:
         raise LeaseError(f"not a subnet key: {_cut(key)}: {_cut(str(e))}") from None
     assert sn is not None
@@ -130,7 +134,9 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
         raise LeaseError(f"subnet key holds no subnet: {key!r}")
     # Only the form make_subnet_key writes (upstream's MakeSubnetKey): `10.1.2.0-024` or `FD00::-64` name the
     # same subnet as another key, so the lease would be renewed, compared and deleted under a key it is not at.
-    if make_subnet_key(sn, sn6) != key:
+    # parse_ip takes only canonical dotted quads, so an IPv4-only key needs just its length checked.
+    canonical = len_text == str(int(len_text)) if sn6 is None else make_subnet_key(sn, sn6) == key
+    if not canonical:
         raise LeaseError(f"not a subnet key in canonical form: {key!r} (expected {make_subnet_key(sn, sn6)!r})")
     return sn, sn6
 
