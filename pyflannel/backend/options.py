@@ -35,4 +35,24 @@ def opt_bool(cfg: NetConfig, key: str, default: bool = False) -> bool:
     return v
 
 
-__all__ = ["opt_bool", "opt_int"]
+def opt_str(cfg: NetConfig, key: str, default: str = "") -> str:
+    v = cfg.backend.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise BackendError(f"Backend.{key}: expected a string, got {json.dumps(v)}")
+    return v
+
+
+def opt_float(cfg: NetConfig, key: str, default: float, lo: float, hi: float) -> float:
+    v = cfg.backend.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BackendError(f"Backend.{key}: expected a number, got {json.dumps(v)}")
+    if not lo <= v <= hi:
+        raise BackendError(f"Backend.{key}: {v} is out of range {lo:g}..{hi:g}")
+    return float(v)
+
+
+__all__ = ["opt_bool", "opt_float", "opt_int", "opt_str"]

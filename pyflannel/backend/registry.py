@@ -20,6 +20,9 @@ BACKENDS: dict[str, str] = {
     "vxlan": "vxlan",
     "host-gw": "hostgw",
     "ipip": "ipip",
+    "udp": "udp",
+    "alloc": "alloc",
+    "extension": "extension",
 }
 
 
