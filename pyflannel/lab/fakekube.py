@@ -17,6 +17,11 @@ Test side channel under `/_admin/`: `POST expire` (drop the event history; runni
 (`{"method","path","status","count"}`: answer the next `count` matching requests with that status),
 `GET stats` (request counters), `GET state`.
 
+Optionally as the real server's authentication front: HTTPS (`tls_cert`/`tls_key`), client certificates
+verified against `client_ca`, bearer tokens (`tokens`, a set the test may change: rotation) and basic auth
+(`basic`, (user, password) pairs). With any of them set, a TCP request without valid credentials gets 401;
+the unix socket (the tests' own channel) is never authenticated. `GET /_admin/stats` counts `auth <how>`.
+
 Run in process (`FakeKube().start()`, returns the URL) or as a process, for example inside a network namespace:
 `python -m pyflannel.lab.fakekube --listen 192.168.77.3:6443 --state /tmp/x/state.json --unix /tmp/x/kube.sock`.
 The unix socket serves the same API and lets a test in another network namespace reach the fake.
@@ -35,9 +40,11 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
+from base64 import b64decode
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -146,6 +153,10 @@ class State:
     failures: list[Failure] = field(default_factory=list)
     stats: collections.Counter[str] = field(default_factory=collections.Counter)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # Authentication of TCP requests; all empty: none required.
+    tokens: set[str] = field(default_factory=set)
+    basic: set[tuple[str, str]] = field(default_factory=set)
+    client_certs: bool = False  # a client certificate the TLS layer verified authenticates too
 
     # --- persistence -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -293,6 +304,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _authenticated(self) -> str:
+        """How this request authenticated ("" when it did not); the unix socket needs nothing."""
+        st = self.state
+        if isinstance(self.server, _UnixServer) or not (st.tokens or st.basic or st.client_certs):
+            return "none"
+        kind, _, cred = (self.headers.get("Authorization") or "").partition(" ")
+        with st.cond:
+            if kind == "Bearer" and cred in st.tokens:
+                return "token"
+            if kind == "Basic":
+                with contextlib.suppress(ValueError):
+                    user, _, password = b64decode(cred, validate=True).decode().partition(":")
+                    if (user, password) in st.basic:
+                        return "basic"
+        conn = self.connection
+        if st.client_certs and isinstance(conn, ssl.SSLSocket) and conn.getpeercert():
+            return "cert"
+        return ""
+
     def _dispatch(self, method: str) -> None:
         # Read the body first: an early error answer must not leave it in the keep-alive connection.
         n = int(self.headers.get("Content-Length") or 0)
@@ -301,6 +331,12 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         st = self.state
         try:
+            how = self._authenticated()
+            if not isinstance(self.server, _UnixServer):
+                with st.cond:
+                    st.stats[f"auth {how or 'refused'}"] += 1
+            if not how:
+                raise ApiError(401, "Unauthorized", "Unauthorized")
             with st.cond:
                 st.stats[f"{method} {url.path}"] += 1
                 injected = st.take_failure(method, url.path)
@@ -541,6 +577,19 @@ class _TCPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     state: State
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, addr = super().get_request()
+        if self.tls is not None:
+            # The handshake happens at the handler's first read, in its own thread, not in the accept loop.
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A refused handshake (a client that does not trust our CA, or has no certificate) is part of the tests.
+        if not isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError)):
+            super().handle_error(request, client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup of the address; a namespace has no resolver.
@@ -570,9 +619,24 @@ class FakeKube:
         state_file: str | None = None,
         history_size: int = 1000,
         bookmark_interval: float = 1.0,
+        tls_cert: str = "",
+        tls_key: str = "",
+        client_ca: str = "",
+        tokens: set[str] | None = None,
+        basic: set[tuple[str, str]] | None = None,
     ) -> None:
         self.state = State(history_size=history_size, bookmark_interval=bookmark_interval, state_file=state_file)
         self.state.load()
+        self.state.tokens = set(tokens or ())
+        self.state.basic = set(basic or ())
+        self.state.client_certs = bool(client_ca)
+        self.tls: ssl.SSLContext | None = None
+        if tls_cert:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(tls_cert, tls_key or None)
+            if client_ca:
+                self.tls.load_verify_locations(client_ca)
+                self.tls.verify_mode = ssl.CERT_OPTIONAL  # a client without a certificate may use a token
         self.host = host
         self.port = port
         self.unix_path = unix_path
@@ -582,12 +646,19 @@ class FakeKube:
 
     def start(self) -> str:
         if self.host is not None:
-            tcp = _TCPServer((self.host, self.port), Handler)
+            tcp = _TCPServer((self.host, self.port), Handler, bind_and_activate=False)
+            if ":" in self.host:
+                tcp.socket.close()
+                tcp.address_family = socket.AF_INET6
+                tcp.socket = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            tcp.server_bind()
+            tcp.server_activate()
             tcp.state = self.state
+            tcp.tls = self.tls
             self._servers.append(tcp)
             self.port = tcp.server_address[1]
             host = f"[{self.host}]" if ":" in self.host else self.host
-            self.url = f"http://{host}:{self.port}"
+            self.url = f"{'https' if self.tls else 'http'}://{host}:{self.port}"
         if self.unix_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
@@ -721,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state", default=None, help="JSON file that keeps the objects across restarts")
     ap.add_argument("--history", type=int, default=1000, help="events kept for watches (older: 410 Gone)")
     ap.add_argument("--bookmark-interval", type=float, default=1.0)
+    ap.add_argument("--tls-cert", default="", help="serve HTTPS with this certificate (PEM)")
+    ap.add_argument("--tls-key", default="", help="and this key")
+    ap.add_argument("--client-ca", default="", help="accept client certificates this CA signed")
+    ap.add_argument("--token", action="append", default=[], help="accept this bearer token (repeatable)")
     args = ap.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
     fk = FakeKube(
@@ -730,6 +805,10 @@ def main(argv: list[str] | None = None) -> int:
         state_file=args.state,
         history_size=args.history,
         bookmark_interval=args.bookmark_interval,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        client_ca=args.client_ca,
+        tokens=set(args.token),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -182,13 +182,17 @@ def _secret_path(stack: contextlib.ExitStack, name: str, data: bytes) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         stack.callback(shutil.rmtree, tmp, True)
         stack.callback(os.close, fd)
-        os.write(fd, data)
+        _write_all(fd, data)
         return path
     stack.callback(os.close, fd)
+    _write_all(fd, data)
+    return f"/proc/self/fd/{fd}"
+
+
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-    return f"/proc/self/fd/{fd}"
 
 
 # --- credentials ----------------------------------------------------------------------------------------
@@ -347,24 +351,29 @@ class ExecPlugin(Credentials):
             )  # fmt: skip
         except OSError as e:
             raise self._fail(f"cannot run it: {e.strerror or e}") from None
+        readers = [asyncio.ensure_future(self._read(proc.stdout)), asyncio.ensure_future(self._read(proc.stderr))]
         try:
             async with asyncio.timeout(self.timeout):
-                out, err = await asyncio.gather(self._read(proc.stdout), self._read(proc.stderr))
+                out, err = await asyncio.gather(*readers)
                 code = await proc.wait()
         except TimeoutError:
             raise self._fail(f"did not finish within {self.timeout:g}s; killed") from None
         except _TooMuch:
             raise self._fail(f"wrote more than {self.max_output} bytes; killed") from None
         finally:
+            for r in readers:
+                r.cancel()
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # our child leads its own session
-                with contextlib.suppress(ProcessLookupError):
-                    await proc.wait()
+                # wait() returns once the pipes are at their end too: drain what the killed group left in them.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await asyncio.gather(_drain(proc.stdout), _drain(proc.stderr), proc.wait())
         if code != 0:
             # Its stderr is for humans and holds no credential (those go to stdout): worth showing, cut short.
             detail = err.decode("utf-8", "replace").strip().splitlines()
-            tail = f": {cut(detail[-1], 200)}" if detail else ""
+            tail = f": {detail[-1][:200]}" if detail else ""
             raise self._fail(f"exited with status {code}{tail}")
         return self._parse(out)
 
@@ -417,6 +426,11 @@ class ExecPlugin(Credentials):
 
 class _TooMuch(Exception):
     pass
+
+
+async def _drain(stream: asyncio.StreamReader | None) -> None:
+    while stream is not None and await stream.read(65536):
+        pass
 
 
 # --- whole configuration --------------------------------------------------------------------------------
