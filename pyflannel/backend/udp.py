@@ -184,7 +184,10 @@ class UdpBackend(Backend):
             await self.ensure_device()
             assert self._sock is not None
             if self._fwd is None:
-                fwd = Forwarder(self._tun, self._sock, own.subnet.network_address, self.counters)
+                # Our ICMP errors come from the Network's own address: one of this node's addresses (upstream
+                # uses flannel0's) would be dropped by the kernel as a martian when it comes back in by the TUN.
+                assert self.cfg.network is not None
+                fwd = Forwarder(self._tun, self._sock, self.cfg.network.network_address, self.counters)
                 loop = asyncio.get_running_loop()
                 done: asyncio.Future[BaseException | None] = loop.create_future()
 
@@ -200,8 +203,6 @@ class UdpBackend(Backend):
                 # packets get ICMP unreachable instead of leaving by the default route.
                 fwd.start(finished)
                 self._fwd, self._done = fwd, done
-            else:
-                self._fwd.set_own_ip(own.subnet.network_address)
 
     async def run(self) -> None:
         if self._done is None:

@@ -41,6 +41,7 @@ BURST = 64
 MAX_PACKET = 65535
 DROP_LOG_INTERVAL = 10.0
 ICMP_TTL = 64
+_ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})  # unreachable, source quench, redirect, time exceeded, parameter
 
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
@@ -139,12 +140,16 @@ def inet_checksum(data: bytes | bytearray) -> int:
 
 def icmp_unreachable(pkt: bytes, src: bytes) -> bytes | None:
     """ICMP destination unreachable (network unreachable) from `src` to the sender of `pkt`, quoting its header
-    and first 8 payload bytes; None when RFC 1122 forbids a reply (an ICMP error about ICMP, a later fragment,
-    a broadcast/multicast or unspecified source) or the packet is too short to quote."""
+    and first 8 payload bytes; None when RFC 1122 forbids a reply (about an ICMP error, a later fragment, a
+    broadcast/multicast or unspecified source) or the packet is too short to quote."""
     ihl = (pkt[0] & 0x0F) * 4
     if ihl < 20 or len(pkt) < ihl + 8:
         return None
-    if pkt[9] == socket.IPPROTO_ICMP or _U16.unpack_from(pkt, 6)[0] & 0x1FFF:
+    if _U16.unpack_from(pkt, 6)[0] & 0x1FFF:
+        return None
+    # Never an error about an ICMP error (RFC 1122 3.2.2); queries such as echo requests do get one, so a
+    # ping to a node that left says so (upstream's proxy answers no ICMP at all).
+    if pkt[9] == socket.IPPROTO_ICMP and pkt[ihl] in _ICMP_ERRORS:
         return None
     saddr = pkt[12:16]
     first = saddr[0]
@@ -186,13 +191,13 @@ class Forwarder:
     The thread owns neither fd's lifetime except through replace_tun(): the backend opens them and closes them
     after stop(); replace_tun() hands over a new TUN fd (the device was recreated) and closes the old one."""
 
-    def __init__(self, tun: int, sock: socket.socket, own_ip: IPv4Address, counters: Counters) -> None:
+    def __init__(self, tun: int, sock: socket.socket, icmp_source: IPv4Address, counters: Counters) -> None:
         self.counters = counters
         self.peers = PeerTable()
         self._tun = tun
         self._new_tun: int | None = None
         self._sock = sock
-        self._own = own_ip.packed
+        self._icmp_source = icmp_source.packed
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
@@ -208,9 +213,6 @@ class Forwarder:
 
     def set_peers(self, table: PeerTable) -> None:
         self.peers = table  # one reference store: atomic for the reading thread
-
-    def set_own_ip(self, ip: IPv4Address) -> None:
-        self._own = ip.packed
 
     def start(self, done: Callable[[BaseException | None], None]) -> None:
         """Start the thread; `done(exc)` is called from it when it ends (exc None after stop())."""
@@ -577,7 +579,7 @@ class Forwarder:
         c.drop_no_peer += 1
         dst = IPv4Address(pkt[16:20])
         self._droplog.note("packet for an address no lease covers", f"{IPv4Address(pkt[12:16])} -> {dst}")
-        reply = icmp_unreachable(pkt, self._own)
+        reply = icmp_unreachable(pkt, self._icmp_source)
         if reply is None:
             return
         try:
