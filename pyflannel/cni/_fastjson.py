@@ -8,6 +8,7 @@ here) and printed here in Go's net.IP.String() form.
 """
 
 import _json
+import _thread
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,12 +27,14 @@ class JSONError(ValueError):
     """Malformed JSON; the text is encoding/json's (see _goerr.syntax_error)."""
 
 
-_big: "list[Any]" = []  # the _goerr.BigNumber the last loads() made
+# `big`: the _goerr.BigNumbers the last loads() of this thread made. Per thread: flanneld's CNI server runs
+# the plugin in several threads at once.
+_last = _thread._local()
 
 
 def overflowed() -> bool:
-    """Did the last loads() meet a number beyond float64?"""
-    return bool(_big)
+    """Did this thread's last loads() meet a number beyond float64?"""
+    return bool(getattr(_last, "big", None))
 
 
 def _reject_constant(name: str) -> "Any":
@@ -53,7 +56,7 @@ def _parse_int(s: str) -> "Any":
     from pyflannel.cni._goerr import BigNumber
 
     b = BigNumber(s)
-    _big.append(b)
+    _last.big.append(b)
     return b
 
 
@@ -63,7 +66,7 @@ def _parse_float(s: str) -> "Any":
         from pyflannel.cni._goerr import BigNumber
 
         b = BigNumber(s)
-        _big.append(b)
+        _last.big.append(b)
         return b
     return f
 
@@ -105,7 +108,7 @@ def loads(data: bytes | str) -> "Any":
     come back as _goerr.BigNumber (see overflowed()); nesting deeper than MAX_DEPTH is refused. The rare
     paths live in _goerr.
     """
-    del _big[:]
+    _last.big = []
     s = _decode(data) if isinstance(data, bytes | bytearray) else data
     if s.count("[") + s.count("{") > MAX_DEPTH:  # only then can it nest that deep
         from pyflannel.cni import _goerr

@@ -6,8 +6,13 @@ time is the plugin's cost. `posix` stands in for `os` (whose import, _collection
 (about 10 ms to import), and the executable ends with _exit once its output is flushed: the interpreter's
 orderly shutdown (module teardown, a last GC) is another ~2 ms and frees nothing the kernel would not.
 (Exec'ing the delegate in place of the plugin on ADD was measured too: no gain over posix_spawn, which is
-a vfork.) Logging goes to stderr (the runtime collects it); the logging module is imported only on the rare
-paths that log.
+a vfork.) Warnings go to the call's stderr (the runtime collects it), one line each, as the logging module's
+last-resort handler wrote them.
+
+run() is the whole plugin as a function of one call (a Call: environment, stdout, stderr, the delegates'
+stderr). flanneld's CNI server (pyflannel/cniserver.py) runs it for the `flannel` client, several calls at once
+in threads, so nothing of a call lives in module or process state: not os.environ, not fd 2, not the pid alone
+(the stored config's temporary name also carries the thread), not the big-number flag of _fastjson.
 
 Behaviour follows upstream flannel-io/cni-plugin plus the reference library's skel validation: the same
 checks in the same order, the same error codes and the same message texts (Go's, from _goerr on the error
@@ -26,6 +31,7 @@ paths), the error JSON in libcni's layout. Deliberate differences (the README's 
   delegate that fails without a code is 999 (libcni passes 0 on).
 """
 
+import _thread
 import posix
 import sys
 
@@ -77,10 +83,26 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 _DELEGATE_MAX = "1.0.0"
 
 
-def _log(msg: str) -> None:
-    import logging
+class Call:
+    """One run of the plugin: its CNI environment (also the delegates' environment), where the answer (`out`,
+    bytes) and the warnings (`err`, text) go, and the delegates' stderr (a file descriptor; None: fd 2)."""
 
-    logging.getLogger(__name__).warning("%s", msg)
+    __slots__ = ("delegate_stderr", "env", "err", "out")
+
+    def __init__(self, env: dict[str, str], out: "BinaryIO", err: "Any", delegate_stderr: "int | None" = None) -> None:
+        self.env = env
+        self.out = out
+        self.err = err
+        self.delegate_stderr = delegate_stderr
+
+
+def _log(c: Call, msg: str) -> None:
+    """A warning on the call's stderr, as logging's last-resort handler wrote it (the message and a newline),
+    and like it never failing the call."""
+    try:  # noqa: SIM105  (contextlib is an import the plugin does without)
+        c.err.write(msg + "\n")
+    except Exception:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,17 +228,15 @@ def find_in_path(plugin: str, cni_path: str) -> str:
     raise CNIError(ERR_INTERNAL, f'failed to find plugin "{plugin}" in path [{" ".join(dirs)}]')
 
 
-def exec_plugin(path: str, stdin: bytes, env: dict[str, str]) -> tuple[int, bytes]:
-    """Run a plugin with `stdin`; its stderr is ours. Returns (exit status, stdout)."""
+def exec_plugin(path: str, stdin: bytes, env: dict[str, str], stderr: "int | None" = None) -> tuple[int, bytes]:
+    """Run a plugin with `stdin`; its stderr is `stderr` (default: ours). Returns (exit status, stdout)."""
     rin, win = posix.pipe()
     rout, wout = posix.pipe()
+    actions = [(posix.POSIX_SPAWN_DUP2, rin, 0), (posix.POSIX_SPAWN_DUP2, wout, 1)]
+    if stderr is not None:
+        actions.append((posix.POSIX_SPAWN_DUP2, stderr, 2))
     try:
-        pid = posix.posix_spawn(
-            path,
-            [path],
-            env,
-            file_actions=[(posix.POSIX_SPAWN_DUP2, rin, 0), (posix.POSIX_SPAWN_DUP2, wout, 1)],
-        )
+        pid = posix.posix_spawn(path, [path], env, file_actions=actions)
     except (OSError, ValueError) as e:
         for fd in (rin, win, rout, wout):
             posix.close(fd)
@@ -339,17 +359,19 @@ def _to_delegate_version(conf: bytes, version: str) -> bytes:
     return go_json(d)
 
 
-def call_delegate(env: dict[str, str], command: str, dtype: str, conf: bytes, version: str) -> bytes:
-    path = find_in_path(dtype, env.get("CNI_PATH", ""))
-    rc, out = exec_plugin(path, _to_delegate_version(conf, version), _delegate_env(env, command))
+def call_delegate(c: Call, command: str, dtype: str, conf: bytes, version: str) -> bytes:
+    path = find_in_path(dtype, c.env.get("CNI_PATH", ""))
+    stdin = _to_delegate_version(conf, version)
+    rc, out = exec_plugin(path, stdin, _delegate_env(c.env, command), c.delegate_stderr)
     if rc != 0:
         raise _plugin_error(rc, out)
     return out
 
 
-def delegate_versions(env: dict[str, str], dtype: str) -> list[str]:
-    path = find_in_path(dtype, env.get("CNI_PATH", ""))
-    rc, out = exec_plugin(path, go_json({"cniVersion": CURRENT_VERSION}), _delegate_env(env, "VERSION"))
+def delegate_versions(c: Call, dtype: str) -> list[str]:
+    path = find_in_path(dtype, c.env.get("CNI_PATH", ""))
+    stdin = go_json({"cniVersion": CURRENT_VERSION})
+    rc, out = exec_plugin(path, stdin, _delegate_env(c.env, "VERSION"), c.delegate_stderr)
     if rc != 0:
         raise _plugin_error(rc, out)
     try:
@@ -404,10 +426,11 @@ def save_scratch(data_dir: str, cid: str, data: bytes) -> None:
 
     Through a temporary file and rename, so a crash never leaves half a config for DEL. Its name starts with a
     dot, which no container ID does (so GC leaves it alone), and stays short (a long ID still fits).
-    Errors name the stored file, as upstream's (which writes it in place) do."""
+    Errors name the stored file, as upstream's (which writes it in place) do. The pid and thread make the
+    temporary name unique among concurrent calls (flanneld's CNI server runs several in one process)."""
     _mkdir_all(data_dir, 0o700)
     path = _stored_path(data_dir, cid)
-    tmp = _join(data_dir, f".tmp{posix.getpid()}")
+    tmp = _join(data_dir, f".tmp{posix.getpid()}.{_thread.get_ident()}")
     op = "open"
     try:
         fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o600)
@@ -484,14 +507,14 @@ def _load_fenv(n: FlannelNetConf, version: str, context: str) -> "Any":
         raise CNIError(ERR_INTERNAL, f"{context}{e}") from None
 
 
-def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
+def cmd_add(c: Call, n: FlannelNetConf, version: str) -> None:
     fenv = _load_fenv(n, version, "loadFlannelSubnetEnv failed: ")
     d = build_delegate(n, fenv)
     data = delegate_bytes(d)
-    save_scratch(n.data_dir, env["CNI_CONTAINERID"], data)
+    save_scratch(n.data_dir, c.env["CNI_CONTAINERID"], data)
     # A failed delegate ADD keeps the stored file: the runtime's following DEL needs it to clean up.
     try:
-        result = call_delegate(env, "ADD", d["type"], data, version)
+        result = call_delegate(c, "ADD", d["type"], data, version)
     except CNIError as e:
         if getattr(e, "passed_on", False):
             raise
@@ -503,7 +526,7 @@ def cmd_add(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO
             result = _print_result(r)
         except (ValueError, TypeError, AttributeError) as e:
             raise CNIError(ERR_DECODE, f"failed to delegate add: failed to decode the delegate's result: {e}") from None
-    out.write(result)
+    c.out.write(result)
 
 
 def _print_result(r: "dict[str, Any]") -> bytes:
@@ -519,33 +542,33 @@ def _print_result(r: "dict[str, Any]") -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def cmd_del(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
-    cid = env["CNI_CONTAINERID"]
+def cmd_del(c: Call, n: FlannelNetConf, version: str) -> None:
+    cid = c.env["CNI_CONTAINERID"]
     data, d = _read_stored(n.data_dir, cid)
     path = _stored_path(n.data_dir, cid)
     if data is None:
         return  # never added, or already deleted
     if d is None:
         # No config to hand the delegate: its leftovers go with the node's next reboot, as upstream.
-        _log(f"flannel DEL: stored delegate config {path} is empty or corrupt; removing it")
-        _remove(path)
+        _log(c, f"flannel DEL: stored delegate config {path} is empty or corrupt; removing it")
+        _remove(c, path)
         return
     dver = d.get("cniVersion") if isinstance(d.get("cniVersion"), str) else version
-    call_delegate(env, "DEL", d["type"], data, dver or version)
-    _remove(path)
+    call_delegate(c, "DEL", d["type"], data, dver or version)
+    _remove(c, path)
 
 
-def _remove(path: str) -> None:
+def _remove(c: Call, path: str) -> None:
     try:
         posix.remove(path)
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as e:
-        _log(f"flannel DEL: cannot remove {path}: {_go_err(e)}")
+        _log(c, f"flannel DEL: cannot remove {path}: {_go_err(e)}")
 
 
-def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
-    cid = env["CNI_CONTAINERID"]
+def cmd_check(c: Call, n: FlannelNetConf, version: str) -> None:
+    cid = c.env["CNI_CONTAINERID"]
     data, d = _read_stored(n.data_dir, cid)
     if data is None:
         raise CNIError(ERR_UNKNOWN_CONTAINER, f"no stored delegate config for container {cid}")
@@ -554,7 +577,7 @@ def cmd_check(env: dict[str, str], n: FlannelNetConf, version: str, out: "Binary
     if n.prev_result is not None:
         d["prevResult"] = _explicit_route_gateways(n.prev_result)
     dver = d.get("cniVersion") if isinstance(d.get("cniVersion"), str) else version
-    call_delegate(env, "CHECK", d["type"], go_json(d), dver or version)
+    call_delegate(c, "CHECK", d["type"], go_json(d), dver or version)
 
 
 def _explicit_route_gateways(prev: "dict[str, Any]") -> "dict[str, Any]":
@@ -586,34 +609,34 @@ def _explicit_route_gateways(prev: "dict[str, Any]") -> "dict[str, Any]":
     return {**prev, "routes": fixed}
 
 
-def cmd_status(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
+def cmd_status(c: Call, n: FlannelNetConf, version: str) -> None:
     try:
         fenv = _load_fenv(n, version, "")
     except CNIError as e:
         raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, "flannel is not ready: cannot use subnet.env", e.msg) from None
     d = build_delegate(n, fenv)
     try:
-        versions = delegate_versions(env, d["type"])
+        versions = delegate_versions(c, d["type"])
     except CNIError as e:
         raise CNIError(ERR_PLUGIN_NOT_AVAILABLE, f"delegate {d['type']} is not available", e.msg) from None
     if version in versions:
-        call_delegate(env, "STATUS", d["type"], delegate_bytes(d), "")
+        call_delegate(c, "STATUS", d["type"], delegate_bytes(d), "")
 
 
-def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO") -> None:
+def cmd_gc(c: Call, n: FlannelNetConf, version: str) -> None:
     try:
         fenv = _load_fenv(n, version, "")
     except CNIError as e:
-        _log(f"flannel GC: skipped, subnet.env unusable: {e.msg}")
+        _log(c, f"flannel GC: skipped, subnet.env unusable: {e.msg}")
         return
     d = build_delegate(n, fenv)
-    if version not in delegate_versions(env, d["type"]):
-        _log(f"flannel GC: delegate {d['type']} does not speak {version}; nothing collected")
+    if version not in delegate_versions(c, d["type"]):
+        _log(c, f"flannel GC: delegate {d['type']} does not speak {version}; nothing collected")
         return
     found, valid = go_get(n.raw, "cni.dev/valid-attachments")
     if found:
         d["cni.dev/valid-attachments"] = valid
-    call_delegate(env, "GC", d["type"], go_json(d), "")
+    call_delegate(c, "GC", d["type"], go_json(d), "")
     # The delegate has released what the stale attachments held: their stored configs are now garbage.
     keep = {a.get("containerID") for a in valid or [] if isinstance(a, dict)} if found else None
     if keep is None:
@@ -624,7 +647,7 @@ def cmd_gc(env: dict[str, str], n: FlannelNetConf, version: str, out: "BinaryIO"
         return
     for name in names:
         if name not in keep and valid_cni_name(name):
-            _remove(_join(n.data_dir, name))
+            _remove(c, _join(n.data_dir, name))
 
 
 _COMMANDS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
@@ -651,8 +674,11 @@ def _read_stdin(stdin: "BinaryIO") -> bytes:
             raise CNIError(ERR_IO, f"error reading from stdin: more than {MAX_STDIN} bytes")
 
 
-def run(env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any") -> int:
-    """The whole plugin as a function: reads env/stdin, writes the result or error JSON to `out`.
+def run(
+    env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any", *, delegate_stderr: "int | None" = None
+) -> int:
+    """The whole plugin as a function: reads env/stdin, writes the result or error JSON to `out` and warnings
+    to `err`; the delegates write their stderr to the file descriptor `delegate_stderr` (None: fd 2).
 
     skel's order: the required variables, VERSION, the config's name, the container ID and interface name,
     the config's version, then the command."""
@@ -693,7 +719,7 @@ def run(env: dict[str, str], stdin: "BinaryIO", out: "BinaryIO", err: "Any") -> 
             if cmd == "ADD":
                 e.msg = f"loadFlannelNetConf failed: {e.msg}"
             raise
-        fn(env, n, version, out)
+        fn(Call(env, out, err, delegate_stderr), n, version)
         return 0
     except CNIError as e:
         return _answer(out, e, version if version in SUPPORTED_VERSIONS else CURRENT_VERSION)
