@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from .backend.base import Backend, BackendError, ExternalInterface
 from .backend.entries import OwnedEntries
 from .backend.registry import backend_class
+from .cniserver import serve_cni
 from .config import ConfigError, NetConfig, parse_ip
 from .flags import Options
 from .health import HealthServer
@@ -72,6 +73,8 @@ class AgentConfig:
     healthz_port: int = 0
     # The periodic full pass is only a backstop: kernel change notifications trigger repairs at once.
     reconcile_interval: float = 30.0
+    # The CNI plugin's work is served here (pyflannel/cniserver.py); "" = not served.
+    cni_socket: str = ""
 
 
 def agent_config_from_options(opts: Options) -> AgentConfig:
@@ -103,6 +106,11 @@ def agent_config_from_options(opts: Options) -> AgentConfig:
         healthz_ip=opts["healthz-ip"],
         healthz_port=opts["healthz-port"],
         reconcile_interval=opts["reconcile-interval"],
+        cni_socket=(
+            os.path.join(os.path.dirname(opts["subnet-file"]), "cni.sock")
+            if opts["cni-socket"] is None
+            else opts["cni-socket"]
+        ),
     )
 
 
@@ -276,6 +284,8 @@ class Agent:
             tg.create_task(backend.run(), name="backend")
             if self.traffic is not None:
                 tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
+            if self.cfg.cni_socket:  # after subnet.env: until then the plugin answers "try again later" anyway
+                tg.create_task(serve_cni(self.cfg.cni_socket), name="cni-server")
 
     async def _external_interface(self, net: NetConfig) -> ExternalInterface:
         req = dataclasses.replace(self.cfg.iface, need_ipv4=net.enable_ipv4, need_ipv6=net.enable_ipv6)

@@ -57,6 +57,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("net-config-path", str, "/etc/kube-flannel/net-conf.json", "path to the network configuration file"),
     Flag("set-node-network-unavailable", bool, True, "set the NetworkUnavailable node condition to False"),
     Flag("v", int, 0, "log level verbosity"),
+    # Not upstream: the CNI plugin's work served by the agent (pyflannel/cniserver.py). None: cni.sock beside
+    # --subnet-file (daemon.agent_config_from_options).
+    Flag(
+        "cni-socket",
+        str,
+        None,
+        "unix socket where the flannel CNI plugin's calls are served, '' to serve none "
+        "(default: cni.sock in the directory of --subnet-file)",
+    ),
     # Not upstream: how often backends re-check their kernel entries (upstream never does).
     Flag(
         "reconcile-interval",
@@ -207,6 +216,6 @@ def usage() -> str:
     lines = ["Usage: flanneld [OPTION]...", ""]
     for f in FLAGS:
         kind = {str: " string", int: " int", bool: "", list: " value"}[f.kind]
-        default = f" (default {f.default!r})" if f.default not in ("", [], False, 0) else ""
+        default = f" (default {f.default!r})" if f.default not in ("", [], False, 0, None) else ""
         lines.append(f"  -{f.name}{kind}\n    \t{f.help}{default}")
     return "\n".join(lines)

@@ -6,8 +6,9 @@
 #   OUT=/some/dir PYTHON=/usr/bin/python3.11 scripts/build-cni.sh
 #
 # flannel.dist/
-#   flannel                  a small C launcher (pyflannel/cni/launcher.c): execs python/python3.11
-#                            -I -S -B main.py with argv and env untouched
+#   flannel                  the static C client of flanneld's CNI server (pyflannel/cni/launcher.c); with
+#                            no agent to serve it, it execs python/python3.11 -I -S -B main.py with argv,
+#                            env and stdin as it got them
 #   main.py                  runs pyflannel.cni.plugin:main
 #   app/pyflannel/...        the plugin's own modules (only those it imports)
 #   python/python3.11        a copy of $PYTHON, RUNPATH $ORIGIN/lib
@@ -17,7 +18,7 @@
 #   python/lib/python3.11/   the standard library modules the plugin can import, with lib-dynload/
 #
 # The module set is static (modulefinder over every import statement, lazy ones in functions included), so
-# the rare paths (logging, decimal, json) work too; tests/test_cni_build.py runs the result. Bytecode is
+# the rare paths (decimal, json, _goerr) work too; tests/test_cni_build.py runs the result. Bytecode is
 # unchecked-hash .pyc: no source stat or recompile at run time, and the directory may be read-only.
 # Needs gcc, libc6-dev (static libc for the launcher), patchelf and a Python 3.11 whose stdlib is installed
 # (Debian's /usr/bin/python3.11 links libpython statically; libz, libexpat and the libraries of a few extension
@@ -37,7 +38,8 @@ command -v patchelf >/dev/null || { echo "build-cni: patchelf missing (apt-get i
 
 rm -rf "$tmp"
 mkdir -p "$tmp/app" "$tmp/python/lib"
-# Static: the launcher itself needs no loader work and no particular glibc.
+# Static: the client needs no loader work and no particular glibc. Without -DSTANDALONE_SUFFIX its standalone
+# plugin is the bundled interpreter (launcher.py builds it for a venv instead).
 "$CC" -O2 -Wall -Wextra -Werror -static -o "$tmp/flannel" pyflannel/cni/launcher.c
 strip "$tmp/flannel"
 
@@ -132,7 +134,8 @@ EOF
 "$PYTHON" -I -m compileall -q -j0 --invalidation-mode unchecked-hash "$tmp/python/lib/python3.11" "$tmp/app"
 
 exe=$(realpath "$tmp/flannel")
-out=$(cd / && env -i CNI_COMMAND=VERSION "$exe" </dev/null)
+# FLANNEL_CNI_SOCKET="": the bundled interpreter answers, not a flanneld that may run on the build host.
+out=$(cd / && env -i CNI_COMMAND=VERSION FLANNEL_CNI_SOCKET= "$exe" </dev/null)
 case "$out" in *supportedVersions*) ;; *) echo "build-cni: the built plugin fails: $out" >&2; exit 1 ;; esac
 
 rm -rf "$dist"

@@ -27,6 +27,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
 fi
-# The flannel CNI plugin runs once per pod and command: replace pip's wrapper with a launcher that starts
-# Python without site (about half the start-up time). Cheap, so done on every run (pip may rewrite it).
+# The flannel CNI plugin runs once per pod and command: pip's wrapper is replaced by the static C client of
+# flanneld's CNI server (no Python start while an agent serves; gcc, libc6-dev) and, as .venv/bin/flannel-py,
+# the standalone plugin's launcher, which starts Python without site (about half the start-up time). Cheap,
+# so done on every run (pip may rewrite it).
 .venv/bin/python -m pyflannel.cni.launcher .venv/bin/flannel

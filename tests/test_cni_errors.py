@@ -1,7 +1,9 @@
 """The plugin's error answers (issue 11): never a traceback or an empty stdout, upstream's codes, Go's wording.
 
 Each case of the robustness report is here, in-process (plugin.run) and, for what only an executable can be
-given (bytes in the environment), through the launcher the runtime execs.
+given (bytes in the environment), through the launcher the runtime execs; each `bed` in test_cni_plugin's three
+modes (in-process, the client served by a CNI server, the client falling back), `flannel_exe` the mode's
+executable.
 """
 
 from __future__ import annotations
@@ -15,32 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cni_plugin import IPV4_ENV, Bed
+from test_cni_plugin import IPV4_ENV, MODES, TRIPWIRE, Bed, CniPaths
+from test_cni_plugin import cni_paths as cni_paths  # the session's fixture
 
 from pyflannel.cni import _fastjson, _goerr, plugin
 from pyflannel.cni import conf as cniconf
-from pyflannel.cni.launcher import install
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Bed:
-    b = Bed(tmp_path)
+@pytest.fixture(params=MODES)
+def bed(request: pytest.FixtureRequest, tmp_path: Path, cni_paths: CniPaths) -> Bed:
+    b = Bed(tmp_path, request.param, cni_paths)
     b.write_env(IPV4_ENV)
     return b
 
 
-@pytest.fixture(scope="module")
-def flannel_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The plugin executable as setup.sh installs it (.venv/bin/flannel's launcher), in a temporary dir."""
-    dest = tmp_path_factory.mktemp("exe") / "flannel"
-    install(dest)
-    return dest
+@pytest.fixture
+def flannel_exe(bed: Bed) -> Path:
+    """The plugin executable of the bed's mode (as setup.sh installs them: the client, or its Python launcher)."""
+    return bed.exe
 
 
 def run_exe(exe: Path, env: dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes, bytes]:
     p = subprocess.run([str(exe)], input=stdin, env=env, capture_output=True, timeout=30, cwd="/")
+    assert p.returncode != TRIPWIRE, p.stderr.decode(errors="replace")
     return p.returncode, p.stdout, p.stderr
 
 
@@ -78,9 +79,9 @@ def test_lone_surrogate_in_netconf(bed: Bed, flannel_exe: Path, stdin: bytes, co
     assert "\ufffd" in e["details"]
 
 
-def test_reproducer_from_the_issue(flannel_exe: Path, tmp_path: Path) -> None:
+def test_reproducer_from_the_issue(bed: Bed, flannel_exe: Path) -> None:
     env = {b"CNI_COMMAND": b"ADD", b"CNI_CONTAINERID": b"abc", b"CNI_NETNS": b"/x", b"CNI_IFNAME": b"eth0",
-           b"CNI_PATH": b"/empty"}  # fmt: skip
+           b"CNI_PATH": b"/empty", b"FLANNEL_CNI_SOCKET": bed.socket.encode()}  # fmt: skip
     e = error_of(*run_exe(flannel_exe, env, b'{"cniVersion":"1.0.0","name":"\\udc80"}\n'))
     assert e == {
         "cniVersion": "1.1.0",  # the config's version is not known yet when the name is checked
@@ -390,9 +391,11 @@ def test_version_output_ends_with_a_newline(bed: Bed) -> None:
     )
 
 
-def test_closed_stdin_and_stdout(bed: Bed, flannel_exe: Path) -> None:
-    """A runtime that leaves fd 0 or 1 closed gets an answer or an exit status, never a traceback."""
+def test_closed_stdin_and_stdout(bed: Bed) -> None:
+    """A runtime that leaves fd 0 or 1 closed gets an answer or an exit status, never a traceback. (The client
+    hands these to the standalone plugin, served or not.)"""
     env = {k: v for k, v in bed.env("ADD").items()}
+    flannel_exe = bed.standalone_exe
     p = subprocess.run([str(flannel_exe)], stdin=subprocess.DEVNULL, env=env, capture_output=True, timeout=30,
                        preexec_fn=lambda: os.close(0))  # fmt: skip
     assert p.returncode == 1 and json.loads(p.stdout)["code"] == 6  # no config: unexpected end of JSON input
@@ -436,10 +439,12 @@ def test_unknown_command_without_container_id_is_code_4(bed: Bed) -> None:
     assert json.loads(out.getvalue())["code"] == 6
 
 
-def test_unreadable_stdin_is_code_5_and_closed_stdin_is_empty(bed: Bed, flannel_exe: Path, tmp_path: Path) -> None:
+def test_unreadable_stdin_is_code_5_and_closed_stdin_is_empty(bed: Bed, tmp_path: Path) -> None:
     """skel: io.ReadAll(os.Stdin) failing is code 5 with the *PathError; a closed fd 0 is reopened on /dev/null by
-    Go's runtime (checkfds, Go 1.22+), so it reads as empty stdin: code 6, unexpected end of JSON input."""
+    Go's runtime (checkfds, Go 1.22+), so it reads as empty stdin: code 6, unexpected end of JSON input. (The
+    client hands both to the standalone plugin, served or not: the served mode's connection ends unsent.)"""
     env = {k.encode(): v.encode() for k, v in bed.env("ADD").items()}
+    flannel_exe = bed.standalone_exe
     with open(tmp_path / "w", "wb") as w:  # fd 0 open write-only: read(2) fails with EBADF
         p = subprocess.run([str(flannel_exe)], stdin=w, env=env, capture_output=True, timeout=30, cwd="/")
     e = json.loads(p.stdout)

@@ -1,10 +1,11 @@
 """Subprocess fuzz of the plugin executable (issue 11): what a runtime could hand it, as bytes.
 
-Each run execs the launcher setup.sh installs as .venv/bin/flannel (a fresh copy in a temporary directory when
-the venv has none) with fuzzed env bytes, stdin bytes and subnet.env bytes, in a temporary root of its own
-whose only delegates are fake shell scripts (no real plugin runs: nothing touches a namespace). Each process
-is bounded: address space (the report's unbounded read was OOM-killed at ~24 GB), CPU time, file size, and
-a wall-clock timeout.
+Each run execs the `flannel` executable as setup.sh installs it (a fresh copy in a temporary directory: the C
+client, with no agent at its socket, handing each call to the standalone plugin beside it; the served path's
+differential fuzz is in tests/test_cni_server.py) with fuzzed env bytes, stdin bytes and subnet.env bytes, in
+a temporary root of its own whose only delegates are fake shell scripts (no real plugin runs: nothing touches
+a namespace). Each process is bounded: address space (the report's unbounded read was OOM-killed at ~24 GB),
+CPU time, file size, and a wall-clock timeout.
 
 The oracle: exit status 0 or 1; on 1, CNI error JSON on stdout (valid UTF-8, a documented code, never the
 plugin's last-resort "internal error"); never a traceback on stderr; nothing written in the root outside
@@ -21,7 +22,6 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,9 +49,6 @@ def _limits() -> None:
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    venv = Path(sys.prefix) / "bin" / "flannel"
-    if venv.is_file() and venv.read_text(errors="replace").startswith("#!") and " -IS" in venv.read_text()[:200]:
-        return venv
     dest = tmp_path_factory.mktemp("exe") / "flannel"
     install(dest)
     return dest
@@ -189,6 +186,7 @@ def base_env(root: Root) -> dict[bytes, bytes]:
         b"FAKE_DIR": str(root.fake).encode(),
         b"FAKE_VERSIONS": b'"0.3.1","1.0.0","1.1.0"',
         b"PATH": b"/usr/sbin:/usr/bin:/sbin:/bin",
+        b"FLANNEL_CNI_SOCKET": str(root.path / "no-agent.sock").encode(),
     }
 
 

@@ -2,6 +2,11 @@
 
 The delegate here is a small shell script that records what it was given, so these tests need no root;
 tests/test_cni_netns.py runs the same plugin with Debian's real bridge/host-local/portmap.
+
+Every test with a `bed` runs three ways (MODES): the plugin in-process (plugin.run), and the `flannel` client
+(pyflannel/cni/launcher.c) served by a CNI server process (pyflannel/cniserver.py) or falling back to the
+standalone plugin because no server listens. The same expectations hold for all three: same results, stored
+files and error JSON. A served call that falls back instead trips the test (its standalone plugin is a stub).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ import pytest
 
 from pyflannel.cni import _fastjson, plugin
 from pyflannel.cni import conf as cniconf
+from pyflannel.cni.launcher import STANDALONE_SUFFIX, build_client, install
 
 IPV4_ENV = "\nFLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.17.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
 IPV6_ENV = "\nFLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00::1/64\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n"
@@ -46,10 +54,80 @@ esac
 """
 
 
-class Bed:
-    """A CNI_PATH with fake bridge/ipvlan delegates, a subnet.env and a dataDir, all in tmp_path."""
+MODES = ("inproc", "served", "fallback")
+# The exit status of the served client's stand-in for the standalone plugin: no test expects it.
+TRIPWIRE = 97
+TRIPWIRE_SCRIPT = f"""#!/bin/sh
+echo "flannel: a served call fell back to the standalone plugin" >&2
+echo TRIPWIRE
+exit {TRIPWIRE}
+"""
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no CNI server on {path}:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+
+
+class CniPaths:
+    """What the client modes use, made once per session: `served`, a client of a CNI server process (cwd /, as
+    the clients the tests run) whose standalone plugin is a tripwire; `fallback`, a client whose socket does not
+    exist, with the real standalone plugin (`launcher`, which the in-process mode runs as its executable)."""
 
     def __init__(self, tmp: Path) -> None:
+        self.fallback = tmp / "fallback" / "flannel"
+        self.fallback.parent.mkdir()
+        install(self.fallback)
+        self.launcher = self.fallback.with_name("flannel" + STANDALONE_SUFFIX)
+        self.served = tmp / "served" / "flannel"
+        self.served.parent.mkdir()
+        build_client(self.served)
+        tripwire = self.served.with_name("flannel" + STANDALONE_SUFFIX)
+        tripwire.write_text(TRIPWIRE_SCRIPT)
+        tripwire.chmod(0o755)
+        self.socket = tmp / "srv" / "cni.sock"
+        self.log = tmp / "server.log"
+        with open(self.log, "wb") as log:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "pyflannel.cniserver", "--socket", str(self.socket)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd="/",
+            )  # fmt: skip
+        try:
+            wait_socket(self.socket, self.server, self.log)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def cni_paths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CniPaths]:
+    paths = CniPaths(tmp_path_factory.mktemp("cni-paths"))
+    try:
+        yield paths
+    finally:
+        paths.close()
+
+
+class Bed:
+    """A CNI_PATH with fake bridge/ipvlan delegates, a subnet.env and a dataDir, all in tmp_path; `mode` (one of
+    MODES) is how run() runs the plugin."""
+
+    def __init__(self, tmp: Path, mode: str = "inproc", paths: CniPaths | None = None) -> None:
+        assert mode == "inproc" or paths is not None, mode
+        self.mode = mode
+        self.paths = paths
         self.tmp = tmp
         self.bin = tmp / "bin"
         self.bin.mkdir()
@@ -76,6 +154,25 @@ class Bed:
         c.update(extra)
         return c
 
+    @property
+    def socket(self) -> str:
+        """FLANNEL_CNI_SOCKET: the session's server when served, else a path where nothing listens (never the
+        machine's default, where a real agent may serve)."""
+        return str(self.paths.socket if self.mode == "served" and self.paths else self.tmp / "no-agent" / "cni.sock")
+
+    @property
+    def exe(self) -> Path:
+        """The executable this mode runs: the client (served or not), or the standalone plugin's launcher."""
+        assert self.paths is not None, "a Bed with CniPaths"
+        return {"inproc": self.paths.launcher, "served": self.paths.served, "fallback": self.paths.fallback}[self.mode]
+
+    @property
+    def standalone_exe(self) -> Path:
+        """Like `exe`, but for what the client hands to the standalone plugin by design (a closed standard
+        descriptor, unreadable stdin) even when served: its standalone plugin is the real one."""
+        assert self.paths is not None, "a Bed with CniPaths"
+        return self.paths.launcher if self.mode == "inproc" else self.paths.fallback
+
     def env(self, command: str, **over: str) -> dict[str, str]:
         e = {
             "CNI_COMMAND": command,
@@ -86,16 +183,27 @@ class Bed:
             "FAKE_DIR": str(self.fake),
             "FAKE_VERSIONS": self.versions,
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "FLANNEL_CNI_SOCKET": self.socket,
         }
         e.update(over)
         return {k: v for k, v in e.items() if v != "<unset>"}
 
     def run(self, command: str, conf: dict[str, Any] | bytes | None, **over: str) -> tuple[int, Any, str]:
         data = conf if isinstance(conf, bytes) else b"" if conf is None else json.dumps(conf).encode()
-        out, err = io.BytesIO(), io.StringIO()
-        rc = plugin.run(self.env(command, **over), io.BytesIO(data), out, err)
-        raw = out.getvalue()
-        return rc, (json.loads(raw) if raw.strip() else None), err.getvalue()
+        if self.mode == "inproc":
+            out, err = io.BytesIO(), io.StringIO()
+            rc = plugin.run(self.env(command, **over), io.BytesIO(data), out, err)
+            raw, text = out.getvalue(), err.getvalue()
+        else:
+            rc, raw, errb = self.exec(self.env(command, **over), data)
+            text = errb.decode("utf-8", "surrogateescape")
+        return rc, (json.loads(raw) if raw.strip() else None), text
+
+    def exec(self, env: dict[str, str] | dict[bytes, bytes], stdin: bytes) -> tuple[int, bytes, bytes]:
+        """This mode's executable with `env` and `stdin`, from / (as the CNI server runs): (rc, stdout, stderr)."""
+        p = subprocess.run([str(self.exe)], input=stdin, env=env, capture_output=True, timeout=60, cwd="/")
+        assert p.returncode != TRIPWIRE, p.stderr.decode(errors="replace")
+        return p.returncode, p.stdout, p.stderr
 
     def calls(self) -> list[str]:
         p = self.fake / "calls"
@@ -108,9 +216,9 @@ class Bed:
         return self.data_dir / cid
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Bed:
-    return Bed(tmp_path)
+@pytest.fixture(params=MODES)
+def bed(request: pytest.FixtureRequest, tmp_path: Path, cni_paths: CniPaths) -> Bed:
+    return Bed(tmp_path, request.param, cni_paths)
 
 
 # ---- upstream vectors -------------------------------------------------------------------------------------
