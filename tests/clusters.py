@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ def build_cluster(
     network: str = "10.244.0.0/16",
     extra_args: tuple[str, ...] = ("--reconcile-interval=300",),
     pods: bool = True,
+    before_start: Callable[[Node], None] | None = None,
 ) -> Iterator[Cluster]:
-    """A module fixture's body: yields the ready cluster, removes everything afterwards."""
+    """A module fixture's body: yields the ready cluster, removes everything afterwards. `before_start(node)`
+    runs on each node namespace before its agent starts (to look at the kernel before the agent touches it)."""
     need(tools=("ip", "etcd", "etcdctl"))
     scope = netns.RunScope(tag=tag)
     try:
@@ -41,6 +43,8 @@ def build_cluster(
         for name in nodes:
             node = tb.add_node(name)
             node.extra_args = extra_args
+            if before_start is not None:
+                before_start(node)
             tb.start_agent(node)
         for node in tb.nodes.values():
             cl.env[node.name] = tb.wait_ready(node)
