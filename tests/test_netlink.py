@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_network
@@ -535,3 +536,30 @@ def test_create_wireguard(scope: RunScope) -> None:
         await nl.delete_link(wg.index)
 
     in_ns(a, go)
+
+
+AGENT_WAY = """
+import asyncio, sys
+from ipaddress import IPv4Address, IPv4Interface
+from pyflannel.netlink import Netlink
+
+async def main():
+    async with Netlink() as nl:  # the namespace the process is in, as the agent opens it
+        eth = await nl.link_by_name("eth0")
+        vx = await nl.create_vxlan("flannel.7", vni=7, local=IPv4Address("192.168.0.1"), dev_index=eth.index)
+        await nl.set_up(vx.index)
+        await nl.add_address(vx.index, IPv4Interface("10.7.0.0/32"))
+        await nl.links_with_addresses()
+        await nl.route_get_index(IPv4Address("192.168.3.3"))
+        await nl.default_route()
+asyncio.run(main())
+print(sorted(m for m in sys.modules if m.startswith("pyroute2")))
+"""
+
+
+def test_agent_netlink_needs_no_pyroute2(scope: RunScope) -> None:
+    # Every kind of request the agent makes, from inside the namespace, with pyroute2 never imported (~10 MB).
+    a, _ = two_ns(scope)
+    out = run(["ip", "netns", "exec", a, sys.executable, "-c", AGENT_WAY])
+    assert out.strip() == "[]"
+    assert "10.7.0.0/32" in run(["ip", "-n", a, "addr", "show", "flannel.7"])
