@@ -54,6 +54,10 @@ def test_no_link_route_or_address_is_added(cluster: Cluster) -> None:
     nodes = list(cluster.tb.nodes.values())
     for node, peer in zip(nodes, nodes[::-1], strict=True):
         # The agent has seen its peer's lease and still programmed nothing.
-        assert netns.wait_for(lambda n=node, p=peer: cluster.subnet(p) in n.log_file.read_text(), timeout=20)
+        def seen(n: Node = node, p: Node = peer) -> bool:
+            text = n.log_file.read_text()
+            return f"added peer {cluster.subnet(p)}" in text or "synced 1 peer leases" in text
+
+        assert netns.wait_for(seen, timeout=20)
         assert node.proc is not None and node.proc.poll() is None
         assert _kernel(node.ns) == BEFORE[node.name]
