@@ -4,6 +4,10 @@ Every plugin runs inside a node namespace (`ip netns exec NODE`), so cni0, the v
 rules live there; state directories (flannel's dataDir, host-local's dataDir, the runtime cache) live in
 the scope's temp dir. Assertions read the kernel (`ip -n`, `iptables -S` inside the node), the files
 host-local keeps, and packets that cross (ping, a TCP hostPort connection from another node).
+
+`node1` runs each test twice: its `flannel` client served by a CNI server in the node namespace (a call that
+falls back trips the test), and falling back to the standalone plugin (no server); the flanneld test's clients
+are served by the agents themselves.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from typing import Any
 
 import pytest
 from needs import need
+from test_cni_plugin import TRIPWIRE_SCRIPT, wait_socket
 
 from pyflannel.cni.driver import CNIError, Driver, RuntimeConf, kube_flannel_conflist
+from pyflannel.cni.launcher import STANDALONE_SUFFIX, build_client
 from pyflannel.cni.launcher import install as install_launcher
 from pyflannel.lab import netns
 from pyflannel.lab.netns import RunScope, ns_exec, run
@@ -36,14 +42,30 @@ def _need_plugins() -> None:
     need(files=[REF_PLUGINS / p for p in ("bridge", "host-local", "portmap", "loopback")])
 
 
-def flannel_bin_dir(tmp: Path) -> Path:
-    """A CNI bin dir holding `flannel`: the fast launcher of this interpreter's pyflannel (see cni.launcher)."""
-    d = tmp / "cni-bin"
+def flannel_bin_dir(tmp: Path, served: bool = False) -> Path:
+    """A CNI bin dir holding `flannel`: the client and the standalone plugin's launcher of this interpreter's
+    pyflannel (see cni.launcher); for `served` nodes a tripwire in the standalone plugin's place."""
+    d = tmp / ("cni-bin-served" if served else "cni-bin")
     d.mkdir(exist_ok=True)
     target = d / "flannel"
     if not target.exists():
-        install_launcher(target)
+        if served:
+            build_client(target)
+            tripwire = d / ("flannel" + STANDALONE_SUFFIX)
+            tripwire.write_text(TRIPWIRE_SCRIPT)
+            tripwire.chmod(0o755)
+        else:
+            install_launcher(target)
     return d
+
+
+def start_cni_server(scope: RunScope, ns: str, sock: Path) -> Path:
+    """A CNI server (no agent) in namespace `ns`, as flanneld serves its node."""
+    log = sock.parent.parent / f"{sock.parent.name}.log"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    proc = scope.spawn(ns, [sys.executable, "-m", "pyflannel.cniserver", "--socket", str(sock)], log=log)
+    wait_socket(sock, proc, log)
+    return sock
 
 
 class CniNode:
@@ -58,7 +80,9 @@ class CniNode:
         ns: str | None = None,
         subnet_file: Path | None = None,
         version: str = "0.3.1",
+        socket: Path | None = None,
     ) -> None:
+        """`socket`: a CNI server's, which must serve every call; None: no server (the standalone plugin)."""
         self.scope = scope
         self.name = name
         self.ns = ns or scope.add_ns(name)
@@ -79,10 +103,12 @@ class CniNode:
             data_dir=str(self.data_dir),
             ipam_data_dir=str(self.ipam_dir),
         )
+        self.served = socket is not None
         self.driver = Driver(
-            [flannel_bin_dir(scope.tmpdir), REF_PLUGINS],
+            [flannel_bin_dir(scope.tmpdir, self.served), REF_PLUGINS],
             self.dir / "cache",
             exec_prefix=["ip", "netns", "exec", self.ns],
+            env={**os.environ, "FLANNEL_CNI_SOCKET": str(socket or self.dir / "no-agent.sock")},
         )
 
     def pod(self, short: str, **caps: Any) -> tuple[str, RuntimeConf]:
@@ -131,10 +157,14 @@ def wait_ping(ns: str, dst: str, timeout: float = 15) -> bool:
     return False
 
 
-@pytest.fixture
-def node1(scope: RunScope) -> CniNode:
+@pytest.fixture(params=["served", "fallback"])
+def node1(request: pytest.FixtureRequest, scope: RunScope) -> CniNode:
     _need_plugins()
-    return CniNode(scope, "n1", "10.244.1.0/24")
+    if request.param == "fallback":
+        return CniNode(scope, "n1", "10.244.1.0/24")
+    ns = scope.add_ns("n1")
+    sock = start_cni_server(scope, ns, scope.tmpdir / "srv-n1" / "cni.sock")
+    return CniNode(scope, "n1", "10.244.1.0/24", ns=ns, socket=sock)
 
 
 def test_pods_get_ips_reach_bridge_and_del_releases(scope: RunScope, node1: CniNode) -> None:
@@ -315,7 +345,8 @@ def test_pods_across_flanneld_nodes(scope: RunScope) -> None:
     pods: list[tuple[CniNode, str, RuntimeConf, str]] = []
     for n in nodes:
         env = tb.wait_ready(n)
-        cn = CniNode(scope, n.name, str(env.subnet), ns=n.ns, subnet_file=n.subnet_file)
+        # Served by the node's agent (its socket is beside its subnet.env): a fallback trips the test.
+        cn = CniNode(scope, n.name, str(env.subnet), ns=n.ns, subnet_file=n.subnet_file, socket=n.dir / "cni.sock")
         ns, rt = cn.pod("p")
         ip = cn.add(rt)
         assert ipaddress.ip_address(ip) in env.subnet

@@ -33,8 +33,9 @@ REF_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 
 def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, dict[str, Any]]:
     """A node's CNI runtime: kube-flannel's conflist with every data dir under `node_dir` (never /var/lib/cni),
-    the `flannel` launcher in `bin_root`/cni-bin, and the plugins exec'd inside the node namespace, where the
-    bridge and portmap plugins make their links and rules."""
+    the `flannel` client in `bin_root`/cni-bin, and the plugins exec'd inside the node namespace, where the
+    bridge and portmap plugins make their links and rules. The client asks the node's agent (its CNI socket is
+    beside its subnet.env, so `node_dir`/cni.sock) and runs the standalone plugin while none serves."""
     bin_dir = bin_root / "cni-bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     if not (bin_dir / "flannel").exists():
@@ -44,7 +45,12 @@ def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, d
         data_dir=str(node_dir / "cni" / "flannel"),
         ipam_data_dir=str(node_dir / "cni" / "ipam"),
     )
-    driver = Driver([bin_dir, REF_PLUGINS], node_dir / "cni" / "cache", exec_prefix=["ip", "netns", "exec", node_ns])
+    driver = Driver(
+        [bin_dir, REF_PLUGINS],
+        node_dir / "cni" / "cache",
+        exec_prefix=["ip", "netns", "exec", node_ns],
+        env={**os.environ, "FLANNEL_CNI_SOCKET": str(node_dir / "cni.sock")},
+    )
     return driver, conflist
 
 
