@@ -30,6 +30,7 @@ def build_cluster(
     extra_args: tuple[str, ...] = ("--reconcile-interval=300",),
     pods: bool = True,
     before_start: Callable[[Node], None] | None = None,
+    agent_env: Callable[[Node], dict[str, str]] | None = None,
 ) -> Iterator[Cluster]:
     """A module fixture's body: yields the ready cluster, removes everything afterwards. `before_start(node)`
     runs on each node namespace before its agent starts (to look at the kernel before the agent touches it)."""
@@ -45,7 +46,7 @@ def build_cluster(
             node.extra_args = extra_args
             if before_start is not None:
                 before_start(node)
-            tb.start_agent(node)
+            tb.start_agent(node, env=agent_env(node) if agent_env else None)
         for node in tb.nodes.values():
             cl.env[node.name] = tb.wait_ready(node)
             if pods:
