@@ -19,13 +19,8 @@ HOSTILE = "q'u\"o $(touch {m}/dollar) `touch {m}/tick`; touch {m}/semi && touch 
 def main() -> None:
     kind = sys.argv[1]
     out = os.environ["EXT_RECORD_DIR"]
-    rec = {
-        "kind": kind,
-        "argv": sys.argv[1:],
-        "stdin": sys.stdin.read(),
-        "env": {k: os.environ.get(k) for k in ("SUBNET", "PUBLIC_IP", "NETWORK")},
-        "pid": os.getpid(),
-    }
+    env = {k: os.environ.get(k, "") for k in ("SUBNET", "PUBLIC_IP", "NETWORK")}
+    rec = {"kind": kind, "argv": sys.argv[1:], "stdin": sys.stdin.read(), "env": env, "pid": os.getpid()}
     path = os.path.join(out, f"{kind}-{time.monotonic_ns()}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(rec, f)
@@ -33,7 +28,7 @@ def main() -> None:
     if kind == "pre":
         print(HOSTILE.format(m=os.path.join(out, "markers")))
     elif kind == "add":
-        subprocess.run(["ip", "route", "replace", rec["env"]["SUBNET"], "via", rec["env"]["PUBLIC_IP"], "dev", "eth0"],
+        subprocess.run(["ip", "route", "replace", env["SUBNET"], "via", env["PUBLIC_IP"], "dev", "eth0"],
                        check=True)  # fmt: skip
     elif kind == "remove" and "--hang" in sys.argv:
         time.sleep(1000)

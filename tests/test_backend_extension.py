@@ -12,8 +12,10 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Coroutine
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -30,7 +32,10 @@ REPORT = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'stdin':
 HOSTILE = "a'b\"c $(touch {m}/dollar) `touch {m}/tick`; touch {m}/semi && touch {m}/and | touch {m}/pipe \\ $HOME"
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 

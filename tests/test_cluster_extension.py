@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clusters import build_cluster
@@ -35,7 +36,7 @@ def _record_dir(node: Node) -> Path:
     return d
 
 
-def _records(node: Node, kind: str) -> list[dict[str, object]]:
+def _records(node: Node, kind: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(_record_dir(node).glob(f"{kind}-*.json"))]
 
 
@@ -79,11 +80,11 @@ def test_startup_commands_and_lease(cluster: Cluster) -> None:
 def test_peer_commands_get_the_peers_backend_data_on_stdin_and_its_subnet_in_env(cluster: Cluster) -> None:
     tb = cluster.tb
     n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
-    adds = [r for r in _records(n1, "add") if r["env"]["SUBNET"] == cluster.subnet(n2)]  # type: ignore[index]
+    adds = [r for r in _records(n1, "add") if r["env"]["SUBNET"] == cluster.subnet(n2)]
     assert adds, _records(n1, "add")
     rec = adds[0]
     assert rec["argv"] == ["add", "two words"]
-    assert rec["env"]["PUBLIC_IP"] == n2.ip  # type: ignore[index]
+    assert rec["env"]["PUBLIC_IP"] == n2.ip
     # n2's BackendData (its hostile PreStartupCommand output) arrived as bytes on stdin, nothing more.
     assert rec["stdin"] == HOSTILE.format(m=_record_dir(n2) / "markers") + "\n"
     for node in tb.nodes.values():
@@ -96,10 +97,14 @@ def test_hostile_backend_data_of_a_written_lease_is_only_data(cluster: Cluster, 
     value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "extension", "BackendData": hostile}
     tb.etcdctl("put", f"{tb.prefix}/subnets/{_fake_key(FAKE)}", "--", json.dumps(value))
     for node in tb.nodes.values():
-        assert netns.wait_for(lambda n=node: any(r["env"]["SUBNET"] == FAKE for r in _records(n, "add")), timeout=20)
+
+        def added(n: Node = node) -> bool:
+            return any(r["env"]["SUBNET"] == FAKE for r in _records(n, "add"))
+
+        assert netns.wait_for(added, timeout=20)
         rec = next(r for r in _records(node, "add") if r["env"]["SUBNET"] == FAKE)
         assert rec["stdin"] == hostile + "\n"
-        assert rec["env"]["PUBLIC_IP"] == FAKE_IP  # type: ignore[index]
+        assert rec["env"]["PUBLIC_IP"] == FAKE_IP
     assert list(tmp_path.iterdir()) == []
 
 
@@ -110,7 +115,7 @@ def test_a_hung_command_is_killed_at_its_bound_and_the_agent_goes_on(cluster: Cl
     assert netns.wait_for(lambda: any(r["env"]["SUBNET"] == FAKE for r in _records(n1, "remove")), timeout=20)
     hung = next(r for r in _records(n1, "remove") if r["env"]["SUBNET"] == FAKE)
     assert netns.wait_for(lambda: "killed after its time limit" in n1.log_file.read_text(), timeout=TIMEOUT + 20)
-    assert not netns.pid_alive(int(hung["pid"]))  # type: ignore[call-overload]
+    assert not netns.pid_alive(int(hung["pid"]))
     # Still following leases: the next peer gets its command.
     nxt = "10.244.201.0/24"
     value = {"PublicIP": FAKE_IP, "PublicIPv6": None, "BackendType": "extension", "BackendData": "ok"}

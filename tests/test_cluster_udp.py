@@ -15,7 +15,7 @@ import re
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from clusters import build_cluster, logged_counters, pcap_ipv4, py_in, py_spawn, restart
@@ -219,7 +219,7 @@ def test_datagrams_without_a_lease_or_not_a_whole_ipv4_packet_are_dropped_and_co
     assert tb.wait_ping(n1.pods[0].ns, pod.ip)
 
 
-def test_restart_gap_is_measured(cluster: Cluster, record_property: pytest.RecordProperty) -> None:
+def test_restart_gap_is_measured(cluster: Cluster, record_property: Callable[[str, object], None]) -> None:
     """Reported, not asserted (timing belongs to bench/): only that traffic resumes after the restart."""
     tb = cluster.tb
     n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
