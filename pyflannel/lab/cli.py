@@ -1,6 +1,7 @@
 """flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
 
-flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip] [--pods-per-node K] [--[no-]ip-masq] [--network CIDR]
+flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|alloc|extension] [--pods-per-node K]
+               [--[no-]ip-masq] [--network CIDR]
 flannel-lab status [--json] | check | show NODE | trace SRC_POD DST_POD | exec POD|NODE -- CMD...
 flannel-lab add-node | remove-node NAME | restart-agent NAME | diagram [-o FILE.svg|png] | down
 """
@@ -39,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="bring up a cluster; returns when it is ready")
     u.add_argument("--nodes", type=int, default=3)
-    u.add_argument("--backend", default="vxlan", help="vxlan, host-gw or ipip (default vxlan)")
+    u.add_argument(
+        "--backend",
+        default="vxlan",
+        help="vxlan, host-gw, ipip, udp, alloc or extension (an example that makes host-gw routes with ip route); "
+        "default vxlan",
+    )
     u.add_argument("--pods-per-node", type=int, default=2)
     # On by default as kube-flannel runs it: flanneld masquerades only what leaves the pod network, so pods see
     # each other's real addresses (with it off, the bridge plugin SNATs everything leaving the node's subnet).

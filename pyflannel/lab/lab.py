@@ -321,7 +321,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         st.etcd_pid = scope.procs[-1].pid
         st.save()
         say(f"etcd {tb.endpoint} in {tb.etcd_ns}")
-        conf: dict[str, Any] = {"Network": opts.network, "Backend": {"Type": opts.backend}}
+        conf: dict[str, Any] = {"Network": opts.network, "Backend": backend_conf(opts.backend)}
         if opts.nftables:
             conf["EnableNFTables"] = True
         tb.put_config(conf)
@@ -335,8 +335,11 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
             lab._wait_ready(node)
         for ns, node in made:
             lab._add_pods(ns, node, opts.pods_per_node)
-        say("checking pod-to-pod connectivity")
-        lab.wait_connected()
+        if opts.backend == "alloc":
+            say("alloc programs no data plane: pods on different nodes reach each other only if you route them")
+        else:
+            say("checking pod-to-pod connectivity")
+            lab.wait_connected()
         st.status = "ready"
         st.save()
         return lab
@@ -348,6 +351,22 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         if isinstance(e, (NetnsError, CNIError)):
             raise LabError(f"{e}\nlab not started; everything it made was removed") from None
         raise
+
+
+# The extension backend's example: host-gw style routes made by `ip route`. The shell is the command's own
+# choice (flanneld runs none): lease values reach it only as the variables $SUBNET and $PUBLIC_IP.
+EXTENSION_EXAMPLE = {
+    "SubnetAddCommand": """sh -c 'ip route replace "$SUBNET" via "$PUBLIC_IP" dev eth0'""",
+    "SubnetRemoveCommand": """sh -c 'ip route del "$SUBNET" via "$PUBLIC_IP" dev eth0'""",
+}
+
+
+def backend_conf(backend: str) -> dict[str, Any]:
+    """net-conf.json's Backend for `up --backend`."""
+    conf: dict[str, Any] = {"Type": backend}
+    if backend == "extension":
+        conf.update(EXTENSION_EXAMPLE)
+    return conf
 
 
 # Backends that need a kernel module this lab cannot assume (a stripped kernel may lack it).

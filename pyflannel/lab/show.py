@@ -20,6 +20,8 @@ from .state import LabError, NodeState, PodState
 
 VXLAN_PORT = 8472
 IPIP_DEV = "flannel.ipip"
+UDP_DEV = "flannel0"
+UDP_PORT = 8285
 
 
 def sh(ns: str, *cmd: str) -> str:
@@ -130,6 +132,21 @@ def show_node(lab: Lab, name: str) -> str:
                 f"{IPIP_DEV} (the IP-in-IP tunnel: local = this node's underlay IP, remote any)",
                 f"ip -d link show {IPIP_DEV}",
                 sh(ns, "ip", "-d", "addr", "show", IPIP_DEV),
+            )
+        )
+    elif lab.st.options.backend == "udp":
+        parts.append(
+            _section(
+                f"{UDP_DEV} (TUN: what the kernel routes there, flanneld reads and sends as UDP {UDP_PORT})",
+                f"ip -d addr show {UDP_DEV}; ip route show dev {UDP_DEV}",
+                sh(ns, "ip", "-d", "addr", "show", UDP_DEV) + "\n" + sh(ns, "ip", "route", "show", "dev", UDP_DEV),
+            )
+        )
+        parts.append(
+            _section(
+                "flanneld's UDP socket (the userspace hop)",
+                f"ss -uanp 'sport = :{UDP_PORT}'",
+                sh(ns, "ss", "-uanp", f"sport = :{UDP_PORT}"),
             )
         )
     else:
@@ -292,6 +309,8 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
                 f"flannel.1 address {_mac(dn.netns, 'flannel.1')}",
             )
         )
+    elif lab.st.options.backend == "udp" and rg.get("dev") == UDP_DEV:
+        hops += _udp_hops(lab, sn, dn, dst)
     elif lab.st.options.backend == "ipip" and rg.get("dev") == IPIP_DEV:
         gw = str(rg.get("gateway", ""))
         link = sh(sn.netns, "ip", "-d", "link", "show", IPIP_DEV).splitlines()
@@ -357,6 +376,36 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
     return hops, sn, dn
 
 
+def _udp_hops(lab: Lab, sn: NodeState, dn: NodeState, dst: PodState) -> list[Hop]:
+    """The udp backend's path: into flannel0, up to flanneld, out as UDP, and the same in reverse."""
+    peer_subnet = lab.subnet_of(dn)
+    sock = f"ss -uanp 'sport = :{UDP_PORT}'"
+    return [
+        Hop(
+            f"node {sn.name}",
+            f"{UDP_DEV} is a TUN device: the kernel queues the packet for the process holding it, flanneld",
+            f"ip -d link show {UDP_DEV}",
+            next(
+                (x.strip() for x in sh(sn.netns, "ip", "-d", "link", "show", UDP_DEV).splitlines() if "tun" in x), "?"
+            ),
+        ),
+        Hop(
+            f"flanneld on {sn.name} (userspace)",
+            f"reads the packet, finds the lease whose subnet holds {dst.ip} and sends the packet, as it is, as "
+            f"one UDP datagram to that node's PublicIP:{UDP_PORT} from its own socket",
+            f"etcdctl get <prefix>/subnets/{(peer_subnet or '?').replace('/', '-')}; {sock}",
+            f"{lease_text(lab, peer_subnet)}\n{sh(sn.netns, 'ss', '-uanp', f'sport = :{UDP_PORT}')}",
+        ),
+        Hop(
+            f"flanneld on {dn.name} (userspace)",
+            f"receives UDP {UDP_PORT} from {sn.ip} (a node that holds a lease; others are dropped) and writes the "
+            f"payload to its {UDP_DEV}, where the kernel takes it as a packet received on that device",
+            sock,
+            sh(dn.netns, "ss", "-uanp", f"sport = :{UDP_PORT}"),
+        ),
+    ]
+
+
 def capture(lab: Lab, src_name: str, dst_name: str, timeout: float = 8.0) -> tuple[str, str]:
     """Send one ping and capture it on the source node's underlay port; return (command, tcpdump output)."""
     src, dst = lab.st.pod(src_name), lab.st.pod(dst_name)
@@ -365,6 +414,9 @@ def capture(lab: Lab, src_name: str, dst_name: str, timeout: float = 8.0) -> tup
         filt = ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
     elif lab.st.options.backend == "ipip":
         filt = ["ip", "proto", "4"]  # tcpdump prints the outer and the inner IPv4 header
+    elif lab.st.options.backend == "udp":
+        # tcpdump does not decode the payload: -X shows it starts with the inner IPv4 header (45 00 ...).
+        filt = ["-X", "udp", "port", str(UDP_PORT)]
     else:
         filt = ["icmp", "and", "host", src.ip]
     cmd = ["tcpdump", "-i", port, "-n", "-e", "-vv", "-l", "-c", "2", *filt]
@@ -403,6 +455,7 @@ def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True) -> str:
         "",
     ]
     lines += [h.render(i) for i, h in enumerate(hops, 1)]
+    decoded = lab.st.options.backend != "udp"  # tcpdump shows udp's inner packet only as hex
     if do_capture and sn.name != dn.name:
         cmd, out = capture(lab, src, dst)
         lines += [
@@ -411,7 +464,12 @@ def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True) -> str:
             f"     [{cmd}]",
             _indent(out, "     "),
         ]
-    if do_capture and sn.name != dn.name and f"{s.ip} > " not in out and " > " in out:
+        if not decoded:
+            lines.append(
+                "     the UDP payload starts at byte 28 (0x001c, after the outer IPv4 and UDP headers) with 4500...: "
+                f"the pod's own IPv4 header, {s.ip} -> {d.ip} as hex further on unless SNATed"
+            )
+    if do_capture and decoded and sn.name != dn.name and f"{s.ip} > " not in out and " > " in out:
         lines.append(
             f"     note: the inner source is not {s.ip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
             f"show {sn.name}`): without --ip-masq the bridge plugin masquerades all that leaves the node's subnet; "
