@@ -58,6 +58,8 @@ _ANC_SPACE = socket.CMSG_SPACE(4)
 # Header bytes the segments of a mergeable run share (see Forwarder._deliver_runs), TCP options last.
 _RUN_BYTES = (0, 1, 2, 3, 6, 7, 8, 9, *range(12, 24), *range(28, 33), 34, 35, *range(40, 80))
 _RUN_FIXED = len(_RUN_BYTES) - 40
+_TAIL_BYTES = tuple(j for j in _RUN_BYTES if j not in (2, 3))  # a shorter last segment has its own length
+_TAIL_FIXED = len(_TAIL_BYTES) - 40
 _PLAIN_HDR = VNET_HDR.pack(0, VIRTIO_NET_HDR_GSO_NONE, 0, 0, 0, 0)  # a whole packet, checksums complete
 
 
@@ -469,10 +471,27 @@ class Forwarder:
             if m < 2:
                 return off
             run = [mv[o : o + mss] for o in range(off + hlen, off + m * seg, seg)]
-            self._write_run(tun, off, hlen, mss, run, buf[off + (m - 1) * seg + 33] & 0x08)
+            psh = buf[off + (m - 1) * seg + 33] & 0x08
+            nbytes = m * seg
+            t = off + m * seg
+            # The batch's shorter last datagram joins when it continues the run (a TSO burst's tail).
+            if (
+                m == k
+                and not psh
+                and hlen < n - t < seg
+                and (buf[t + 2] << 8) | buf[t + 3] == n - t
+                and all(buf[t + j] == buf[off + j] for j in _TAIL_BYTES[: _TAIL_FIXED + hlen - 40])
+                and buf[t + 33] & 0xF7 == 0x10
+                and u32(buf, t + 24)[0] == (seq0 + m * mss) & 0xFFFFFFFF
+            ):
+                run.append(mv[t + hlen : n])
+                psh = buf[t + 33] & 0x08
+                nbytes += n - t
+                m += 1
+            self._write_run(tun, off, hlen, mss, run, psh)
             self.counters.udp_packets += m
-            self.counters.udp_bytes += m * seg
-            off += m * seg
+            self.counters.udp_bytes += nbytes
+            off += nbytes
 
     def _deliver_batch(self, tun: int, off: int, n: int, seg: int, addr: tuple[str, int]) -> tuple[int, int]:
         """Write a GRO batch of datagrams (each `seg` bytes, the last maybe shorter) to the TUN; (packets,
