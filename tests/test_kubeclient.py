@@ -187,3 +187,16 @@ def test_kube_mode_loads_no_http_library_and_yaml_only_for_a_yaml_kubeconfig(tmp
     assert not _modules_after(base + run.format(in_cluster)) & heavy
     assert not _modules_after(base + run.format(f"kubeconfig_file={str(json_cfg)!r}")) & heavy
     assert "yaml" in _modules_after(base + run.format(f"kubeconfig_file={str(yaml_cfg)!r}"))
+
+
+def test_a_server_that_never_answers_is_a_timeout_naming_the_server(kns: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async def body(client: KubeClient) -> None:
+        with pytest.raises(KubeClientError, match=r"GET /api/v1/nodes/a: no answer from the Kubernetes API at "
+                                                  r"http://127\.0\.0\.1:\d+ within 0\.3s"):  # fmt: skip
+            await client.get("/api/v1/nodes/a")
+
+    against(kns, handler, body, timeout=0.3)
