@@ -54,6 +54,7 @@ Python would decode it otherwise (a locale whose encoding is not UTF-8).
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import concurrent.futures
 import contextlib
@@ -154,9 +155,23 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def _recv_head(conn: socket.socket) -> tuple[bytes, list[int], int]:
+    """The first bytes and the descriptors that came with them, close-on-exec at once (the delegates of calls
+    running meanwhile must not inherit them; socket.recv_fds drops its flags). Room for two, so that a second
+    one is seen and refused; more are closed by the kernel (MSG_CTRUNC)."""
+    fds = array.array("i")
+    data, ancdata, flags, _ = conn.recvmsg(
+        REQUEST_HEAD.size, socket.CMSG_SPACE(2 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), flags
+
+
 def read_request(conn: socket.socket) -> Request:
     """One request from `conn` (in a worker thread, under the socket's timeout)."""
-    data, fds, flags, _ = socket.recv_fds(conn, REQUEST_HEAD.size, 1, socket.MSG_CMSG_CLOEXEC)
+    data, fds, flags = _recv_head(conn)
     try:
         if not data:
             raise ClientGone("the connection ended before a request")

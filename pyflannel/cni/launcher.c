@@ -213,8 +213,8 @@ static int env_add(size_t *used, uint32_t *count, const char *s) {
   return 0;
 }
 
-/* environ as Python's would be after a coercion: LC_ALL unset, the first LC_CTYPE replaced or one appended
- * (glibc's unsetenv and setenv, which Python calls). */
+/* environ as Python's would be after a coercion: the first LC_CTYPE replaced, or one appended (glibc's setenv,
+ * which Python calls). */
 static int env_pack(const char *coerce, size_t *used, uint32_t *count) {
   char ctype[32];
   int pending = 0;
@@ -224,7 +224,6 @@ static int env_pack(const char *coerce, size_t *used, uint32_t *count) {
   }
   for (char **e = environ; *e != NULL; e++) {
     const char *s = *e;
-    if (coerce != NULL && strncmp(s, "LC_ALL=", 7) == 0) continue;
     if (pending && strncmp(s, "LC_CTYPE=", 9) == 0) {
       s = ctype;
       pending = 0;
