@@ -152,7 +152,7 @@ class Agent:
             return False, self.ready_reason
         if self.traffic is not None and not self.traffic.ready:
             return False, f"traffic rules: {self.traffic.last_error}"
-        return True, ""
+        return True, self.backend.status() if self.backend is not None else ""
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0, data plane kept) or a fatal error (exit 1, one clear line)."""

@@ -48,7 +48,9 @@ class HealthServer:
                 status, body = "200 OK", "ok\n"
             elif path == "/readyz":
                 ok, why = self._ready()
-                status, body = ("200 OK", "ok\n") if ok else ("503 Service Unavailable", f"{why}\n")
+                # Ready: "ok", then the backend's status line if it has one (which WireGuard implementation).
+                ready = "ok\n" + (f"{why}\n" if why else "")
+                status, body = ("200 OK", ready) if ok else ("503 Service Unavailable", f"{why}\n")
             else:
                 status, body = "404 Not Found", "not found\n"
             data = body.encode()

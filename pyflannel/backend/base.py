@@ -84,6 +84,11 @@ class Backend(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    def status(self) -> str:
+        """One line for /readyz once the node is ready (e.g. which implementation carries the traffic); "" for
+        none. Never a secret."""
+        return ""
+
     def kernel_event_needs_repair(self, ev: KernelEvent) -> bool:
         """Whether a kernel change calls for a reconcile pass: an entry we programmed was deleted or replaced,
         our device went away, or an entry a pass would sweep appeared. Our own writes are announced too and must

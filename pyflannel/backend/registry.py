@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
     "udp": "udp",
     "alloc": "alloc",
     "extension": "extension",
+    "wireguard": "wireguard",
 }
 
 

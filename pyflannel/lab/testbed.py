@@ -317,7 +317,8 @@ class Testbed:
         """Start flanneld in the node's namespace; `env` entries override the inherited environment."""
         if node.proc is not None and node.proc.poll() is None:
             raise NetnsError(f"agent on {node.name} is already running")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each node keeps its own WireGuard key beside its subnet.env (the nodes share one filesystem).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WIREGUARD_KEY_FILE": str(node.dir / "wgkey"), **(env or {})}
         node.proc = self.scope.spawn(node.ns, self.agent_cmd(node, *extra), log=node.log_file, env=env)
         return node.proc
 

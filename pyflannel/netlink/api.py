@@ -46,6 +46,20 @@ from .codec import (
 )
 from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
 from .raw import RawRoute
+from .wireguard import (
+    GENL_ID_CTRL,
+    NETLINK_GENERIC,
+    WG_GENL_NAME,
+    DeviceAccumulator,
+    WgDevice,
+    WgUpdate,
+    decode_device_message,
+    decode_family_id,
+    encode_get_device,
+    encode_get_family,
+    encode_set_device,
+    renumber,
+)
 
 T = TypeVar("T")
 
@@ -60,6 +74,8 @@ class Netlink:
         self.netns = netns
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._raw: RawRoute | None = None
+        self._genl: RawRoute | None = None  # generic netlink (WireGuard), opened on first use
+        self._wg_family = 0
         self._monitors: set[KernelMonitor] = set()
 
     async def __aenter__(self) -> Netlink:
@@ -86,6 +102,9 @@ class Netlink:
         if self._raw is not None:
             self._raw.close()
             self._raw = None
+        if self._genl is not None:
+            self._genl.close()
+            self._genl = None
 
     async def close(self) -> None:
         for mon in list(self._monitors):
@@ -297,6 +316,62 @@ class Netlink:
 
     async def delete_fdb(self, entry: Fdb, *, missing_ok: bool = True) -> None:
         await self._one(Op.delete(entry), missing_ok)
+
+    # ------------------------------------------------------------ WireGuard (generic netlink)
+
+    def _wg_w(self) -> tuple[RawRoute, int]:
+        """The generic netlink socket and the id of the kernel's wireguard family (resolved once)."""
+        if self._genl is None:
+            try:
+                self._genl = RawRoute(self.netns, NETLINK_GENERIC)
+            except OSError as e:
+                why = f"cannot open generic netlink in netns {self.netns}: {e}"
+                raise NetlinkError(e.errno or errno.EIO, why) from e
+        if not self._wg_family:
+            fid = self._genl.get(
+                lambda seq: encode_get_family(seq, WG_GENL_NAME),
+                GENL_ID_CTRL,
+                decode_family_id,
+                "resolve the generic netlink family wireguard",
+                (errno.ENOENT,),
+            )
+            if fid is None:
+                why = "the kernel has no `wireguard` generic netlink family (modprobe wireguard)"
+                raise NetlinkError(errno.EOPNOTSUPP, why)
+            self._wg_family = fid
+        return self._genl, self._wg_family
+
+    def _wg_get_w(self, name: str) -> WgDevice:
+        sock, family = self._wg_w()
+        acc = DeviceAccumulator()
+
+        def request(seq: int) -> bytes:
+            nonlocal acc
+            acc = DeviceAccumulator()  # a dump the kernel reports interrupted is read again from the start
+            return encode_get_device(seq, family, name)
+
+        def fold(buf: bytes, a: int, b: int) -> None:
+            decode_device_message(buf, a, b, acc)
+
+        sock.dump_decoded(request, fold, f"wireguard get {name}")
+        return acc.device(name)
+
+    async def wireguard_device(self, name: str) -> WgDevice:
+        """`wg show NAME`: key, port and peers of a kernel WireGuard device (NetlinkError ENODEV if there is no
+        such device, EOPNOTSUPP if it is not a kernel WireGuard device or the kernel has none)."""
+        return await self._run(self._wg_get_w, name)
+
+    def _wg_set_w(self, name: str, update: WgUpdate) -> None:
+        sock, family = self._wg_w()
+        # What a failure names: never the keys (the update's repr redacts them, but say only what matters).
+        what = f"wireguard set {name} ({len(update.peers)} peers, {len(update.remove)} removals)"
+        for msg in encode_set_device(family, name, update):
+            sock.request(functools.partial(renumber, msg), what)
+
+    async def configure_wireguard(self, name: str, update: WgUpdate) -> None:
+        """`wg set NAME ...`: apply `update` to a kernel WireGuard device (large ones in several requests)."""
+        if update:
+            await self._run(self._wg_set_w, name, update)
 
     # ------------------------------------------------------------ interface selection
 

@@ -64,14 +64,14 @@ _TIMEOUT = 30.0
 T = TypeVar("T")
 
 
-def route_socket(netns: str | None) -> socket.socket:
+def route_socket(netns: str | None, proto: int = NETLINK_ROUTE) -> socket.socket:
     if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
     from pyroute2 import netns as pr_netns
 
     # flags=0: fail on a missing namespace instead of silently creating an empty one.
     sock: socket.socket = pr_netns.create_socket(
-        netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE, flags=0
+        netns=netns, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW, proto=proto, flags=0
     )
     return sock
 
@@ -84,10 +84,11 @@ def set_buf(sock: socket.socket, force: int, plain: int, size: int) -> None:
 
 
 class RawRoute:
-    """A NETLINK_ROUTE socket with batched requests and hand-decoded dumps. Not thread safe."""
+    """A NETLINK_ROUTE socket with batched requests and hand-decoded dumps. Not thread safe. With `proto`
+    NETLINK_GENERIC it carries generic netlink (WireGuard's family) through the same request/get/dump paths."""
 
-    def __init__(self, netns: str | None) -> None:
-        sock = route_socket(netns)
+    def __init__(self, netns: str | None, proto: int = NETLINK_ROUTE) -> None:
+        sock = route_socket(netns, proto)
         self.sock = sock
         for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
             set_buf(sock, force, plain, _SOCK_BUF)
@@ -239,6 +240,13 @@ class RawRoute:
             f"route get {target}",
             (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH),
         )
+
+    def dump_decoded(
+        self, request: Callable[[int], bytes], decode: Callable[[bytes, int, int], T | None], what: str
+    ) -> list[T]:
+        """A dump of any kind: `request(seq)` is sent (again, if the kernel reports the dump interrupted) and
+        `decode` is called on each reply's body."""
+        return self._dump(request, decode, what)
 
     def _dump(
         self, request: Callable[[int], bytes], decode: Callable[[bytes, int, int], T | None], what: str
