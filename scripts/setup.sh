@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump curl
           containernetworking-plugins procps librsvg2-bin
+          traceroute ipvsadm  # the lab: `exec POD -- traceroute`, `service add --mode ipvs` (ipvsadm -Ln)
           wireguard-go wireguard-tools  # the wireguard backend's userspace fallback; `wg` for tests and the lab
           python3.11 gcc libc6-dev patchelf file strace  # scripts/build-cni.sh and its test
           qemu-system-x86 linux-image-amd64 busybox-static)  # the stock-kernel VM pass (virtme-ng needs busybox)
