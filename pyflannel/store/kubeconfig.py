@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import ConfigError, cut, read_config_file
+from . import http
 
 log = logging.getLogger(__name__)
 
@@ -162,42 +163,12 @@ class TLSConfig:
 
 
 def load_cert_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
-    """ssl only loads a certificate and key from files: hand them over as memfds, which no other user can open,
-    and which vanish with their descriptors (a 0600 file in a private directory, removed at once, without)."""
-    with contextlib.ExitStack() as stack:
-        paths = []
-        for name, data in (("kube-client-cert", cert), ("kube-client-key", key)):
-            paths.append(_secret_path(stack, name, data))
-        try:
-            ctx.load_cert_chain(paths[0], paths[1])
-        except (ssl.SSLError, OSError) as e:
-            # Never the key itself: the reason from OpenSSL names no content.
-            why = e.strerror or e
-            raise KubeConfigError(f"the Kubernetes client certificate or key cannot be used: {why}") from None
-
-
-def _secret_path(stack: contextlib.ExitStack, name: str, data: bytes) -> str:
     try:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    except (AttributeError, OSError):
-        import tempfile
-
-        tmp = tempfile.mkdtemp(prefix="pyflannel-kube-")  # 0700
-        path = os.path.join(tmp, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        stack.callback(shutil.rmtree, tmp, True)
-        stack.callback(os.close, fd)
-        _write_all(fd, data)
-        return path
-    stack.callback(os.close, fd)
-    _write_all(fd, data)
-    return f"/proc/self/fd/{fd}"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+        http.load_cert_chain(ctx, cert, key)
+    except (ssl.SSLError, OSError) as e:
+        # Never the key itself: the reason from OpenSSL names no content.
+        why = e.strerror or e
+        raise KubeConfigError(f"the Kubernetes client certificate or key cannot be used: {why}") from None
 
 
 # --- credentials ----------------------------------------------------------------------------------------
