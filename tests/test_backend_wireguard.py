@@ -197,7 +197,8 @@ def test_endpoints_per_mode() -> None:
     p4, p6 = (sep._peer_for(lease, d, warn=True) for d in sep.devs)
     assert p4 is not None and p4.endpoint == (IPv4Address("192.168.77.12"), 51820)
     assert p4.allowed_ips == (ip_network("10.244.12.0/24"),)
-X
+    # The lease's IPv6 data has no Port: our own ListenPortV6, as upstream.
+    assert p6 is not None and p6.endpoint == (IPv6Address("fd00:77::12"), 51821)
     assert p6.allowed_ips == (ip_network("fd01:0:0:12::/64"),)
     both = (ip_network("10.244.12.0/24"), ip_network("fd01:0:0:12::/64"))
     for mode, ip in (("ipv4", "192.168.77.12"), ("ipv6", "fd00:77::12"), ("auto", "192.168.77.12")):
