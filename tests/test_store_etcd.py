@@ -194,7 +194,7 @@ def etcd(scope: netns.RunScope) -> Etcd:
 
 
 def _store(endpoint: str, **kw: Any) -> Any:
-    # Imported here so that the parent process never loads more of grpc than the import itself.
+    # Imported here, in the child that talks to etcd.
     from pyflannel.store.etcd import EtcdOptions, EtcdStore
 
     return EtcdStore(EtcdOptions(endpoints=[endpoint], **kw))
@@ -833,20 +833,23 @@ def test_tls_with_client_certificates(scope: netns.RunScope) -> None:
     run_in_ns(ns, endpoint, body)
 
 
-def test_endpoint_targets() -> None:
-    from pyflannel.store.etcd import EtcdOptions, EtcdStore, _target
+def test_endpoint_members() -> None:
+    from pyflannel.store.etcd import EtcdOptions, EtcdStore
 
-    def targets(*eps: str) -> list[tuple[str, str | None]]:
-        return [_target(m.ep) for m in EtcdStore(EtcdOptions(endpoints=list(eps)))._members]
+    def members(*eps: str) -> list[tuple[str, int, str]]:
+        return [(m.ep.host, m.ep.port, m.label) for m in EtcdStore(EtcdOptions(endpoints=list(eps)))._members]
 
-    # One member, one channel per endpoint: the store moves between them itself.
-    assert targets("http://127.0.0.1:4001", "http://127.0.0.1:2379") == [
-        ("ipv4:127.0.0.1:4001", "127.0.0.1"),
-        ("ipv4:127.0.0.1:2379", "127.0.0.1"),
+    # One member, one client per endpoint: the store moves between them itself.
+    assert members("http://127.0.0.1:4001", "http://127.0.0.1:2379") == [
+        ("127.0.0.1", 4001, "127.0.0.1:4001"),
+        ("127.0.0.1", 2379, "127.0.0.1:2379"),
     ]
-    assert targets("https://etcd.example:2379") == [("dns:///etcd.example:2379", None)]
-    assert [t for t, _ in targets("http://[fd00::1]:2379", "http://[fd00::2]")] == [
-        "ipv6:[fd00::1]:2379",
-        "ipv6:[fd00::2]:2379",
+    assert members("https://etcd.example") == [("etcd.example", 2379, "etcd.example:2379")]
+    assert members("http://[fd00::1]:2379", "http://[fd00::2]") == [
+        ("fd00::1", 2379, "[fd00::1]:2379"),
+        ("fd00::2", 2379, "[fd00::2]:2379"),
     ]
-    assert [t for t, _ in targets("10.0.0.1:2379", "localhost:2380")] == ["ipv4:10.0.0.1:2379", "dns:///localhost:2380"]
+    assert members("10.0.0.1:2379", "localhost:2380") == [
+        ("10.0.0.1", 2379, "10.0.0.1:2379"),
+        ("localhost", 2380, "localhost:2380"),
+    ]

@@ -4,11 +4,9 @@ Keys: `<prefix>/config` (net-conf.json) and `<prefix>/subnets/<ip>-<len>[&<ip6>-
 lease key bound to an etcd lease of TTL `lease_ttl`; a key without an etcd lease is a reservation and stays
 one (upstream issue 1329 turns reservations into TTL leases on restart and so loses them; we never do).
 
-The watch is driven here rather than through etcd3aio's WatchService: that one resumes a broken stream from
-the last header revision, which can skip events (the `created` response already carries the current
-revision), and it never returns after the server cancels a watch on compaction. Here every broken or
-cancelled watch is followed by a full re-list and a fresh LeaseSnapshot, so the consumer's view converges
-whatever was missed.
+etcd is reached through its JSON gateway (etcdclient.py, on the store's own HTTP/1.1 transport), one member at a
+time. Every broken or cancelled watch is followed by a full re-list and a fresh LeaseSnapshot, so the consumer's
+view converges whatever was missed.
 """
 
 from __future__ import annotations
@@ -19,26 +17,12 @@ import ipaddress
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
-
-import grpc  # type: ignore[import-untyped]
-import grpc.aio  # type: ignore[import-untyped]
-from etcd3aio import (
-    EtcdConnectionError,
-    EtcdPermissionDeniedError,
-    EtcdTransientError,
-    EtcdUnauthenticatedError,
-    _protobuf,
-    prefix_range_end,
-)
-from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
-from etcd3aio.auth import AuthService
-from etcd3aio.kv import KVService
-from etcd3aio.lease import LeaseService
 
 from ..config import ConfigError, NetConfig, parse_net_config, read_config_file
 from ..lease import (
@@ -54,7 +38,23 @@ from ..lease import (
 from ..subnetenv import SubnetEnv
 from .allocate import Taken, find_own_leases, pick_subnets
 from .base import LeaseRevokedError, Store, StoreError
+from .etcdclient import (
+    PERMISSION_DENIED,
+    UNAUTHENTICATED,
+    EtcdApiError,
+    EtcdClient,
+    EtcdUnavailableError,
+    Event,
+    compare_mod,
+    compare_version,
+    op_delete,
+    op_put,
+    prefix_range_end,
+    tls_context,
+)
 from .options import EtcdOptions
+
+__all__ = ["EtcdOptions", "EtcdStore", "EtcdUnavailableError"]
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,6 @@ T = TypeVar("T")
 
 # Lost races (another node created the same key first) before acquire gives up; each retry re-lists.
 MAX_ACQUIRE_RACES = 10
-# gRPC status codes that mean "try again later" rather than "this request is wrong".
-_RETRY_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
-
-
-class EtcdUnavailableError(StoreError):
-    """etcd could not be reached or did not answer in time; transient, worth retrying."""
 
 
 @dataclass(frozen=True)
@@ -129,16 +113,6 @@ def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
-def _target(ep: _Endpoint) -> tuple[str, str | None]:
-    """The gRPC target of one endpoint and, for an IP address, the name to verify its certificate against."""
-    ip = _literal_ip(ep.host)
-    if ip is None:
-        return f"dns:///{ep.host}:{ep.port}", None
-    if ip.version == 4:
-        return f"ipv4:{ip}:{ep.port}", ep.host
-    return f"ipv6:[{ip}]:{ep.port}", ep.host
-
-
 def _read(path: str | None, what: str) -> bytes | None:
     if not path:
         return None
@@ -175,40 +149,9 @@ class _Entry:
     taken: Taken | None
 
 
-def _translate(what: str, e: BaseException) -> StoreError:
-    """An etcd client error as the store reports it: EtcdUnavailableError when a retry may help."""
-    if isinstance(e, EtcdPermissionDeniedError):
-        return StoreError(f"etcd {what}: permission denied: {e}")
-    if isinstance(e, EtcdConnectionError | EtcdTransientError | TimeoutError):
-        return EtcdUnavailableError(f"etcd {what}: {e or 'timed out'}")
-    if isinstance(e, grpc.aio.AioRpcError):
-        cls = EtcdUnavailableError if e.code() in _RETRY_CODES else StoreError
-        return cls(f"etcd {what}: {e.code().name}: {e.details()}")
-    return StoreError(f"etcd {what}: {e}")
-
-
-_REQUIRE_LEADER = ("hasleader", "true")
-# etcd >= 3.4's WatchProgressRequest; etcd3aio does not re-export it.
-_WatchProgressRequest: Any = _protobuf.rpc_pb2.WatchProgressRequest  # type: ignore[attr-defined]
-
-
-class _RequireLeader(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Marks every call as etcd's own client does with WithRequireLeader: a member that has lost its leader (cut
-    off from the quorum) answers UNAVAILABLE "no leader" at once instead of hanging until the deadline or
-    serving a stale view; the store then moves to another member."""
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        md = grpc.aio.Metadata(*(details.metadata or ()), _REQUIRE_LEADER)
-        return await continuation(details._replace(metadata=md), request)
-
-
-@dataclass
-class _Conn:
-    channel: grpc.aio.Channel
-    kv: KVService
-    lease: LeaseService
-    auth: AuthService
-    watch: Any
+def _translate(e: EtcdApiError) -> StoreError:
+    """An error answer as the store reports it: EtcdUnavailableError when a retry (elsewhere) may help."""
+    return EtcdUnavailableError(str(e)) if e.retryable else StoreError(str(e))
 
 
 @dataclass
@@ -217,8 +160,8 @@ class _Member:
     next one when that member fails a call or its watch goes silent (see EtcdStore._failover)."""
 
     ep: _Endpoint
-    conn: _Conn | None = None
-    # Whether this member answers watch progress requests (etcd >= 3.4); only then is silence a failure.
+    conn: EtcdClient | None = None
+    # Whether this member has answered a watch liveness probe (see EtcdStore._stream).
     answers_probes: bool = False
 
     @property
@@ -242,20 +185,21 @@ class EtcdStore(Store):
             raise StoreError("--etcd-keyfile and --etcd-certfile must be given together")
         if opts.password and not opts.username:
             raise StoreError("an etcd password without a username")
-        self._tls = self._eps[0].tls or bool(opts.cafile or opts.certfile)
-        # Read now so that a wrong path is reported at start-up, not at the first call.
-        self._ca = _read(opts.cafile, "CA file")
-        self._key = _read(opts.keyfile, "key file")
-        self._cert = _read(opts.certfile, "certificate file")
+        # Read now so that a wrong path or an unusable file is reported at start-up, not at the first call.
+        ca = _read(opts.cafile, "CA file")
+        key = _read(opts.keyfile, "key file")
+        cert = _read(opts.certfile, "certificate file")
+        self._ssl: ssl.SSLContext | None = None
+        if self._eps[0].tls or opts.cafile or opts.certfile:
+            self._ssl = tls_context(ca, cert, key)
         self._opts = opts
         self._prefix = opts.prefix.rstrip("/")
         self._config_key = f"{self._prefix}/config"
         self._subnets = f"{self._prefix}/subnets/"
-        self._subnets_end = prefix_range_end(self._subnets)
+        self._subnets_end = prefix_range_end(self._subnets.encode())
         self._members = [_Member(ep) for ep in self._eps]
         # Nodes start on different members, as a round-robin balancer would spread them.
         self._cur = random.randrange(len(self._members))
-        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self._token: str | None = None
         # The last acquire's list, kept until the watch's first list: with thousands of leases, decoding each one
@@ -278,38 +222,15 @@ class EtcdStore(Store):
             return None
         return lease.expiration - self._opts.renew_margin
 
-    def _connect_now(self, member: _Member) -> _Conn:
-        """Open `member`'s channel (gRPC connects lazily, at the first call)."""
-        target, server_name = _target(member.ep)
-        options: list[tuple[str, Any]] = [
-            # Only while a call is open: etcd answers pings on an idle connection with GOAWAY (too_many_pings).
-            # The watch has its own, faster liveness check (progress requests, see _stream).
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.keepalive_permit_without_calls", 0),
-            # gRPC's default reconnect backoff grows to 120 s; a restarted etcd should be found sooner.
-            ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.min_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ]
-        interceptors = [_RequireLeader()]
-        if self._tls:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=self._ca, private_key=self._key, certificate_chain=self._cert
-            )
-            if server_name is not None:
-                options.append(("grpc.ssl_target_name_override", server_name))
-            channel = grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
-        else:
-            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-        conn = _Conn(channel, KVService(channel), LeaseService(channel), AuthService(channel), WatchStub(channel))
-        for svc in (conn.kv, conn.lease, conn.auth):
-            svc.set_token(self._token)
+    def _connect_now(self, member: _Member) -> EtcdClient:
+        """`member`'s client (it connects at the first call)."""
+        conn = EtcdClient(member.ep.host, member.ep.port, label=member.label, tls=self._ssl)
+        conn.token = self._token
         member.conn = conn
         log.info("etcd: using member %s (%d of %d endpoints)", member.label, self._cur + 1, len(self._members))
         return conn
 
-    async def _connect(self) -> tuple[_Member, _Conn]:
+    async def _connect(self) -> tuple[_Member, EtcdClient]:
         """The member in use and its connection."""
         if self._closed:
             raise EtcdUnavailableError("etcd client is closed")
@@ -331,39 +252,30 @@ class EtcdStore(Store):
     def _drop(self, member: _Member) -> None:
         conn, member.conn = member.conn, None
         if conn is not None:
-            # Closing cancels the calls still open on it (a watch stream there ends and re-lists elsewhere).
-            task = asyncio.get_running_loop().create_task(conn.channel.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            # Closing fails the calls still open on it at once (a watch stream there ends and re-lists elsewhere).
+            conn.close()
 
-    async def _authenticate(self, conn: _Conn) -> None:
-        # etcd checks a token sent along with Authenticate too, so a stale one would make logging in fail.
-        conn.auth.set_token(None)
+    async def _authenticate(self, conn: EtcdClient) -> None:
         try:
-            resp = await conn.auth.authenticate(
-                self._opts.username or "", self._opts.password or "", timeout=self._opts.call_timeout
+            token = await conn.authenticate(
+                self._opts.username or "",
+                self._opts.password or "",
+                what="etcd authentication",
+                timeout=self._opts.call_timeout,
             )
-        except (EtcdUnauthenticatedError, grpc.aio.AioRpcError) as e:
+        except EtcdApiError as e:
             # Wrong credentials come back as INVALID_ARGUMENT, auth switched off as FAILED_PRECONDITION.
-            err = _translate("authentication", e)
-            if isinstance(err, EtcdUnavailableError):
-                raise err from None
-            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else e
-            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {detail}") from None
-        except (EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
-            raise _translate("authentication", e) from None
-        self._token = resp.token or None
+            if e.retryable:
+                raise _translate(e) from None
+            raise StoreError(f"etcd authentication failed for user {self._opts.username!r}: {e.message}") from None
+        self._token = token or None
         for m in self._members:
             if m.conn is not None:
-                for svc in (m.conn.kv, m.conn.lease, m.conn.auth):
-                    svc.set_token(self._token)
+                m.conn.token = self._token
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (_REQUIRE_LEADER,) + ((("token", self._token),) if self._token else ())
-
-    async def _rpc(self, what: str, call: Callable[[_Conn], Awaitable[T]]) -> T:
-        """One etcd call with errors turned into StoreError/EtcdUnavailableError. A member that fails it
-        (unreachable, no leader, deadline) is left for the next one, each member tried once."""
+    async def _rpc(self, what: str, call: Callable[[EtcdClient, str], Awaitable[T]]) -> T:
+        """One etcd call (`call(client, what)`) with errors turned into StoreError/EtcdUnavailableError. A member
+        that fails it (unreachable, no leader, deadline) is left for the next one, each member tried once."""
         for tried in range(1, len(self._members) + 1):
             member, conn = await self._connect()
             try:
@@ -374,33 +286,32 @@ class EtcdStore(Store):
                     raise
         raise AssertionError("unreachable")
 
-    async def _call_once(self, what: str, conn: _Conn, call: Callable[[_Conn], Awaitable[T]]) -> T:
+    async def _call_once(self, what: str, conn: EtcdClient, call: Callable[[EtcdClient, str], Awaitable[T]]) -> T:
         """One call on one member; re-authenticates once when the token expired (etcd's simple tokens die
         after 5 idle minutes)."""
         if self._opts.username and self._token is None:
             await self._authenticate(conn)
         for attempt in (1, 2):
             try:
-                return await call(conn)
-            except EtcdUnauthenticatedError as e:
-                if not self._opts.username:
-                    raise StoreError(f"etcd {what}: {e} (etcd needs --etcd-username/--etcd-password)") from None
-                if attempt == 2:
-                    raise StoreError(f"etcd {what}: {e}") from None
-                log.info("etcd: auth token rejected (%s), authenticating again", e)
-                await self._authenticate(conn)
-            except (EtcdPermissionDeniedError, EtcdConnectionError, EtcdTransientError, TimeoutError) as e:
-                raise _translate(what, e) from None
-            except grpc.aio.AioRpcError as e:
-                raise _translate(what, e) from None
+                return await call(conn, f"etcd {what}")
+            except EtcdApiError as e:
+                if e.code == UNAUTHENTICATED:
+                    if not self._opts.username:
+                        raise StoreError(f"{e} (etcd needs --etcd-username/--etcd-password)") from None
+                    if attempt == 2:
+                        raise StoreError(str(e)) from None
+                    log.info("etcd: auth token rejected (%s), authenticating again", e.message)
+                    await self._authenticate(conn)
+                    continue
+                if e.code == PERMISSION_DENIED:
+                    raise StoreError(f"{e} (the etcd user lacks a role for this key)") from None
+                raise _translate(e) from None
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._closed = True
         for m in self._members:
             self._drop(m)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- config -------------------------------------------------------------------------------------
 
@@ -409,9 +320,7 @@ class EtcdStore(Store):
         absent = 0
         while True:
             try:
-                resp = await self._rpc(
-                    "read config", lambda c: c.kv.get(self._config_key, timeout=self._opts.call_timeout)
-                )
+                resp = await self._rpc("read config", lambda c, w: c.range(self._config_key.encode(), **self._kw(w)))
             except EtcdUnavailableError as e:
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1f s", e, delay)
@@ -456,8 +365,7 @@ class EtcdStore(Store):
         """Every lease, decoded; an entry of `reuse` is taken as it is when its key still has the same revision
         and etcd lease (a key's mod revision changes with every write to it)."""
         resp = await self._rpc(
-            "list leases",
-            lambda c: c.kv.get(self._subnets, self._subnets_end, timeout=self._opts.call_timeout),
+            "list leases", lambda c, w: c.range(self._subnets.encode(), self._subnets_end, **self._kw(w))
         )
         now = time.time()
         out: list[_Entry] = []
@@ -469,7 +377,7 @@ class EtcdStore(Store):
             if entry is not None:
                 entry.mod_revision = kv.mod_revision
                 out.append(entry)
-        return out, int(resp.header.revision)
+        return out, resp.revision
 
     # --- leases -------------------------------------------------------------------------------------
 
@@ -492,12 +400,11 @@ class EtcdStore(Store):
             log.info("another node changed the lease we were taking; trying again")
             await asyncio.sleep(random.uniform(0.05, 0.3))
 
-    async def _txn(self, what: str, compare: Sequence[Any], success: Sequence[Any]) -> bool:
-        resp = await self._rpc(what, lambda c: c.kv.txn(compare, success, timeout=self._opts.call_timeout))
-        return bool(resp.succeeded)
+    def _kw(self, what: str) -> dict[str, Any]:
+        return {"what": what, "timeout": self._opts.call_timeout}
 
-    def _cmp_mod(self, key: str, mod_revision: int) -> Any:
-        return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key.encode(), mod_revision=mod_revision)
+    async def _txn(self, what: str, compare: Sequence[dict[str, Any]], success: Sequence[dict[str, Any]]) -> bool:
+        return await self._rpc(what, lambda c, w: c.txn(compare, success, **self._kw(w)))
 
     async def _try_acquire(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease | None:
         """One pass of upstream's order; None when a concurrent change made it lose a race."""
@@ -522,8 +429,8 @@ class EtcdStore(Store):
             log.info("found lease %s for our public IP but it does not fit the config, deleting it", key)
             if await self._txn(
                 "delete stale lease",
-                [self._cmp_mod(key, by_key[key].mod_revision)],
-                [KVService.txn_op_delete(key)],
+                [compare_mod(key, by_key[key].mod_revision)],
+                [op_delete(key)],
             ):
                 gone.add(key)
 
@@ -534,8 +441,8 @@ class EtcdStore(Store):
         lease_id, ttl = await self._grant()
         if not await self._txn(
             "create lease",
-            [KVService.txn_compare_version(key, 0)],
-            [KVService.txn_op_put(key, attrs.to_json(), lease=lease_id)],
+            [compare_version(key, 0)],
+            [op_put(key, attrs.to_json(), lease=lease_id)],
         ):
             await self._revoke_quietly(lease_id)
             return None
@@ -543,16 +450,11 @@ class EtcdStore(Store):
         return Lease(sn, sn6, attrs, expiration=time.time() + ttl, store_lease_id=lease_id)
 
     async def _grant(self) -> tuple[int, int]:
-        resp = await self._rpc(
-            "grant lease", lambda c: c.lease.grant(self._opts.lease_ttl, timeout=self._opts.call_timeout)
-        )
-        if resp.error:
-            raise StoreError(f"etcd grant lease: {resp.error}")
-        return int(resp.ID), int(resp.TTL)
+        return await self._rpc("grant lease", lambda c, w: c.grant(self._opts.lease_ttl, **self._kw(w)))
 
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
-            await self._rpc("revoke lease", lambda c: c.lease.revoke(lease_id, timeout=self._opts.call_timeout))
+            await self._rpc("revoke lease", lambda c, w: c.revoke(lease_id, **self._kw(w)))
         except StoreError as e:
             log.debug("could not revoke etcd lease %x (it will expire): %s", lease_id, e)
 
@@ -562,14 +464,11 @@ class EtcdStore(Store):
         if old_id == 0:
             return
         try:
-            ttl = await self._rpc(
-                "lease time-to-live",
-                lambda c: c.lease.time_to_live(old_id, keys=True, timeout=self._opts.call_timeout),
-            )
+            ttl, keys = await self._rpc("lease time-to-live", lambda c, w: c.time_to_live(old_id, **self._kw(w)))
         except StoreError as e:
             log.debug("could not inspect etcd lease %x: %s", old_id, e)
             return
-        if ttl.TTL > 0 and not list(ttl.keys):
+        if ttl > 0 and not keys:
             await self._revoke_quietly(old_id)
 
     async def _rewrite(self, entry: _Entry, cur: Lease, attrs: LeaseAttrs) -> Lease | None:
@@ -579,16 +478,16 @@ class EtcdStore(Store):
         if entry.etcd_lease == 0:
             if not await self._txn(
                 "update reservation",
-                [self._cmp_mod(key, entry.mod_revision)],
-                [KVService.txn_op_put(key, attrs.to_json(), lease=0)],
+                [compare_mod(key, entry.mod_revision)],
+                [op_put(key, attrs.to_json(), lease=0)],
             ):
                 return None
             return Lease(cur.subnet, cur.ipv6_subnet, attrs, expiration=None, store_lease_id=0)
         lease_id, ttl = await self._grant()
         if not await self._txn(
             "update lease",
-            [self._cmp_mod(key, entry.mod_revision)],
-            [KVService.txn_op_put(key, attrs.to_json(), lease=lease_id)],
+            [compare_mod(key, entry.mod_revision)],
+            [op_put(key, attrs.to_json(), lease=lease_id)],
         ):
             await self._revoke_quietly(lease_id)
             return None
@@ -603,7 +502,7 @@ class EtcdStore(Store):
         """
         key = self.subnet_key(lease)
         for _ in range(MAX_ACQUIRE_RACES):
-            resp = await self._rpc("read lease", lambda c: c.kv.get(key, timeout=self._opts.call_timeout))
+            resp = await self._rpc("read lease", lambda c, w: c.range(key.encode(), **self._kw(w)))
             if not resp.kvs:
                 raise LeaseRevokedError(f"lease {key} has been revoked (deleted from etcd)")
             kv = resp.kvs[0]
@@ -615,7 +514,7 @@ class EtcdStore(Store):
                 stored.public_ip != lease.attrs.public_ip or stored.public_ipv6 != lease.attrs.public_ipv6
             ):
                 raise LeaseRevokedError(f"lease {key} has been revoked (it now holds {kv.value!r})")
-            entry = _Entry(key, int(kv.mod_revision), int(kv.lease), lease, None)
+            entry = _Entry(key, kv.mod_revision, kv.lease, lease, None)
             got = await self._rewrite(entry, lease, lease.attrs)
             if got is not None:
                 if got.is_reservation:
@@ -649,92 +548,134 @@ class EtcdStore(Store):
     async def _stream(
         self, start: int, known: dict[str, Lease], backoff: _Backoff
     ) -> AsyncGenerator[list[LeaseEvent], None]:
-        """Follow one watch stream until it breaks, is cancelled or goes silent; the caller then re-lists.
+        """Follow one watch stream until it breaks, is cancelled or its member goes silent; the caller then
+        re-lists.
 
-        Silence: a member cut off by the network leaves its TCP connection hanging, and gRPC keepalive would take
-        15 s to notice. So a progress request goes out every `watch_probe_interval`; etcd answers each at once
-        (an empty response), and no message for `watch_probes_lost` + 0.5 intervals makes the store drop that
-        member and re-list on the next (at most 2.5 s after the cut with the defaults)."""
+        Silence: a member cut off by the network leaves its TCP connection hanging, and nothing on an idle watch
+        tells. No progress request can be sent on the gateway's watch (its request body is complete before it
+        answers), so a probe goes to the same member every `watch_probe_interval` over another connection: a
+        linearizable count of the config key, which a member cut off from its quorum cannot answer either (and,
+        marked `hasleader`, refuses at once). No watch message and no probe answer for `watch_probes_lost` + 0.5
+        intervals, or a probe refused as unavailable, and the store drops that member and re-lists on the next
+        (at most 2.5 s after the cut with the defaults)."""
         member, conn = await self._connect()
-        create = WatchCreateRequest(key=self._subnets.encode(), range_end=self._subnets_end, start_revision=start)
         interval = self._opts.watch_probe_interval
-        # Counted only while waiting for a message: messages that queue up while our consumer is busy are no
-        # silence, they are read at once when it comes back.
         window = interval * (self._opts.watch_probes_lost + 0.5)
+        loop = asyncio.get_running_loop()
+        answered = loop.time()  # the member's last probe answer
 
-        async def requests() -> AsyncIterator[Any]:
-            yield WatchRequest(create_request=create)
-            while interval > 0:
+        async def probe() -> str:
+            """Probes until one fails; why it failed."""
+            nonlocal answered
+            while True:
                 await asyncio.sleep(interval)
-                yield WatchRequest(progress_request=_WatchProgressRequest())
-            # The request side must stay open or the server ends the stream.
-            await asyncio.Future()
+                try:
+                    await conn.range(
+                        self._config_key.encode(), count_only=True, what="etcd watch probe", timeout=window
+                    )
+                except EtcdApiError as e:
+                    if e.retryable:
+                        return str(e)
+                    # Any other answer (an expired token, a missing role) still shows the member is there.
+                except StoreError as e:  # unreachable, closed, no answer in time, not the gateway's answer
+                    return str(e)
+                answered = loop.time()
+                member.answers_probes = True
 
-        call = conn.watch.Watch(requests(), metadata=self._metadata())
+        responses = conn.watch(
+            self._subnets.encode(), self._subnets_end, start, what="etcd watch", timeout=self._opts.call_timeout
+        )
+        prober = asyncio.create_task(probe()) if interval > 0 else None
         delay = 0.0
+        read: asyncio.Future[Any] | None = None
         try:
             while True:
-                read = asyncio.ensure_future(call.read())
-                await asyncio.wait((read,), timeout=window if interval > 0 and member.answers_probes else None)
-                if not read.done():
-                    read.cancel()
-                    log.warning(
-                        "watch: etcd member %s sent nothing for %.1f s, not even answers to progress requests",
-                        member.label,
-                        window,
-                    )
+                read = asyncio.ensure_future(anext(responses))
+                # Counted only while waiting for a message: messages that queue up while our consumer is busy are
+                # no silence, they are read at once when it comes back.
+                waiting = loop.time()
+                silent = ""
+                while not read.done() and not silent:
+                    if prober is None:
+                        await asyncio.wait((read,))
+                        break
+                    left = max(answered, waiting) + window - loop.time()
+                    if left <= 0:
+                        silent = f"sent nothing for {window:.1f} s and answered no probe"
+                        break
+                    await asyncio.wait((read, prober), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if prober.done() and not read.done():
+                        silent = f"failed a probe: {prober.result()}"
+                if silent:
+                    log.warning("watch: etcd member %s %s", member.label, silent)
                     self._failover(member, "watch went silent")
                     break
-                resp = read.result()
-                if resp is grpc.aio.EOF:
+                try:
+                    batch = read.result()
+                except StopAsyncIteration:
                     delay = backoff.next()
                     log.warning("watch: etcd closed the stream; listing again in %.1f s", delay)
                     break
-                if resp.compact_revision > 0:
-                    # Not an outage: re-list at once.
-                    log.warning(
-                        "watch: revision %d was compacted (oldest kept: %d); listing again",
-                        start,
-                        resp.compact_revision,
-                    )
+                events: list[Event] = []
+                end = False
+                for resp in batch:
+                    if resp.compact_revision > 0:
+                        # Not an outage: re-list at once.
+                        log.warning(
+                            "watch: revision %d was compacted (oldest kept: %d); listing again",
+                            start,
+                            resp.compact_revision,
+                        )
+                        end = True
+                        break
+                    if resp.canceled:
+                        delay = backoff.next()
+                        log.warning(
+                            "watch cancelled by etcd (%s); listing again in %.1f s",
+                            resp.cancel_reason or "no reason",
+                            delay,
+                        )
+                        end = True
+                        break
+                    events.extend(resp.events)
+                if events:
+                    backoff.reset()
+                    out = self._events(events, known)
+                    if out:
+                        yield out
+                if end:
                     break
-                if resp.canceled:
-                    delay = backoff.next()
-                    log.warning(
-                        "watch cancelled by etcd (%s); listing again in %.1f s",
-                        resp.cancel_reason or "no reason",
-                        delay,
-                    )
-                    break
-                if resp.created:
-                    continue
-                if not resp.events:
-                    member.answers_probes = True  # a progress response
-                    continue
-                backoff.reset()
-                batch = self._events(resp.events, known)
-                if batch:
-                    yield batch
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAUTHENTICATED and self._opts.username:
+        except EtcdApiError as e:
+            if e.code == UNAUTHENTICATED and self._opts.username:
                 # The next list goes through _rpc, which authenticates again when there is no token.
                 self._token = None
-            if e.code() in _RETRY_CODES and self._members[self._cur] is member:
-                self._failover(member, f"watch: {e.code().name}: {e.details()}")
+            if e.retryable and self._members[self._cur] is member:
+                self._failover(member, str(e))
             # Moving to another member is worth an immediate re-list; the same one again gets the backoff.
             delay = backoff.next() if len(self._members) == 1 else 0.0
-            log.warning("watch: %s (%s); listing again in %.1f s", e.code().name, e.details(), delay)
+            log.warning("watch: %s; listing again in %.1f s", e, delay)
+        except EtcdUnavailableError as e:
+            if self._members[self._cur] is member:
+                self._failover(member, str(e))
+            delay = backoff.next() if len(self._members) == 1 else 0.0
+            log.warning("watch: %s; listing again in %.1f s", e, delay)
         finally:
-            call.cancel()
+            if prober is not None:
+                prober.cancel()
+            if read is not None and not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+            await responses.aclose()
         if delay:
             await asyncio.sleep(delay)
 
-    def _events(self, events: Any, known: dict[str, Lease]) -> list[LeaseEvent]:
+    def _events(self, events: Sequence[Event], known: dict[str, Lease]) -> list[LeaseEvent]:
         now = time.time()
         out: list[LeaseEvent] = []
         for ev in events:
             key = ev.kv.key.decode("utf-8", "replace")
-            if ev.type == 0:  # PUT
+            if not ev.delete:
                 entry = self._decode(key, ev.kv.value, ev.kv.lease, now)
                 if entry is not None and entry.lease is not None:
                     known[key] = entry.lease
@@ -743,7 +684,7 @@ class EtcdStore(Store):
                     old = known.pop(key, None)
                     if old is not None:
                         out.append(LeaseEvent(EventType.REMOVED, old))
-            else:  # DELETE
+            else:
                 old = known.pop(key, None)
                 if old is None:
                     try:

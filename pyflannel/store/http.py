@@ -217,11 +217,12 @@ class Stream:
         """The body's non-empty lines, in batches of what has arrived; ends with the body. An error when a line
         grows past `max_line` bytes, the body ends inside a line, or nothing came for `idle_timeout` seconds."""
         what = self.what
+        idle = f"nothing received for {idle_timeout:g}s" if idle_timeout is not None else ""
         buf = bytearray()
         lines: list[bytes] = []
         with self._http.translated(what):
             while True:
-                async with self._http.deadline(what, idle_timeout, f"nothing received for {idle_timeout:g}s"):
+                async with self._http.deadline(what, idle_timeout, idle):
                     piece = await self.body.piece()
                 if not piece:
                     break

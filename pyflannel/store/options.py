@@ -1,6 +1,6 @@
 """What each store is configured with: plain typed values, importable without the store's client library.
 
-The daemon builds these from flags before it knows which store runs, so they must not pull in grpc or an HTTP
+The daemon builds these from flags before it knows which store runs, so they must not pull in an HTTP
 client; the store modules (loaded lazily through store.registry) take them as they are.
 """
 
@@ -27,13 +27,13 @@ class EtcdOptions:
     password: str | None = None
     lease_ttl: int = 24 * 3600
     renew_margin: int = 60 * 60
-    # Deadline of one etcd call; a dead member is also caught by gRPC keepalive (10 s + 5 s).
+    # Deadline of one etcd call (then the next member is tried).
     call_timeout: float = 10.0
     # Longest pause between retries while etcd is unreachable: short, so that nodes are back within a few
     # seconds of etcd's return (a retry against a dead member is a refused connection, cheap on both sides).
     max_backoff: float = 3.0
-    # Liveness of the watch stream: a progress request every interval (0: none); this many unanswered in a row
-    # and the member is treated as gone.
+    # Liveness of the watched member: a probe (a linearizable count of the config key) every interval (0: none);
+    # this many intervals (+ 0.5) without a watch message or a probe answer and the member is treated as gone.
     watch_probe_interval: float = 1.0
     watch_probes_lost: int = 2
 
