@@ -130,7 +130,7 @@ def vx() -> Iterator[LabRun]:
 
 def test_up_defaults_and_status_json(vx: LabRun) -> None:
     st = vx.status()
-    assert st["backend"] == "vxlan"
+    assert st["backend"] == "vxlan" and st["store"] == "etcd" and st["kube"] is None
     assert st["network"] == "10.244.0.0/16"
     assert [n["name"] for n in st["nodes"]] == ["n1", "n2", "n3"]
     assert len(st["pods"]) == 6
@@ -149,8 +149,11 @@ def test_up_defaults_and_status_json(vx: LabRun) -> None:
         # The address came from host-local through the flannel plugin, inside the node's subnet.
         assert p["ip"].rsplit(".", 1)[0] == subnet_of[p["node"]].rsplit(".", 1)[0]
         assert f"{p['ip']}/24" in netns.run(["ip", "-n", p["netns"], "-o", "-4", "addr", "show", "eth0"])
-    # The human form lists the same things.
+    # The human form lists the same things, and names the store.
     text = vx.ok("status")
+    assert text.startswith(f"store etcd ({st['etcd']['endpoint']}")
+    p = vx.cli("get", "nodes")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "etcd mode" in p.stderr
     for n in st["nodes"]:
         assert n["subnet"] in text
     # Agents are detached from `up`: they outlived it and run in their own session.
@@ -351,9 +354,9 @@ def test_ipip_where_the_kernel_cannot(lab_factory: Callable[[str], LabRun]) -> N
 
 def test_up_failing_half_way_leaves_nothing(lab_factory: Callable[[str], LabRun]) -> None:
     lab = lab_factory("fail")
-    p = lab.cli("up", "--backend", "wireguard", "--nodes", "2")
+    p = lab.cli("up", "--backend", "nosuch", "--nodes", "2")  # an agent that cannot start: unknown backend
     assert p.returncode == 1
-    assert "did not become ready" in p.stderr and "wireguard" in p.stderr
+    assert "did not become ready" in p.stderr and "nosuch" in p.stderr
     assert "everything it made was removed" in p.stderr
     lab.assert_gone()
     # Options are checked before anything is made.

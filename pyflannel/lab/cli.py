@@ -1,8 +1,12 @@
 """flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
 
 flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|alloc|extension] [--pods-per-node K]
-               [--[no-]ip-masq] [--network CIDR]
-flannel-lab status [--json] | check | show NODE | trace SRC_POD DST_POD | exec POD|NODE -- CMD...
+               [--[no-]ip-masq] [--network CIDR] [--store etcd|kube]
+flannel-lab status [--json] | check | show NODE [--services] | exec POD|NODE -- CMD...
+flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [--capture underlay|cni0|flannel.1|pod ...]
+flannel-lab get nodes [-o wide|yaml|json] | get node NAME [-o yaml|json]        (--store kube)
+flannel-lab service add NAME --port P --to POD[:PORT][,POD...] [--nodeport N] [--mode iptables|ipvs]
+flannel-lab service list | service del NAME
 flannel-lab add-node | remove-node NAME | restart-agent NAME | diagram [-o FILE.svg|png] | down
 """
 
@@ -15,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import diagram, show
+from . import capture, diagram, kubemode, netns, show
 from .lab import Lab, down, up
 from .state import DEFAULT_PREFIX, DEFAULT_STATE_DIR, LabError, LabOptions, load_state
 
@@ -57,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--nftables", action="store_true", help="EnableNFTables in net-conf.json")
     u.add_argument("--network", default="10.244.0.0/16")
+    u.add_argument(
+        "--store",
+        default="etcd",
+        choices=("etcd", "kube"),
+        help="etcd (default), or kube: a Kubernetes API server with Node objects, flanneld --kube-subnet-mgr",
+    )
     u.add_argument("--force", action="store_true", help="replace a lab that is up")
 
     sub.add_parser("down", help="remove everything the lab made (also after a crash)")
@@ -73,12 +83,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("src")
     t.add_argument("dst")
     t.add_argument("--no-capture", action="store_true")
+    t.add_argument(
+        "--capture",
+        action="append",
+        choices=capture.POINTS,
+        default=[],
+        help="capture the probe there too (repeatable): the underlay port, the source node's cni0 or flannel.1, "
+        "the destination pod; default: underlay",
+    )
     a = sub.add_parser("add-node", help="a new node with its agent and pods")
     a.add_argument("--pods", type=int, default=None, help="pods on it (default: --pods-per-node of up)")
     r = sub.add_parser("remove-node", help="delete a node's pods, stop its agent, drop its lease")
     r.add_argument("name")
     ra = sub.add_parser("restart-agent", help="stop and start a node's flanneld")
     ra.add_argument("name")
+    g = sub.add_parser("get", help="kubectl get nodes / get node NAME (kube mode): the Node objects")
+    g.add_argument("kind", help="nodes (or node, no)")
+    g.add_argument("name", nargs="?")
+    g.add_argument("-o", "--output", choices=("wide", "yaml", "json"))
     d = sub.add_parser("diagram", help="the topology as text, or as SVG/PNG with -o")
     d.add_argument("-o", "--output", type=Path)
     return p
@@ -88,6 +110,13 @@ def _print_status(st: dict[str, object]) -> None:
     nodes = st["nodes"]
     pods = st["pods"]
     assert isinstance(nodes, list) and isinstance(pods, list)
+    kube, etcd = st.get("kube"), st.get("etcd")
+    if isinstance(kube, dict):
+        store = f"kube (flanneld --kube-subnet-mgr; API server {kube['server']} in {kube['netns']})"
+    else:
+        assert isinstance(etcd, dict)
+        store = f"etcd ({etcd['endpoint']} in {etcd['netns']}, prefix {etcd['prefix']})"
+    print(f"store {store}")
     print(f"backend {st['backend']}, network {st['network']}, state {st['state_dir']}")
     print(f"{'NODE':8} {'NETNS':14} {'UNDERLAY IP':15} {'SUBNET':16} {'AGENT PID':10} READY")
     for n in nodes:
@@ -117,8 +146,10 @@ def _check(lab: Lab, as_json: bool) -> int:
 def _target_ns(lab: Lab, target: str) -> str:
     if target in ("underlay", "ul"):
         return lab.st.ul_ns
-    if target == "etcd":
+    if target == "etcd" and lab.st.etcd_ns:
         return lab.st.etcd_ns
+    if target in ("kapi", "apiserver") and lab.st.kube_ns:
+        return lab.st.kube_ns
     for p in lab.st.pods:
         if p.name == target:
             return p.netns
@@ -126,7 +157,8 @@ def _target_ns(lab: Lab, target: str) -> str:
         if n.name == target:
             return n.netns
     names = [n.name for n in lab.st.nodes] + [p.name for p in lab.st.pods]
-    raise LabError(f"no pod or node {target!r}; known: {', '.join(names)}, underlay, etcd")
+    names += ["underlay", "kapi" if lab.st.kube_ns else "etcd"]
+    raise LabError(f"no pod or node {target!r}; known: {', '.join(names)}")
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -142,6 +174,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             ip_masq=args.ip_masq,
             network=args.network,
             nftables=args.nftables,
+            store=args.store,
         )
         lab = up(state_dir, prefix, opts, force=args.force, say=say)
         print()
@@ -169,7 +202,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             cmd = cmd[1:]
         if not cmd:
             raise LabError("exec needs a command: flannel-lab exec NAME -- CMD...")
-        argv_ = ["ip", "netns", "exec", _target_ns(lab, args.target), *cmd]
+        target_ns = _target_ns(lab, args.target)
+        node = next((n for n in lab.st.nodes if n.netns == target_ns), None)
+        # A node's commands see its own /var/lib/cni, as its agent and CNI plugins do.
+        runner = netns.node_exec(target_ns, Path(node.dir)) if node else ["ip", "netns", "exec", target_ns]
+        argv_ = [*runner, *cmd]
         sys.stdout.flush()
         # exec, not a child: signals (Ctrl-C, kill) reach the command itself, and its exit code is ours.
         os.execvp(argv_[0], argv_)
@@ -177,7 +214,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(show.show_node(lab, args.node))
         return 0
     if args.cmd == "trace":
-        print(show.trace(lab, args.src, args.dst, do_capture=not args.no_capture), flush=True)
+        print(show.trace(lab, args.src, args.dst, do_capture=not args.no_capture, captures=args.capture), flush=True)
         return 0
     if args.cmd == "add-node":
         pods = args.pods if args.pods is not None else lab.st.options.pods_per_node
@@ -191,6 +228,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "restart-agent":
         pid = lab.restart_agent(args.name)
         print(f"flanneld on {args.name} restarted, pid {pid}")
+        return 0
+    if args.cmd == "get":
+        print(kubemode.get(lab.st, args.kind, args.name, args.output), end="")
         return 0
     if args.cmd == "diagram":
         status = lab.status()

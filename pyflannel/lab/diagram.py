@@ -29,6 +29,14 @@ def _text(x: float, y: float, s: str, size: int = 13, weight: str = "normal", an
     )
 
 
+def _store(status: dict[str, Any]) -> tuple[str, str]:
+    """(what, namespace) of the store every agent talks to: etcd, or the Kubernetes API server."""
+    kube = status.get("kube")
+    if kube:
+        return f"kube-apiserver  {kube['server']}", str(kube["netns"])
+    return f"etcd  {status['etcd']['endpoint']}", str(status["etcd"]["netns"])
+
+
 def svg(status: dict[str, Any]) -> str:
     nodes = status["nodes"]
     pods = status["pods"]
@@ -42,9 +50,9 @@ def svg(status: dict[str, Any]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         _text(GAP, 30, f"flannel lab: backend {status['backend']}, network {status['network']}", 16, "bold"),
-        _box(GAP, 45, 250, 44, "#fff4d6", "#c99a2e"),
-        _text(GAP + 10, 63, f"etcd  {status['etcd']['endpoint']}", 12),
-        _text(GAP + 10, 80, f"netns {status['etcd']['netns']}", 11),
+        _box(GAP, 45, 330, 44, "#fff4d6", "#c99a2e"),
+        _text(GAP + 10, 63, _store(status)[0], 12),
+        _text(GAP + 10, 80, f"netns {_store(status)[1]}", 11),
         f'<line x1="{GAP + 125}" y1="89" x2="{GAP + 125}" y2="{ul_y}" stroke="#555" stroke-width="2"/>',
         _box(GAP / 2, ul_y, width - GAP, 30, "#e8e8e8", "#666", 4),
         _text(
@@ -89,7 +97,7 @@ def svg(status: dict[str, Any]) -> str:
 def text(status: dict[str, Any]) -> str:
     """The same topology as plain text, for the terminal."""
     lines = [
-        f"etcd {status['etcd']['endpoint']} ({status['etcd']['netns']})",
+        f"{' '.join(_store(status)[0].split())} ({_store(status)[1]})",
         "  |",
         f"underlay {status['underlay']['cidr']}: bridge br0 in {status['underlay']['netns']}",
     ]

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..cni.driver import CNIError, Driver, RuntimeConf
 from ..subnetenv import read_subnet_env
-from . import netns
+from . import kubemode, netns
+from .fakekube import ApiError
 from .netns import NetnsError, RunScope
 from .state import MARKER, LabError, LabOptions, LabState, NodeState, PodState, load_state
 from .testbed import REF_PLUGINS, Node, Testbed, cni_runtime
@@ -36,10 +37,11 @@ def _quiet(_: str) -> None:
     pass
 
 
-def check_prerequisites() -> None:
+def check_prerequisites(store: str = "etcd") -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces); run it with sudo")
-    missing = [t for t in ("ip", "etcd", "etcdctl", "bridge", "ping") if shutil.which(t) is None]
+    tools = ("ip", "etcd", "etcdctl", "bridge", "ping") if store == "etcd" else ("ip", "openssl", "bridge", "ping")
+    missing = [t for t in (*tools, "unshare", "mount") if shutil.which(t) is None]
     missing += [f"{REF_PLUGINS}/{p}" for p in ("bridge", "host-local", "portmap") if not (REF_PLUGINS / p).is_file()]
     if missing:
         raise LabError(f"missing {', '.join(missing)}: run scripts/setup.sh (or scripts/lab.sh, which calls it)")
@@ -69,8 +71,9 @@ def pid_in_ns(pid: int | None, ns: str) -> bool:
 
 
 def node_cni(st: LabState, node: NodeState) -> tuple[Driver, dict[str, Any]]:
-    """The node's runtime: kube-flannel's conflist with every data dir inside the node's run directory."""
-    return cni_runtime(Path(st.state_dir), Path(node.dir), node.netns)
+    """The node's runtime: kube-flannel's conflist, its files at the tutorials' paths in the node's own
+    /var/lib/cni (the node's run directory's var-lib-cni, mounted there)."""
+    return cni_runtime(Path(st.state_dir), Path(node.dir), node.netns, tutorial_paths=True)
 
 
 class Lab:
@@ -121,12 +124,24 @@ class Lab:
         self.st.nodes.append(ns)
         self.st.next_host = self.tb._next_host
         self.st.save()
+        if self.st.options.store == "kube":
+            # kubelet registers the Node, the controller manager gives it a podCIDR, the DaemonSet a pod.
+            kubemode.register_node(self.st, ns)
+            cidr = kubemode.allocate_pod_cidr(self.st, ns)
+            kubemode.write_kubeconfig(self.st, ns)
+            self.st.save()
+            self.say(f"  Node {name} registered, podCIDR {cidr}")
         return ns, node
 
     def _start_agent(self, ns: NodeState, node: Node) -> None:
-        node.proc = None
-        p = self.tb.start_agent(node)
-        ns.pid = p.pid
+        """flanneld in the node, with the node's own mounts (its CNI server writes the plugins' files there)."""
+        if self.st.options.store == "kube":
+            cmd, env = kubemode.agent_command(self.st, ns)
+        else:
+            cmd, env = self.tb.agent_cmd(node), {}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        node.proc = self.scope.spawn(ns.netns, [*netns.node_mounts(Path(ns.dir)), *cmd], log=node.log_file, env=env)
+        ns.pid = node.proc.pid
         self.st.save()
 
     def _wait_ready(self, node: Node, since: float = 0.0) -> None:
@@ -176,7 +191,9 @@ class Lab:
             self.st.pods.remove(pod)
             self.st.save()
         self.stop_agent(ns)
-        if subnet is not None:
+        if self.st.options.store == "kube":
+            kubemode.delete_node(self.st, name)  # `kubectl delete node`: the peers' watches see it go
+        elif subnet is not None:
             # Upstream keeps a departed node's lease until its TTL; the lab drops it so peers forget the node now.
             self.tb.etcdctl("del", f"{self.st.etcd_prefix}/subnets/{subnet.replace('/', '-')}")
         netns.delete_ns(ns.netns)
@@ -214,6 +231,8 @@ class Lab:
         return str(env.subnet) if env is not None and env.subnet is not None else None
 
     def leases(self) -> dict[str, dict[str, Any]]:
+        if self.st.options.store == "kube":
+            return kubemode.leases(self.st)
         try:
             return self.tb.leases()
         except NetnsError:
@@ -243,6 +262,16 @@ class Lab:
                 }
             )
         return {
+            "store": self.st.options.store,
+            "kube": {
+                "netns": self.st.kube_ns,
+                "server": self.st.kube_url,
+                "pid": self.st.kube_pid,
+                "running": pid_in_ns(self.st.kube_pid, self.st.kube_ns),
+            }
+            if self.st.options.store == "kube"
+            else None,
+            "services": len(self.st.services),
             "backend": self.st.options.backend,
             "network": self.st.options.network,
             "ip_masq": self.st.options.ip_masq,
@@ -256,7 +285,9 @@ class Lab:
                 "prefix": self.st.etcd_prefix,
                 "pid": self.st.etcd_pid,
                 "running": pid_in_ns(self.st.etcd_pid, self.st.etcd_ns),
-            },
+            }
+            if self.st.options.store == "etcd"
+            else None,
             "nodes": nodes,
             "pods": [{"name": p.name, "node": p.node, "netns": p.netns, "ip": p.ip} for p in self.st.pods],
         }
@@ -301,7 +332,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
             raise LabError(f"a lab is already up ({what}); run `flannel-lab down` first, or `up --force` to replace it")
         say("replacing the lab that is up (--force)")
         down(state_dir, prefix)
-    check_prerequisites()
+    check_prerequisites(opts.store)
     check_kernel_module(opts.backend)
 
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -314,18 +345,30 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         st.ul_ns = tb.ul_ns
         st.save()
         say(f"underlay {opts.underlay} on bridge br0 in {tb.ul_ns}")
-        tb.start_etcd()
-        st.etcd_ns = tb.etcd_ns
-        st.endpoint = tb.endpoint
-        st.etcd_ip = tb.endpoint.split("//")[1].split(":")[0]
-        st.etcd_pid = scope.procs[-1].pid
-        st.save()
-        say(f"etcd {tb.endpoint} in {tb.etcd_ns}")
         conf: dict[str, Any] = {"Network": opts.network, "Backend": backend_conf(opts.backend)}
         if opts.nftables:
             conf["EnableNFTables"] = True
-        tb.put_config(conf)
-        say(f"net-conf.json: {json.dumps(conf)}")
+        if opts.store == "kube":
+            # The API server takes etcd's place on the underlay (.2); the net-conf is the ConfigMap's.
+            ip = str(ipaddress.IPv4Network(opts.underlay).network_address + 2)
+            st.kube_ns = tb.add_host("kapi", ip)
+            st.kube_url = f"https://{ip}:{kubemode.API_PORT}"
+            st.save()
+            st.kube_pid = kubemode.start_api(scope, st.kube_ns, ip, st)
+            st.save()
+            kubemode.write_configmap(st, conf)
+            say(f"Kubernetes API server {st.kube_url} in {st.kube_ns} (Nodes; kubeconfig per node)")
+            say(f"kube-flannel ConfigMap net-conf.json: {json.dumps(conf)}")
+        else:
+            tb.start_etcd()
+            st.etcd_ns = tb.etcd_ns
+            st.endpoint = tb.endpoint
+            st.etcd_ip = tb.endpoint.split("//")[1].split(":")[0]
+            st.etcd_pid = scope.procs[-1].pid
+            st.save()
+            say(f"etcd {tb.endpoint} in {tb.etcd_ns}")
+            tb.put_config(conf)
+            say(f"net-conf.json: {json.dumps(conf)}")
         lab = Lab(st, scope, tb, say)
         made = [lab._new_node() for _ in range(opts.nodes)]
         for ns, node in made:
@@ -348,7 +391,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
         down(state_dir, prefix)
         if isinstance(e, LabError):
             raise LabError(f"{e}\nlab not started; everything it made was removed") from None
-        if isinstance(e, (NetnsError, CNIError)):
+        if isinstance(e, (NetnsError, CNIError, OSError, ApiError)):
             raise LabError(f"{e}\nlab not started; everything it made was removed") from None
         raise
 
@@ -398,6 +441,8 @@ def _validate(opts: LabOptions) -> None:
         raise LabError(f"--network: {e}") from None
     if net.prefixlen > 22:
         raise LabError("--network must be /22 or larger (each node leases a /24)")
+    if opts.store not in ("etcd", "kube"):
+        raise LabError(f"--store must be etcd or kube, not {opts.store!r}")
 
 
 def _orphans(state_dir: Path) -> list[int]:
@@ -412,7 +457,7 @@ def _orphans(state_dir: Path) -> list[int]:
         except OSError:
             continue
         # Only etcd and agents: a `tail -f` on a log in the state dir is the user's, not ours.
-        ours = Path(argv[0]).name == "etcd" or "pyflannel.cli" in argv
+        ours = Path(argv[0]).name == "etcd" or "pyflannel.cli" in argv or "pyflannel.lab.fakekube" in argv
         if ours and any(needle in a for a in argv):
             pids.append(int(d.name))
     return pids

@@ -208,6 +208,37 @@ def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, mtu: int = 1500) -> Non
          "peer", "name", name_b, "mtu", str(mtu), "netns", ns_b])  # fmt: skip
 
 
+# A node's own /var/lib/cni, as the tutorials' paths have it, without touching the host: in a mount namespace
+# of its own whose mounts are slaves of the host's (as `ip netns exec` makes them: mounts made here never
+# propagate back, while the host's new ones, such as a pod's /run/netns entry, still arrive), a 4 MB tmpfs on
+# the node's `.mnt`
+# holds an overlay's upper layer for /var/lib; its `cni` directory, upper-only, is then covered by a bind mount
+# of the node's `var-lib-cni`. Every process of the node gets the same view, and the mounts end with it.
+# Any step failing stops the command before it runs (set -e): nothing is ever written to the host's /var/lib.
+_NODE_MOUNTS = (
+    'set -e; d="$1"; shift; '
+    'mount -t tmpfs -o size=4m,mode=0700 pyflannel-lab "$d/.mnt"; '
+    'mkdir -p "$d/.mnt/upper/cni" "$d/.mnt/work"; '
+    'mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$d/.mnt/upper,workdir=$d/.mnt/work" /var/lib; '
+    'mount --bind "$d/var-lib-cni" /var/lib/cni; '
+    'exec "$@"'
+)
+VAR_LIB_CNI = "var-lib-cni"
+
+
+def node_mounts(node_dir: Path) -> list[str]:
+    """The command prefix that gives a program the node's own /var/lib/cni (`node_dir`/var-lib-cni); run it
+    inside the node's network namespace. The program is exec'd, so its pid is the prefix's."""
+    for sub in (".mnt", VAR_LIB_CNI):
+        (node_dir / sub).mkdir(mode=0o700, exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", _NODE_MOUNTS, "node-mounts", str(node_dir)]
+
+
+def node_exec(ns: str, node_dir: Path) -> list[str]:
+    """`[*node_exec(ns, d), "cat", "/var/lib/cni/..."]` runs in node `ns` as the node's own processes do."""
+    return ["ip", "netns", "exec", ns, *node_mounts(node_dir)]
+
+
 def spawn_etcd(
     scope: RunScope, ns: str, ip: str, *, name: str = "etcd", cluster: str | None = None
 ) -> subprocess.Popen[bytes]:

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import select
-import subprocess
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import capture as cap
+from . import kubemode
+from .capture import UDP_PORT, VXLAN_PORT
 from .lab import Lab
-from .netns import run
+from .netns import VAR_LIB_CNI, run
 from .state import LabError, NodeState, PodState
 
-VXLAN_PORT = 8472
 IPIP_DEV = "flannel.ipip"
 UDP_DEV = "flannel0"
-UDP_PORT = 8285
 
 
 def sh(ns: str, *cmd: str) -> str:
@@ -94,6 +93,42 @@ def lease_text(lab: Lab, subnet: str | None) -> str:
     return out.rstrip() or f"{key}: (no lease)"
 
 
+CNI_NET = "cbr0"  # the conflist's name, which libcni and host-local name their files after
+
+
+def cni_files(lab: Lab, n: NodeState) -> list[tuple[str, str, str]]:
+    """(tutorial path, what it is, content) of the CNI files of each pod on `n`: the node's own /var/lib/cni,
+    read through its run directory, which is what the node's mount namespace shows at that path."""
+    root = Path(n.dir) / VAR_LIB_CNI
+    out: list[tuple[str, str, str]] = []
+    for pod in lab.st.pods_of(n.name):
+        cid = pod.container_id
+        out.append((f"/var/lib/cni/flannel/{cid}", "the delegate config flannel stored for the sandbox (DEL reads it)",
+                    _read(root / "flannel" / cid)))  # fmt: skip
+        res = root / "results" / f"{CNI_NET}-{cid}-eth0"
+        out.append((f"/var/lib/cni/results/{CNI_NET}-{cid}-eth0", "the runtime's result cache (libcni), its result:",
+                    _cached_result(res)))  # fmt: skip
+        out.append((f"/var/lib/cni/networks/{CNI_NET}/{pod.ip}", "host-local's allocation: the container ID",
+                    _read(root / "networks" / CNI_NET / pod.ip)))  # fmt: skip
+    return out
+
+
+def _read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace").rstrip() or "(empty)"
+    except OSError:
+        return "(missing)"
+
+
+def _cached_result(p: Path) -> str:
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return "(missing)"
+    rest = ", ".join(k for k in d if k != "result")
+    return f"{json.dumps(d.get('result'), separators=(',', ':'))}\n(and {rest})"
+
+
 def show_node(lab: Lab, name: str) -> str:
     n = lab.st.node(name)
     ns = n.netns
@@ -106,7 +141,16 @@ def show_node(lab: Lab, name: str) -> str:
         env_text = "(not written: the agent is not ready)"
     parts = [f"== node {n.name}: netns {ns}, underlay {n.ip} on eth0, backend {lab.st.options.backend}\n"]
     parts.append(_section("subnet.env", f"cat {subnet_file}", env_text))
-    parts.append(_section("lease in etcd", "etcdctl get <prefix>/subnets/<subnet>", lease_text(lab, subnet)))
+    if lab.st.options.store == "kube":
+        parts.append(
+            _section(
+                "the Node's flannel annotations and podCIDR",
+                f"flannel-lab get node {n.name} -o yaml | grep -e flannel.alpha -e podCIDR",
+                kubemode.flannel_annotations(lab.st, n.name),
+            )
+        )
+    else:
+        parts.append(_section("lease in etcd", "etcdctl get <prefix>/subnets/<subnet>", lease_text(lab, subnet)))
     parts.append(_section("routes", "ip route", sh(ns, "ip", "route")))
     if vx:
         parts.append(
@@ -157,6 +201,9 @@ def show_node(lab: Lab, name: str) -> str:
     parts.append(
         _section("cni0 ports", "bridge link show master cni0", sh(ns, "bridge", "link", "show", "master", "cni0"))
     )
+    files = cni_files(lab, n)
+    body = "\n".join(f"{path}   ({what})\n{_indent(content, '  ')}" for path, what, content in files)
+    parts.append(_section("CNI files of its pods", f"flannel-lab exec {n.name} -- cat <path>", body or "(no pods)"))
     parts.append(
         _section("FLANNEL rules", "iptables-save | grep FLANNEL; nft list table ... flannel*", flannel_rules(ns))
     )
@@ -406,73 +453,63 @@ def _udp_hops(lab: Lab, sn: NodeState, dn: NodeState, dst: PodState) -> list[Hop
     ]
 
 
-def capture(lab: Lab, src_name: str, dst_name: str, timeout: float = 8.0) -> tuple[str, str]:
-    """Send one ping and capture it on the source node's underlay port; return (command, tcpdump output)."""
-    src, dst = lab.st.pod(src_name), lab.st.pod(dst_name)
-    port = src.node  # the underlay bridge port of a node carries the node's name
-    if lab.st.options.backend == "vxlan":
-        filt = ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
-    elif lab.st.options.backend == "ipip":
-        filt = ["ip", "proto", "4"]  # tcpdump prints the outer and the inner IPv4 header
-    elif lab.st.options.backend == "udp":
-        # tcpdump does not decode the payload: -X shows it starts with the inner IPv4 header (45 00 ...).
-        filt = ["-X", "udp", "port", str(UDP_PORT)]
-    else:
-        filt = ["icmp", "and", "host", src.ip]
-    cmd = ["tcpdump", "-i", port, "-n", "-e", "-vv", "-l", "-c", "2", *filt]
-    p = subprocess.Popen(
-        ["ip", "netns", "exec", lab.st.ul_ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert p.stderr is not None
-        # tcpdump says "listening on" once the socket is bound: ping before that and the packet is missed.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([p.stderr], [], [], 0.2)
-            if r and "listening on" in p.stderr.readline():
-                break
-            if p.poll() is not None:
-                break
-        run(["ip", "netns", "exec", src.netns, "ping", "-c", "1", "-W", "2", dst.ip], check=False)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.terminate()
-            out, err = p.communicate(timeout=5)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=5)
-    shown = f"ip netns exec {lab.st.ul_ns} {' '.join(cmd)}"
-    return shown, (out.rstrip() or err.strip() or "(nothing captured)")
+def capture_points(lab: Lab, src: PodState, dst: PodState, names: Sequence[str]) -> list[cap.Point]:
+    """The capture points `names` (cap.POINTS) for a packet from `src` to `dst`; LabError for one that does not
+    exist on this lab's path."""
+    sn = lab.st.node(src.node)
+    backend = lab.st.options.backend
+    points = []
+    for name in sorted(set(names), key=lambda x: cap.POINTS.index(x) if x in cap.POINTS else -1):
+        if name == "underlay":
+            # The underlay bridge port of a node carries the node's name; -c 2: the request and the reply.
+            filt = cap.underlay_filter(backend, src.ip)
+            points.append(cap.Point(name, f"the underlay port of {sn.name}", lab.st.ul_ns, sn.name, filt, 2))
+        elif name == "cni0":
+            points.append(cap.Point(name, f"cni0 of {sn.name}", sn.netns, "cni0", cap.icmp_filter(src.ip, dst.ip)))
+        elif name == "flannel.1":
+            if backend != "vxlan":
+                raise LabError(f"no flannel.1 with the {backend} backend: capture on cni0, pod or underlay")
+            filt = cap.icmp_filter(src.ip, dst.ip)
+            points.append(cap.Point(name, f"flannel.1 of {sn.name}", sn.netns, "flannel.1", filt))
+        elif name == "pod":
+            filt = cap.icmp_filter(src.ip, dst.ip)
+            points.append(cap.Point(name, f"eth0 of pod {dst.name}", dst.netns, "eth0", filt))
+        else:
+            raise LabError(f"no capture point {name!r}: {', '.join(cap.POINTS)}")
+    return points
 
 
-def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True) -> str:
+def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Sequence[str] = ()) -> str:
     hops, sn, dn = trace_hops(lab, src, dst)
     s, d = lab.st.pod(src), lab.st.pod(dst)
-    lines = [
-        f"trace {s.name} ({s.ip} on {sn.name}) -> {d.name} ({d.ip} on {dn.name}), backend {lab.st.options.backend}",
-        "",
-    ]
+    backend = lab.st.options.backend
+    lines = [f"trace {s.name} ({s.ip} on {sn.name}) -> {d.name} ({d.ip} on {dn.name}), backend {backend}", ""]
     lines += [h.render(i) for i, h in enumerate(hops, 1)]
-    decoded = lab.st.options.backend != "udp"  # tcpdump shows udp's inner packet only as hex
-    if do_capture and sn.name != dn.name:
-        cmd, out = capture(lab, src, dst)
-        lines += [
-            "",
-            f"proof: one ping {s.name} -> {d.name}, captured on the underlay port of {sn.name}",
-            f"     [{cmd}]",
-            _indent(out, "     "),
-        ]
+    if not do_capture or (sn.name == dn.name and not captures):
+        return "\n".join(lines)
+    points = capture_points(lab, s, d, captures or ["underlay"])
+
+    def ping() -> None:
+        run(["ip", "netns", "exec", s.netns, "ping", "-c", "1", "-W", "2", d.ip], check=False)
+
+    outs = cap.capture(points, ping)
+    decoded = backend != "udp"  # tcpdump shows udp's inner packet only as hex
+    for p, out in zip(points, outs, strict=True):
+        lines += ["", f"capture on {p.name} ({p.where}): one ping {s.name} -> {d.name}", f"     [{p.shown()}]"]
+        lines.append(_indent(out, "     "))
+        if p.name != "underlay":
+            continue
         if not decoded:
             lines.append(
                 "     the UDP payload starts at byte 28 (0x001c, after the outer IPv4 and UDP headers) with 4500...: "
                 f"the pod's own IPv4 header, {s.ip} -> {d.ip} as hex further on unless SNATed"
             )
-    if do_capture and decoded and sn.name != dn.name and f"{s.ip} > " not in out and " > " in out:
-        lines.append(
-            f"     note: the inner source is not {s.ip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
-            f"show {sn.name}`): without --ip-masq the bridge plugin masquerades all that leaves the node's subnet; "
-            "`up --ip-masq` keeps pod IPs between pods, as kube-flannel does"
-        )
+        elif f"{s.ip} > " not in out and " > " in out:
+            lines.append(
+                f"     note: the inner source is not {s.ip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
+                f"show {sn.name}`): without --ip-masq the bridge plugin masquerades all that leaves the node's "
+                "subnet; `up --ip-masq` keeps pod IPs between pods, as kube-flannel does"
+            )
+    if sn.name != dn.name:
+        lines += ["", cap.ttl_story(backend, s.name, d.name, sn.name, dn.name)]
     return "\n".join(lines)

@@ -42,6 +42,22 @@ class PodState:
 
 
 @dataclass
+class ServiceState:
+    """A Service as `service add` made it: kube-proxy's view of it (ClusterIP, ports, endpoints)."""
+
+    name: str
+    namespace: str
+    cluster_ip: str
+    port: int
+    protocol: str
+    endpoints: list[str]  # "ip:port", in the order of --to
+    backends: list[str]  # the pods behind them
+    node_port: int | None = None
+    mode: str = "iptables"
+    port_name: str = "http"
+
+
+@dataclass
 class LabOptions:
     nodes: int = 3
     backend: str = "vxlan"
@@ -50,6 +66,8 @@ class LabOptions:
     network: str = "10.244.0.0/16"
     underlay: str = "192.168.77.0/24"
     nftables: bool = False
+    store: str = "etcd"  # or "kube": flanneld --kube-subnet-mgr against the lab's API server
+    service_cidr: str = "10.96.0.0/12"
 
 
 @dataclass
@@ -65,8 +83,13 @@ class LabState:
     etcd_prefix: str = "/coreos.com/network"
     etcd_pid: int | None = None
     next_host: int = 11
+    kube_ns: str = ""
+    kube_url: str = ""
+    kube_pid: int | None = None
+    kube_last_cidr: int = -1  # the controller manager's range allocator: index of the last /24 given
     nodes: list[NodeState] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
+    services: list[ServiceState] = field(default_factory=list)
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:
@@ -80,6 +103,17 @@ class LabState:
                 return p
         raise LabError(f"no pod {name!r}; pods: {', '.join(p.name for p in self.pods) or '(none)'}")
 
+    def service(self, name: str) -> ServiceState:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise LabError(f"no service {name!r}; services: {', '.join(s.name for s in self.services) or '(none)'}")
+
+    @property
+    def kube_sock(self) -> str:
+        """The API server's unix socket: the lab's own way in, from the root namespace."""
+        return str(Path(self.state_dir) / "kube" / "kube.sock")
+
     def pods_of(self, node: str) -> list[PodState]:
         return [p for p in self.pods if p.node == node]
 
@@ -92,6 +126,7 @@ class LabState:
         d["options"] = LabOptions(**d["options"])
         d["nodes"] = [NodeState(**n) for n in d.get("nodes", [])]
         d["pods"] = [PodState(**p) for p in d.get("pods", [])]
+        d["services"] = [ServiceState(**s) for s in d.get("services", [])]
         return cls(**d)
 
     def save(self) -> None:

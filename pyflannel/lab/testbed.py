@@ -25,21 +25,44 @@ from typing import Any
 from ..cni.driver import Driver, RuntimeConf, kube_flannel_conflist
 from ..cni.launcher import install as install_launcher
 from ..subnetenv import SubnetEnv, read_subnet_env
-from .netns import NetnsError, RunScope, etcdctl, kill_ns_processes, ns_exec, run, spawn_etcd, veth, wait_etcd
+from .netns import (
+    VAR_LIB_CNI,
+    NetnsError,
+    RunScope,
+    etcdctl,
+    kill_ns_processes,
+    node_exec,
+    ns_exec,
+    run,
+    spawn_etcd,
+    veth,
+    wait_etcd,
+)
 
 DEFAULT_UNDERLAY = "192.168.77.0/24"
 REF_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 
 
-def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, dict[str, Any]]:
+def cni_runtime(
+    bin_root: Path, node_dir: Path, node_ns: str, *, tutorial_paths: bool = False
+) -> tuple[Driver, dict[str, Any]]:
     """A node's CNI runtime: kube-flannel's conflist with every data dir under `node_dir` (never /var/lib/cni),
     the `flannel` client in `bin_root`/cni-bin, and the plugins exec'd inside the node namespace, where the
     bridge and portmap plugins make their links and rules. The client asks the node's agent (its CNI socket is
-    beside its subnet.env, so `node_dir`/cni.sock) and runs the standalone plugin while none serves."""
+    beside its subnet.env, so `node_dir`/cni.sock) and runs the standalone plugin while none serves.
+
+    With `tutorial_paths` the data dirs are libcni's and the plugins' defaults under /var/lib/cni, which the
+    plugins see in the node's own mount namespace (netns.node_exec: `node_dir`/var-lib-cni mounted there);
+    the node's agent must run under the same prefix."""
     bin_dir = bin_root / "cni-bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     if not (bin_dir / "flannel").exists():
         install_launcher(bin_dir / "flannel")
+    env = {**os.environ, "FLANNEL_CNI_SOCKET": str(node_dir / "cni.sock")}
+    if tutorial_paths:
+        conflist = kube_flannel_conflist(subnet_file=str(node_dir / "subnet.env"))
+        prefix = node_exec(node_ns, node_dir)
+        return Driver([bin_dir, REF_PLUGINS], node_dir / VAR_LIB_CNI, exec_prefix=prefix, env=env), conflist
     conflist = kube_flannel_conflist(
         subnet_file=str(node_dir / "subnet.env"),
         data_dir=str(node_dir / "cni" / "flannel"),
@@ -49,7 +72,7 @@ def cni_runtime(bin_root: Path, node_dir: Path, node_ns: str) -> tuple[Driver, d
         [bin_dir, REF_PLUGINS],
         node_dir / "cni" / "cache",
         exec_prefix=["ip", "netns", "exec", node_ns],
-        env={**os.environ, "FLANNEL_CNI_SOCKET": str(node_dir / "cni.sock")},
+        env=env,
     )
     return driver, conflist
 
@@ -162,6 +185,12 @@ class Testbed:
         ns_exec(self.ul_ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         self.segments[bridge] = (net, 11)
         return bridge
+
+    def add_host(self, short: str, ip: str) -> str:
+        """A namespace on the underlay with address `ip`: a server that is no node (the lab's API server)."""
+        ns = self.scope.add_ns(short)
+        self._attach(ns, short, ip)
+        return ns
 
     def start_etcd(self, members: int = 1) -> str:
         """etcd on the underlay: one member in namespace `etcd` (192.168.77.2), or a cluster of `members` with

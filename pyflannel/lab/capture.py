@@ -1,0 +1,117 @@
+"""Captures for `trace`: tcpdump at the points the tutorials capture at, all listening before one probe is sent.
+
+    pod        the destination pod's eth0 (tcpdump inside the pod)
+    cni0       the source node's bridge, where the pod's packet enters the node
+    flannel.1  the source node's VTEP, after the node routed the packet (vxlan only)
+    underlay   the source node's port on the underlay bridge: what crosses between the nodes
+
+Each capture is decoded as tcpdump decodes it (-n -e -vv; VXLAN with -T vxlan), so the reader sees the TTL of
+each point: the pod sends 64, each node that routes the packet takes one, the bridges take none.
+"""
+
+from __future__ import annotations
+
+import select
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+POINTS = ("cni0", "flannel.1", "underlay", "pod")  # in the order the packet passes them
+VXLAN_PORT = 8472
+UDP_PORT = 8285
+LISTEN_TIMEOUT = 5.0
+
+
+@dataclass
+class Point:
+    """One capture: tcpdump on `iface` inside namespace `ns`, stopping after `count` packets."""
+
+    name: str
+    where: str  # for the reader: "the underlay port of n1"
+    ns: str
+    iface: str
+    filt: list[str]
+    count: int = 1
+
+    def command(self) -> list[str]:
+        return ["tcpdump", "-i", self.iface, "-n", "-e", "-vv", "-l", "-c", str(self.count), *self.filt]
+
+    def shown(self) -> str:
+        return shlex.join(["ip", "netns", "exec", self.ns, *self.command()])
+
+
+def underlay_filter(backend: str, src_ip: str) -> list[str]:
+    """What the underlay carries for a pod's packet, per backend."""
+    if backend == "vxlan":
+        return ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
+    if backend == "ipip":
+        return ["ip", "proto", "4"]  # tcpdump prints the outer and the inner IPv4 header
+    if backend == "udp":
+        # tcpdump does not decode the payload: -X shows it starts with the inner IPv4 header (45 00 ...).
+        return ["-X", "udp", "port", str(UDP_PORT)]
+    return ["icmp", "and", "host", src_ip]
+
+
+def icmp_filter(src_ip: str, dst_ip: str) -> list[str]:
+    """The echo request alone, so one packet ends the capture."""
+    return ["icmp[icmptype] == icmp-echo", "and", "src", "host", src_ip, "and", "dst", "host", dst_ip]
+
+
+def _start(p: Point) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", p.ns, *p.command()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    # tcpdump says "listening on" once the socket is bound: send before that and the packet is missed.
+    deadline = time.monotonic() + LISTEN_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        r, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if r and "listening on" in proc.stderr.readline():
+            break
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str], deadline: float) -> str:
+    try:
+        out, err = proc.communicate(timeout=max(0.5, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    lines = [x for x in err.splitlines() if not x.startswith(("tcpdump:", "listening on")) and "packets" not in x]
+    return out.rstrip() or "\n".join(lines).strip() or "(nothing captured)"
+
+
+def capture(points: Sequence[Point], send: Callable[[], object], timeout: float = 8.0) -> list[str]:
+    """Start every capture, send once, and return each capture's tcpdump output (in the order given)."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for p in points:
+            procs.append(_start(p))
+        send()
+        deadline = time.monotonic() + timeout
+        return [_finish(proc, deadline) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str) -> str:
+    """Why each point sees the TTL it sees."""
+    tunnel = {
+        "vxlan": "inside the VXLAN packet on the underlay (the outer IPv4 header is the node's own)",
+        "ipip": "inside the IP-in-IP packet on the underlay (the outer header is the node's own)",
+        "udp": "inside flanneld's UDP datagram on the underlay (the outer header is the node's own)",
+    }.get(backend, "on the underlay, where host-gw sends it as it is")
+    return (
+        f"TTL: {src} sends at 64 and its node's cni0 only bridges it (64 on cni0); node {src_node} routes it, "
+        f"63 from there on: on flannel.1 and {tunnel}; the underlay bridge does not route; node {dst_node} routes "
+        f"it into its cni0, so {dst} receives it at 62. 64 -> 63 -> 62."
+    )
