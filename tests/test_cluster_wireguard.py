@@ -27,6 +27,7 @@ from needs import need
 from test_cluster import NETWORK, Cluster, all_pairs_ping, ip
 
 from pyflannel.lab import netns
+from pyflannel.lab import wireguard as labwg
 from pyflannel.lab.testbed import Node, Testbed
 from pyflannel.lab.vm import IN_VM_ENV
 
@@ -335,6 +336,26 @@ def test_node_leaving_is_removed(cluster: Cluster) -> None:
     del tb.nodes["n4"], cluster.env["n4"]
     tb.scope.remove_ns(n4.ns)
     expect_peers(cluster, n1, [tb.nodes["n2"], tb.nodes["n3"]])
+
+
+@pytest.mark.kernel_vm
+def test_lab_lists_peers_like_wg_show_without_secrets_and_traces_the_peer(cluster: Cluster) -> None:
+    tb = cluster.tb
+    n1, n2, n3 = tb.nodes["n1"], tb.nodes["n2"], tb.nodes["n3"]
+    text = labwg.wg_show(n1.ns)
+    assert "interface: flannel-wg" in text and f"public key: {lease_key(cluster, n1)}" in text
+    assert "private key: (hidden)" in text and "listening port: 51820" in text
+    for o in (n2, n3):
+        assert f"peer: {lease_key(cluster, o)}" in text
+        assert f"endpoint: {o.ip}:{PORT}" in text and f"allowed ips: {cluster.subnet(o)}" in text
+    assert (n1.dir / "wgkey").read_text().strip() not in text
+    assert ("wireguard-go" in labwg.implementation(n1.ns)) == (EXPECTED == "userspace")
+    hops = labwg.trace_hops(n1.ns, n1.ip, n2.ns, n2.pods[0].ip, n1.pods[0].ip)
+    assert f"peer {lease_key(cluster, n2)}" in hops[0][2] and f"endpoint {n2.ip}:{PORT}" in hops[0][2]
+    assert f"peer {lease_key(cluster, n1)}" in hops[1][2] and cluster.subnet(n1) in hops[1][2]
+    assert (
+        labwg.redact("  preshared key: abc=\nprivate key: xyz=") == "  preshared key: (hidden)\nprivate key: (hidden)"
+    )
 
 
 # ---- PSK: a cluster sharing one, and a node started while the config named another --------------------------------

@@ -1,0 +1,115 @@
+"""The wireguard backend in the lab: what `show` lists (the peers, the way `wg show` does, private key hidden) and
+the hops `trace` explains (the route into flannel-wg, the peer whose allowed IPs hold the destination, the UDP
+datagram to its endpoint), plus what the underlay capture filters on.
+
+`wg` itself reads the device: in the node namespace for kernel WireGuard, and inside wireguard-go's own mount
+namespace (nsenter) for the userspace fallback, whose UAPI socket exists only there. Key material never reaches
+the output: wg prints the private and preshared keys as "(hidden)" unless asked, and any line naming one is
+rewritten here anyway.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+from pathlib import Path
+
+from .netns import ns_pids
+
+DEV = "flannel-wg"
+PORT = 51820
+_SECRET_LINE = re.compile(r"^(\s*(?:private|preshared) key:).*$", re.M)
+
+
+def wireguard_go_pid(ns: str) -> int | None:
+    """The wireguard-go process serving this node's device, or None (kernel WireGuard, or none)."""
+    for pid in ns_pids(ns):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "wireguard-go":
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"({e})"
+    return (p.stdout if p.returncode == 0 else p.stderr or p.stdout).rstrip()
+
+
+def implementation(ns: str, dev: str = DEV) -> str:
+    kind = _run(["ip", "-n", ns, "-d", "link", "show", dev])
+    if "wireguard" in kind:
+        return "kernel WireGuard"
+    pid = wireguard_go_pid(ns)
+    return f"wireguard-go (userspace), pid {pid}" if pid else "(no WireGuard device)"
+
+
+def wg_command(ns: str) -> list[str]:
+    """How to run `wg` against this node's device: where its configuration interface is."""
+    pid = wireguard_go_pid(ns)
+    if pid is not None:
+        return ["nsenter", "-t", str(pid), "-m", "-n", "wg"]
+    return ["ip", "netns", "exec", ns, "wg"]
+
+
+def redact(text: str) -> str:
+    return _SECRET_LINE.sub(r"\1 (hidden)", text)
+
+
+def wg_show(ns: str, dev: str = DEV) -> str:
+    """`wg show DEV`: interface, public key, port, and each peer's endpoint, allowed IPs, handshake, transfer."""
+    return redact(_run([*wg_command(ns), "show", dev])) or "(no such device)"
+
+
+def shown_command(ns: str, dev: str = DEV) -> str:
+    pid = wireguard_go_pid(ns)
+    if pid is not None:
+        return f"nsenter -t {pid} -m -n wg show {dev}   (wireguard-go's socket lives in its own mount namespace)"
+    return f"ip netns exec {ns} wg show {dev}"
+
+
+def peer_for(ns: str, dst_ip: str, dev: str = DEV) -> tuple[str, str, str]:
+    """(public key, endpoint, allowed IPs) of the peer whose allowed IPs hold `dst_ip` (wg's cryptokey routing)."""
+    addr = ipaddress.ip_address(dst_ip)
+    out = _run([*wg_command(ns), "show", dev, "dump"])
+    for line in out.splitlines()[1:]:  # the first line is the interface's own, with its private key
+        f = line.split("\t")
+        if len(f) < 4:
+            continue
+        for cidr in f[3].split(","):
+            try:
+                if addr in ipaddress.ip_network(cidr, strict=False):
+                    return f[0], f[2], f[3]
+            except ValueError:
+                continue
+    return "?", "?", "?"
+
+
+def underlay_filter() -> list[str]:
+    """tcpdump's filter for the underlay: WireGuard's UDP (tcpdump decodes its message types, not the payload)."""
+    return ["udp", "port", str(PORT)]
+
+
+def trace_hops(src_ns: str, src_ip: str, dst_ns: str, dst_pod_ip: str, src_pod_ip: str) -> list[tuple[str, str, str]]:
+    """(what, command, entry) for the source node and the destination node of a pod-to-pod packet."""
+    key, endpoint, allowed = peer_for(src_ns, dst_pod_ip)
+    back_key, back_ep, back_allowed = peer_for(dst_ns, src_pod_ip)
+    return [
+        (
+            f"{DEV} ({implementation(src_ns)}) looks up the peer whose allowed IPs hold {dst_pod_ip} (cryptokey "
+            f"routing), encrypts the packet for it and sends it as UDP {src_ip}:{PORT} -> {endpoint}",
+            f"wg show {DEV} dump | grep {dst_pod_ip.rsplit('.', 1)[0]}",
+            f"peer {key}\n  endpoint {endpoint}\n  allowed ips {allowed}",
+        ),
+        (
+            f"{DEV} ({implementation(dst_ns)}) receives UDP {PORT}, decrypts it with the session of the sender's key, "
+            f"and accepts the inner packet only because its source {src_pod_ip} is in that peer's allowed IPs",
+            f"wg show {DEV} dump | grep {src_pod_ip.rsplit('.', 1)[0]}",
+            f"peer {back_key}\n  endpoint {back_ep}\n  allowed ips {back_allowed}",
+        ),
+    ]
