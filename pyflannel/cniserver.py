@@ -17,7 +17,12 @@ under its root directory and in its working directory: the delegates make their 
 and the paths a call names (CNI_PATH, dataDir, subnetFile, the delegates' own, relative ones too) must lead
 where they lead for the client. Any other connection is closed unread; its client then runs the standalone
 plugin, as it does when nothing listens (and as a client that is not root does when the 0600 mode stops its
-connect()). Runtimes and agents run as system services from /, so the working directories agree.
+connect()). Runtimes and agents run as system services from /, so the working directories agree. Mount
+namespaces as such are not compared (`ip netns exec` makes one per command); instead the directories CNI keeps
+its files in by convention (CNI_DIRS) and the call's CNI_PATH and netns directories must be the same files for
+the client as for flanneld (a request where they are not is refused), which catches a client whose own mounts
+cover them, such as the lab's per-node /var/lib/cni. Paths only the network config names (a dataDir elsewhere)
+are not checked.
 
 Protocol, version 1 (integers unsigned, big-endian):
   request  0  4  "FCNI"
@@ -58,6 +63,7 @@ import array
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -67,6 +73,7 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .cni import plugin
@@ -97,6 +104,9 @@ REPLY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 4.0
 SOCKET_MODE = 0o600
 DIR_MODE = 0o700
+# Where CNI keeps its files by convention (flannel's and host-local's state, plugins, configs, pod netns files).
+CNI_DIRS = ("/var/lib/cni", "/opt/cni/bin", "/etc/cni/net.d", "/run/netns", "/run/flannel")
+MAX_VIEW_PATHS = 32
 
 
 class CniServerError(Exception):
@@ -214,6 +224,29 @@ def _ns_id(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+def _file_id(path: str) -> tuple[int, int] | str:
+    try:
+        return _ns_id(path)
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, "error")
+
+
+def view_difference(pid: int, env: Mapping[str, str]) -> str | None:
+    """The first of the call's directories (CNI_DIRS, CNI_PATH's, the netns file's) that is another file, or
+    none, for process `pid` than for flanneld; None when they all agree."""
+    paths = [*CNI_DIRS, *(d for d in env.get("CNI_PATH", "").split(":") if d.startswith("/"))]
+    netns = env.get("CNI_NETNS", "")
+    if netns.startswith("/"):
+        paths.append(os.path.dirname(netns))
+    root = f"/proc/{pid}/root"
+    for path in paths[:MAX_VIEW_PATHS]:
+        # /proc/<pid>/root resolves the path in pid's mounts, but an absolute symlink on the way from ours.
+        real = os.path.realpath(path)
+        if _file_id(real) != _file_id(root + real):
+            return path
+    return None
+
+
 class CniServer:
     """The server on `path`: start(), then serve_forever() until cancelled, then close()."""
 
@@ -316,7 +349,7 @@ class CniServer:
                 conn.close()
 
     def _dispatch(self, conn: socket.socket) -> None:
-        why = self._refusal(conn)
+        pid, why = self._peer(conn)
         if why is not None:
             self.refused += 1
             self._warn_once(why[0], "CNI server: not serving a client (it runs the standalone plugin): %s", why[1])
@@ -330,30 +363,31 @@ class CniServer:
             conn.close()
             return
         assert self._pool is not None
-        work = self._pool.submit(self._serve_one, conn)
+        work = self._pool.submit(self._serve_one, conn, pid)
         fut = asyncio.wrap_future(work)
         self._pending[fut] = (work, conn)
         fut.add_done_callback(self._done)
 
-    def _refusal(self, conn: socket.socket) -> tuple[str, str] | None:
-        """(kind, reason) when the peer is not to be served."""
+    def _peer(self, conn: socket.socket) -> tuple[int, tuple[str, str] | None]:
+        """The client's pid, and (kind, reason) when it is not to be served. The pid stays the client's: it
+        waits for the answer."""
         pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if uid not in (0, self._uid):
-            return "uid", f"uid {uid} is neither root nor flanneld's ({self._uid})"
+            return pid, ("uid", f"uid {uid} is neither root nor flanneld's ({self._uid})")
         if pid <= 0:
-            return "pid", "the client's process is not visible in flanneld's PID namespace"
+            return pid, ("pid", "the client's process is not visible in flanneld's PID namespace")
         try:
             net, root = _ns_id(f"/proc/{pid}/ns/net"), _ns_id(f"/proc/{pid}/root")
             cwd = _ns_id(f"/proc/{pid}/cwd")
         except OSError as e:
-            return "proc", f"cannot read pid {pid}'s namespaces: {e.strerror}"
+            return pid, ("proc", f"cannot read pid {pid}'s namespaces: {e.strerror}")
         if net != self._net:
-            return "net", f"pid {pid} is in another network namespace"
+            return pid, ("net", f"pid {pid} is in another network namespace")
         if root != self._root:
-            return "root", f"pid {pid} has another root directory"
+            return pid, ("root", f"pid {pid} has another root directory")
         if cwd != self._cwd:
-            return "cwd", f"pid {pid} runs in another working directory"
-        return None
+            return pid, ("cwd", f"pid {pid} runs in another working directory")
+        return pid, None
 
     def _warn_once(self, kind: str, fmt: str, *args: object) -> None:
         level = logging.DEBUG if kind in self._warned else logging.WARNING
@@ -369,7 +403,7 @@ class CniServer:
         else:
             self.refused += 1
 
-    def _serve_one(self, conn: socket.socket) -> bool:
+    def _serve_one(self, conn: socket.socket, pid: int) -> bool:
         """One connection, in a worker thread: True when the plugin ran and its answer was sent."""
         try:
             conn.settimeout(REQUEST_TIMEOUT)
@@ -382,6 +416,14 @@ class CniServer:
                 return False
             except (ClientGone, OSError) as e:
                 log.debug("CNI server: no whole request: %s", e)
+                return False
+            seen = view_difference(pid, req.env)
+            if seen is not None:
+                os.close(req.stderr)
+                why = f"pid {pid} sees another {seen} than flanneld"
+                self._warn_once("view", "CNI server: not serving a client (it runs the standalone plugin): %s", why)
+                with contextlib.suppress(OSError):
+                    conn.sendall(encode_refusal(why))
                 return False
             what = f"{req.env.get('CNI_COMMAND', '-')} {req.env.get('CNI_CONTAINERID', '-')}"
             t = time.monotonic()

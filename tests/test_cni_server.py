@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,7 +117,8 @@ def exchange(path: Path, data: bytes, fds: tuple[int, ...] = (2,)) -> bytes:
         s.settimeout(20)
         s.connect(str(path))
         sent = socket.send_fds(s, [data], list(fds)) if fds else 0
-        s.sendall(data[sent:])
+        if data[sent:]:  # (an empty send after the server's answer and close would be EPIPE)
+            s.sendall(data[sent:])
         reply = b""
         need = cniserver.REPLY_HEAD.size
         while len(reply) < need:
@@ -244,6 +246,35 @@ def test_socket_life(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("ERROR", logger="pyflannel.cniserver"):
         asyncio.run(asyncio.wait_for(serve_cni(str(tmp_path / "file" / "cni.sock")), 5))
     assert "not serving the CNI plugin on" in caplog.text
+
+
+def test_a_client_with_other_files_at_the_cni_paths_is_not_served(
+    srv: ServerThread, cni_paths: CniPaths, tmp_path: Path
+) -> None:
+    """A client in a mount namespace of its own that mounts another directory over one of its CNI_PATH entries
+    (as the lab's nodes do over /var/lib/cni): served, flanneld would run the delegate it sees there."""
+    need(tools=("unshare", "mount"))
+    bed = Bed(tmp_path, "fallback", cni_paths)
+    bed.write_env(IPV4_ENV)
+    theirs = tmp_path / "their-bin"
+    theirs.mkdir()
+    for d, who in ((bed.bin, "flanneld-view"), (theirs, "client-view")):
+        (d / "bridge").write_text(f"#!/bin/sh\ncat >/dev/null\necho '{who}' > \"$FAKE_DIR/who\"\nprintf '{{}}'\n")
+        (d / "bridge").chmod(0o755)
+    env = bed.env("ADD", FLANNEL_CNI_SOCKET=srv.server.path)
+    script = 'mount --bind "$1" "$2" && exec "$3"'
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-", str(theirs), str(bed.bin),
+           str(cni_paths.fallback)]  # fmt: skip
+    p = subprocess.run(cmd, input=json.dumps(bed.conf()).encode(), env=env, capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (bed.fake / "who").read_text() == "client-view\n"
+    assert wait_for(lambda: (srv.server.served, srv.server.refused) == (0, 1), 5)
+    # The same client without the mount is served.
+    p = subprocess.run([str(cni_paths.served)], input=json.dumps(bed.conf()).encode(), env=env, capture_output=True,
+                       timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (bed.fake / "who").read_text() == "flanneld-view\n"
+    assert wait_for(lambda: srv.server.served == 1, 5)
 
 
 def test_the_flag(tmp_path: Path) -> None:
@@ -522,11 +553,11 @@ class Agent:
         self.start()
         self.subnet = ipaddress.ip_network(self.tb.wait_ready(self.node).subnet)  # type: ignore[arg-type]
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, serving: bool = True) -> None:
         before = self.log().count("serving the CNI plugin on")
         self.tb.start_agent(self.node, *extra)
         self.tb.wait_ready(self.node)
-        if "--cni-socket=" not in extra:
+        if serving:
             assert wait_for(lambda: self.log().count("serving the CNI plugin on") > before, 60), self.log()[-3000:]
 
     def log(self) -> str:
@@ -710,16 +741,22 @@ def test_the_standalone_plugin_while_the_agent_is_down(scope: RunScope) -> None:
     a.start()
     a.node.proc.kill()  # type: ignore[union-attr]
     a.tb.stop_agent(a.node)
-    assert a.sock.exists()
+    assert a.sock.exists(), a.log()[-4000:]
     ips.append(_result_ip(json.dumps(drv.add(a.conflist, pods[2])).encode()))
     assert len(set(ips)) == 3 and a.allocated() == sorted(ips)
     assert [c for c in a.calls()] == [("ADD", pid) for _, pid in a.calls()] and len(a.calls()) == 3
     # Serving turned off: the agent leaves the socket path alone (the dead agent's file stays) and serves nothing.
     serving = a.log().count("serving the CNI plugin on")
-    a.start("--cni-socket=")
+    a.start("--cni-socket=", serving=False)
     drv.delete(a.conflist, pods[0])
     assert a.calls()[-1][0] == "DEL" and a.calls()[-1][1] != a.pid
     assert a.log().count("serving the CNI plugin on") == serving and a.sock.exists()
+    # A socket it cannot make (its directory would be subnet.env): one error line, and the agent runs on.
+    a.tb.stop_agent(a.node)
+    a.start(f"--cni-socket={a.node.subnet_file}/cni.sock", serving=False)
+    assert wait_for(lambda: "not serving the CNI plugin on" in a.log(), 10)
+    time.sleep(1)
+    assert a.node.proc is not None and a.node.proc.poll() is None
     # Turned on again: the dead agent's file is replaced, and the DELs are served.
     a.tb.stop_agent(a.node)
     a.start()
@@ -805,7 +842,8 @@ def ask(data, fds=(2,), cut=False):
     s.settimeout(20)
     s.connect(sys.argv[1])
     n = socket.send_fds(s, [data], list(fds)) if fds else 0
-    s.sendall(data[n:])
+    if data[n:]:
+        s.sendall(data[n:])
     if cut:
         s.close()
         return None
