@@ -38,6 +38,6 @@ def setup_logging(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
-    # grpc and pyroute2 are chatty at debug level; their detail is rarely what a flannel user needs.
-    for noisy in ("pyroute2", "grpc", "asyncio", "etcd3aio"):
+    # asyncio is chatty at debug level; its detail is rarely what a flannel user needs.
+    for noisy in ("asyncio",):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbosity < 5 else logging.DEBUG)

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 NETWORK = "10.244.0.0/16"
 # Only where asked for: a default file in /tmp would outlive the run that wrote it.
 REPORT = os.environ.get("PYFLANNEL_FAULT_REPORT", "")
-# A whole-outage test longer than this changes nothing: every retry pause of the agents is capped at 3 s and
-# gRPC's reconnect backoff at 2 s, both reached within 6 s, and leases (24 h) do not expire. 60 s on request.
+# A whole-outage test longer than this changes nothing: every retry pause of the agents is capped at 3 s, reached
+# within 6 s, and leases (24 h) do not expire. 60 s on request.
 OUTAGE_S = float(os.environ.get("PYFLANNEL_FAULT_OUTAGE_S", "20"))
 
 

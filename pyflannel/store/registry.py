@@ -1,5 +1,5 @@
-"""The stores by name: each is loaded only when chosen, so kube mode never imports grpc and etcd mode never
-imports the Kubernetes client (each costs several MB of resident memory and a noticeable start-up)."""
+"""The stores by name: each is loaded only when chosen, so one mode never pays for the other's client code and
+configuration loading (kubeconfig parsing, YAML)."""
 
 from __future__ import annotations
 
