@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import capture, diagram, kubemode, netns, show
+from . import capture, diagram, kubemode, netns, services, show
 from .lab import Lab, down, up
 from .state import DEFAULT_PREFIX, DEFAULT_STATE_DIR, LabError, LabOptions, load_state
 
@@ -79,9 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("command", nargs=argparse.REMAINDER)
     sh = sub.add_parser("show", help="a node's subnet.env, routes, flannel.1, ARP, FDB, cni0, rules, lease")
     sh.add_argument("node")
+    sh.add_argument("--services", action="store_true", help="kube-proxy's chains (and IPVS) for the Services")
     t = sub.add_parser("trace", help="the path of a packet from one pod to another, then proof on the wire")
     t.add_argument("src")
-    t.add_argument("dst")
+    t.add_argument("dst", help="a pod, or SERVICE:PORT (the DNAT and which backend answered)")
     t.add_argument("--no-capture", action="store_true")
     t.add_argument(
         "--capture",
@@ -97,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     ra = sub.add_parser("restart-agent", help="stop and start a node's flanneld")
     ra.add_argument("name")
+    sv = sub.add_parser("service", help="Services: ClusterIP and NodePort, programmed as kube-proxy does")
+    svs = sv.add_subparsers(dest="service_cmd", required=True, metavar="add|list|del")
+    sa = svs.add_parser("add", help="a Service in front of pods (each runs a small HTTP server naming itself)")
+    sa.add_argument("name")
+    sa.add_argument("--port", type=int, required=True, help="the Service's port on its ClusterIP")
+    sa.add_argument("--to", required=True, metavar="POD[:PORT][,POD...]", help="the backends (PORT: default --port)")
+    sa.add_argument("--nodeport", type=int, help="also a NodePort (30000-32767) on every node's underlay IP")
+    sa.add_argument("--mode", default="iptables", choices=("iptables", "ipvs"), help="kube-proxy's proxy mode")
+    svs.add_parser("list", help="the Services, their ClusterIPs, NodePorts and endpoints")
+    sd = svs.add_parser("del", help="remove a Service and its rules on every node")
+    sd.add_argument("name")
     g = sub.add_parser("get", help="kubectl get nodes / get node NAME (kube mode): the Node objects")
     g.add_argument("kind", help="nodes (or node, no)")
     g.add_argument("name", nargs="?")
@@ -161,6 +173,23 @@ def _target_ns(lab: Lab, target: str) -> str:
     raise LabError(f"no pod or node {target!r}; known: {', '.join(names)}")
 
 
+def _service(lab: Lab, args: argparse.Namespace) -> int:
+    if args.service_cmd == "add":
+        svc = services.add(lab, args.name, args.port, args.to, args.nodeport, args.mode)
+        where = f" and NodePort {svc.node_port} on every node" if svc.node_port is not None else ""
+        print(f"service/{svc.name} created: ClusterIP {svc.cluster_ip}:{svc.port}{where}, {svc.mode} mode")
+        print(f"  endpoints {', '.join(f'{e} ({b})' for e, b in zip(svc.endpoints, svc.backends, strict=True))}")
+        pod, node = lab.st.pods[0].name, lab.st.nodes[0].name
+        url = f"http://{svc.cluster_ip}:{svc.port}/"
+        print(f"next: exec {pod} -- curl -s {url} | trace {pod} {svc.name}:{svc.port} | show {node} --services")
+    elif args.service_cmd == "list":
+        print(services.listing(lab.st), end="")
+    else:
+        services.delete(lab, args.name)
+        print(f'service "{args.name}" deleted')
+    return 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     state_dir: Path = args.state_dir
@@ -211,7 +240,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         # exec, not a child: signals (Ctrl-C, kill) reach the command itself, and its exit code is ours.
         os.execvp(argv_[0], argv_)
     if args.cmd == "show":
-        print(show.show_node(lab, args.node))
+        print(show.show_services(lab, args.node) if args.services else show.show_node(lab, args.node))
+        return 0
+    if args.cmd == "service":
+        return _service(lab, args)
+    if args.cmd == "trace" and services.resolve(lab.st, args.dst) is not None:
+        print(show.trace_service(lab, args.src, args.dst), flush=True)
         return 0
     if args.cmd == "trace":
         print(show.trace(lab, args.src, args.dst, do_capture=not args.no_capture, captures=args.capture), flush=True)
@@ -219,10 +253,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "add-node":
         pods = args.pods if args.pods is not None else lab.st.options.pods_per_node
         n = lab.add_node(pods)
+        services.resync(lab)  # kube-proxy on the new node too
         print(f"added node {n.name} ({n.netns}, {n.ip}), subnet {lab.subnet_of(n)}")
         return 0
     if args.cmd == "remove-node":
         lab.remove_node(args.name)
+        services.resync(lab)  # its pods are no endpoints any more
         print(f"removed node {args.name}")
         return 0
     if args.cmd == "restart-agent":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import capture as cap
-from . import kubemode
+from . import kubemode, kubeproxy, services
 from .capture import UDP_PORT, VXLAN_PORT
 from .lab import Lab
 from .netns import VAR_LIB_CNI, run
@@ -512,4 +512,146 @@ def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Se
             )
     if sn.name != dn.name:
         lines += ["", cap.ttl_story(backend, s.name, d.name, sn.name, dn.name)]
+    return "\n".join(lines)
+
+
+# ---- Services ------------------------------------------------------------------------------------------
+
+
+def kube_rules(ns: str) -> str:
+    """kube-proxy's chains and the jumps into them, as iptables-save prints them, per table."""
+    out: list[str] = []
+    for table in ("nat", "filter"):
+        lines = [x for x in sh(ns, "iptables-save", "-t", table).splitlines() if "KUBE-" in x]
+        if lines:
+            out += [f"*{table}", *lines]
+    return "\n".join(out)
+
+
+def show_services(lab: Lab, name: str) -> str:
+    n = lab.st.node(name)
+    parts = [f"== kube-proxy on node {n.name} ({n.netns}): {len(lab.st.services)} Services\n"]
+    legend = []
+    for s in lab.st.services:
+        spn = f"{s.namespace}/{s.name}:{s.port_name}"
+        legend.append(f"{kubeproxy.svc_chain(spn, s.protocol)}  {spn} ({s.protocol}) {s.cluster_ip}:{s.port}")
+        if s.node_port is not None:
+            legend.append(f"{kubeproxy.ext_chain(spn, s.protocol)}  {spn} NodePort {s.node_port}")
+        legend += [f"{kubeproxy.sep_chain(spn, s.protocol, ep)}  {spn} -> {ep}" for ep in s.endpoints]
+    parts.append(
+        _section(
+            "chain names: base32(sha256(service port name + protocol [+ endpoint]))[:16], as kube-proxy names them",
+            "flannel-lab service list",
+            "\n".join(legend) or "(no services: `flannel-lab service add`)",
+        )
+    )
+    parts.append(_section("kube-proxy's rules", "iptables-save | grep KUBE-", kube_rules(n.netns) or "(none)"))
+    if any(s.mode == "ipvs" for s in lab.st.services):
+        parts.append(_section("IPVS virtual servers", "ipvsadm -Ln", sh(n.netns, "ipvsadm", "-Ln")))
+        parts.append(
+            _section("ClusterIPs on lo", "ip -4 addr show dev lo", sh(n.netns, "ip", "-4", "addr", "show", "lo"))
+        )
+    parts.append(
+        _section(
+            "POSTROUTING: KUBE-POSTROUTING masquerades what carries 0x4000; FLANNEL-POSTRTG returns on it",
+            "iptables-save -t nat | grep -e '-A POSTROUTING' -e 0x4000",
+            "\n".join(
+                x
+                for x in sh(n.netns, "iptables-save", "-t", "nat").splitlines()
+                if x.startswith("-A POSTROUTING") or "0x4000" in x
+            ),
+        )
+    )
+    return "\n".join(parts)
+
+
+def _syn_to(ip: str | None, port: int) -> list[str]:
+    f = ["tcp[tcpflags] & tcp-syn != 0", "and", "tcp[tcpflags] & tcp-ack == 0", "and", "dst", "port", str(port)]
+    return [*f, "and", "dst", "host", ip] if ip else f
+
+
+def trace_service(lab: Lab, src_name: str, target: str) -> str:
+    """The path of one request from a pod to a Service: the pod's route, the node's DNAT chain, and which
+    backend answered (captured on the pod and on every backend)."""
+    resolved = services.resolve(lab.st, target)
+    assert resolved is not None
+    svc, port = resolved
+    src = lab.st.pod(src_name)
+    sn = lab.st.node(src.node)
+    spn = f"{svc.namespace}/{svc.name}:{svc.port_name}"
+    url = f"http://{svc.cluster_ip}:{port}/"
+    lines = [f"trace {src.name} ({src.ip} on {sn.name}) -> service {svc.name} {svc.cluster_ip}:{port} ({svc.mode})", ""]
+    txt, _ = _route_get(src.netns, svc.cluster_ip)
+    hops = [
+        Hop(
+            f"pod {src.name}",
+            "no route of its own for the ClusterIP: the default one, to its node",
+            f"ip route get {svc.cluster_ip}",
+            txt,
+        )
+    ]
+    save = sh(sn.netns, "iptables-save", "-t", "nat").splitlines()
+    if svc.mode == "iptables":
+        chain = kubeproxy.svc_chain(spn, svc.protocol)
+        entry = [x for x in save if x.startswith("-A KUBE-SERVICES") and chain in x]
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                "nat PREROUTING -> KUBE-SERVICES matches the ClusterIP and port",
+                "iptables-save -t nat | grep 'KUBE-SERVICES.*cluster IP'",
+                "\n".join(entry),
+            )
+        )
+        svc_rules = [x for x in save if x.startswith(f"-A {chain} ")]
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                f"{chain} picks an endpoint at random (each rule's probability is 1/(the "
+                "endpoints left)); sources outside the pod network are marked for masquerade",
+                f"iptables-save -t nat | grep -- '-A {chain}'",
+                "\n".join(svc_rules),
+            )
+        )
+        seps = [kubeproxy.sep_chain(spn, svc.protocol, ep) for ep in svc.endpoints]
+        dnat = [x for x in save if any(x.startswith(f"-A {c} ") for c in seps)]
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                "the endpoint's KUBE-SEP chain DNATs to the pod (and marks a pod that "
+                "reaches itself, the hairpin, for masquerade)",
+                "iptables-save -t nat | grep -- '-A KUBE-SEP'",
+                "\n".join(dnat),
+            )
+        )
+    else:
+        hops.append(
+            Hop(
+                f"node {sn.name}",
+                "the ClusterIP is a local address (lo), so IPVS takes the packet in "
+                "INPUT and NATs it to a real server (round robin)",
+                f"ipvsadm -Ln -t {svc.cluster_ip}:{port}",
+                sh(sn.netns, "ipvsadm", "-Ln", "-t", f"{svc.cluster_ip}:{port}"),
+            )
+        )
+    lines += [h.render(i) for i, h in enumerate(hops, 1)]
+    backends = [(b.rsplit(":", 1)[0], int(b.rsplit(":", 1)[1])) for b in svc.backends]
+    points = [cap.Point("pod", f"eth0 of {src.name}", src.netns, "eth0", _syn_to(svc.cluster_ip, port))]
+    points += [cap.Point(b, f"eth0 of backend {b}", lab.st.pod(b).netns, "eth0", _syn_to(None, p)) for b, p in backends]
+    answer: list[str] = []
+
+    def request() -> None:
+        answer.append(sh(src.netns, "curl", "-s", "--max-time", "5", url))
+
+    outs = cap.capture(points, request, timeout=3.0)
+    lines += ["", f"one request: curl {url} from {src.name}", f"     answer: {answer[0] or '(none)'}"]
+    for p, out in zip(points, outs, strict=True):
+        lines += ["", f"capture on {p.where}", f"     [{p.shown()}]", _indent(out, "     ")]
+    seen = [p.name for p, out in zip(points[1:], outs[1:], strict=True) if "Flags [S]" in out]
+    who = answer[0].split()[0] if answer[0] else "nobody"
+    lines += [
+        "",
+        f"DNAT: the pod sent to {svc.cluster_ip}:{port}; the node rewrote the destination to "
+        f"{', '.join(seen) or '?'}'s address, and the pod network carried it there (cni0, or flannel.1 for another "
+        f"node's pod); {who} answered (conntrack rewrites the reply's source back to {svc.cluster_ip}:{port})",
+    ]
     return "\n".join(lines)

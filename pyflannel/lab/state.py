@@ -90,6 +90,7 @@ class LabState:
     nodes: list[NodeState] = field(default_factory=list)
     pods: list[PodState] = field(default_factory=list)
     services: list[ServiceState] = field(default_factory=list)
+    backend_pids: dict[str, int] = field(default_factory=dict)  # "pod:port" -> the HTTP server answering there
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:
