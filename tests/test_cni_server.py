@@ -277,6 +277,22 @@ def test_a_client_with_other_files_at_the_cni_paths_is_not_served(
     assert wait_for(lambda: srv.server.served == 1, 5)
 
 
+def test_version_reads_no_stdin(srv: ServerThread, cni_paths: CniPaths) -> None:
+    """As the plugin, which answers VERSION (or no command) before it reads stdin: a stdin left open is no hang."""
+    for env in ({"CNI_COMMAND": "VERSION"}, {}):
+        p = subprocess.Popen([str(cni_paths.served)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**env, "FLANNEL_CNI_SOCKET": srv.server.path})  # fmt: skip
+        try:
+            assert p.wait(timeout=20) == 0
+            assert p.stdout is not None and p.stderr is not None
+            out, err = p.stdout.read(), p.stderr.read()
+            assert (b"supportedVersions" in out) if env else err.startswith(b"CNI Plugin flannel version")
+        finally:
+            p.kill()
+            p.communicate()
+    assert wait_for(lambda: srv.server.served == 2, 5)
+
+
 def test_the_flag(tmp_path: Path) -> None:
     def sock(*argv: str, **env: str) -> str:
         return agent_config_from_options(parse_args(list(argv), env)).cni_socket

@@ -143,7 +143,7 @@ static int standalone(int argc, char **argv, size_t len) {
   ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
   if (n <= 0) return fail("cannot read /proc/self/exe", strerror(errno));
   exe[n] = '\0';
-  if (argc < 1 || argc > MAX_ARGS - 6) return fail("unexpected arguments", argc < 1 ? "none" : "too many");
+  if (argc > MAX_ARGS - 6) return fail("too many arguments", "");
   static char *args[MAX_ARGS];
 #ifdef STANDALONE_SUFFIX
   char script[PATH_MAX];
@@ -327,8 +327,12 @@ int main(int argc, char **argv) {
     return standalone(argc, argv, 0);
   }
 
+  /* The plugin reads no stdin for VERSION or without a command: neither does the client (a runtime need not
+   * close it then). */
+  const char *command = getenv("CNI_COMMAND");
+  int wants_stdin = command != NULL && command[0] != '\0' && strcmp(command, "VERSION") != 0;
   size_t in_len = 0;
-  for (;;) {
+  while (wants_stdin) {
     ssize_t n = read(0, stdin_buf + in_len, sizeof(stdin_buf) - in_len);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
