@@ -190,6 +190,15 @@ def test_malformed_or_foreign_leases_are_skipped_with_a_warning(caplog: pytest.L
     assert "ignoring non-wireguard subnet 10.244.13.0-24: type=vxlan" in caplog.text
 
 
+def test_a_lease_with_our_own_key_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    b = _backend({})
+    me = SecretKey.generate()
+    b._key, b._public = me, me.public_key()
+    with caplog.at_level(logging.WARNING):
+        assert b._peer_for(_lease(12, me.public_key()), b.devs[0], warn=True) is None
+    assert "advertises this node's own public key" in caplog.text
+
+
 def test_endpoints_per_mode() -> None:
     k = SecretKey.generate().public_key()
     lease = _lease(12, k, v6=True)

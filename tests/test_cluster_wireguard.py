@@ -42,6 +42,15 @@ PATTERN = "c0ffee00deadbeef5a5a0123456789ab"  # ping -p: 16 bytes repeated throu
 HEALTH = ("--healthz-port=8471", "--healthz-ip=127.0.0.1")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _host_key_file_untouched() -> Iterator[None]:
+    """Every agent here keeps its key in its node's directory: none may fall back to this machine's own."""
+    host = Path("/run/flannel/wgkey")
+    before = host.exists()
+    yield
+    assert host.exists() == before, "an agent wrote this machine's /run/flannel/wgkey"
+
+
 def _need_wg() -> None:
     need(tools=("ip", "etcd", "etcdctl", "wg", "wireguard-go", "nsenter", "tcpdump"))
 

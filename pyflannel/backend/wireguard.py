@@ -495,6 +495,12 @@ class WireguardBackend(Backend):
             if warn:
                 log.warning("wireguard: lease %s has no valid PublicKey in its backend data; skipping it", lease.key)
             return None
+        if key == self._public:
+            # WireGuard cannot have itself as a peer: two nodes were given one key file.
+            if warn:
+                log.warning("wireguard: lease %s advertises this node's own public key (do two nodes share a key "
+                            "file?); skipping it", lease.key)  # fmt: skip
+            return None
         endpoint = self._endpoint(lease, dev, _lease_port(data, dev.port))
         if endpoint is None:
             if warn:

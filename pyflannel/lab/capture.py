@@ -21,6 +21,7 @@ from dataclasses import dataclass
 POINTS = ("cni0", "flannel.1", "underlay", "pod")  # in the order the packet passes them
 VXLAN_PORT = 8472
 UDP_PORT = 8285
+WIREGUARD_PORT = 51820
 LISTEN_TIMEOUT = 5.0
 
 
@@ -51,6 +52,9 @@ def underlay_filter(backend: str, src_ip: str) -> list[str]:
     if backend == "udp":
         # tcpdump does not decode the payload: -X shows it starts with the inner IPv4 header (45 00 ...).
         return ["-X", "udp", "port", str(UDP_PORT)]
+    if backend == "wireguard":
+        # tcpdump names WireGuard's message types; -X shows the payload is ciphertext (no 45 00, no pod address).
+        return ["-X", "udp", "port", str(WIREGUARD_PORT)]
     return ["icmp", "and", "host", src_ip]
 
 
@@ -109,6 +113,7 @@ def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str) ->
         "vxlan": "inside the VXLAN packet on the underlay (the outer IPv4 header is the node's own)",
         "ipip": "inside the IP-in-IP packet on the underlay (the outer header is the node's own)",
         "udp": "inside flanneld's UDP datagram on the underlay (the outer header is the node's own)",
+        "wireguard": "encrypted inside WireGuard's UDP datagram on the underlay (the outer header is the node's own)",
     }.get(backend, "on the underlay, where host-gw sends it as it is")
     return (
         f"TTL: {src} sends at 64 and its node's cni0 only bridges it (64 on cni0); node {src_node} routes it, "

@@ -139,7 +139,8 @@ class Lab:
             cmd, env = kubemode.agent_command(self.st, ns)
         else:
             cmd, env = self.tb.agent_cmd(node), {}
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        # Each node its own WireGuard key (all nodes share this machine's /run).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WIREGUARD_KEY_FILE": str(Path(ns.dir) / "wgkey"), **env}
         node.proc = self.scope.spawn(ns.netns, [*netns.node_mounts(Path(ns.dir)), *cmd], log=node.log_file, env=env)
         ns.pid = node.proc.pid
         self.st.save()

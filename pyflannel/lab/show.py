@@ -14,6 +14,7 @@ from typing import Any
 
 from . import capture as cap
 from . import kubemode, kubeproxy, services
+from . import wireguard as labwg
 from .capture import UDP_PORT, VXLAN_PORT
 from .lab import Lab
 from .netns import VAR_LIB_CNI, run
@@ -178,6 +179,15 @@ def show_node(lab: Lab, name: str) -> str:
                 sh(ns, "ip", "-d", "addr", "show", IPIP_DEV),
             )
         )
+    elif lab.st.options.backend == "wireguard":
+        parts.append(
+            _section(
+                f"{labwg.DEV} ({labwg.implementation(ns)}): the route into it",
+                f"ip addr show {labwg.DEV}; ip route show dev {labwg.DEV}",
+                sh(ns, "ip", "addr", "show", labwg.DEV) + "\n" + sh(ns, "ip", "route", "show", "dev", labwg.DEV),
+            )
+        )
+        parts.append(_section("WireGuard peers (private key hidden)", labwg.shown_command(ns), labwg.wg_show(ns)))
     elif lab.st.options.backend == "udp":
         parts.append(
             _section(
@@ -358,6 +368,10 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
         )
     elif lab.st.options.backend == "udp" and rg.get("dev") == UDP_DEV:
         hops += _udp_hops(lab, sn, dn, dst)
+    elif lab.st.options.backend == "wireguard" and rg.get("dev") == labwg.DEV:
+        wg_hops = labwg.trace_hops(sn.netns, sn.ip, dn.netns, dst.ip, src.ip)
+        for (what, cmd, entry), node in zip(wg_hops, (sn, dn), strict=True):
+            hops.append(Hop(f"node {node.name}", what, cmd, entry))
     elif lab.st.options.backend == "ipip" and rg.get("dev") == IPIP_DEV:
         gw = str(rg.get("gateway", ""))
         link = sh(sn.netns, "ip", "-d", "link", "show", IPIP_DEV).splitlines()
@@ -498,6 +512,9 @@ def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Se
         lines += ["", f"capture on {p.name} ({p.where}): one ping {s.name} -> {d.name}", f"     [{p.shown()}]"]
         lines.append(_indent(out, "     "))
         if p.name != "underlay":
+            continue
+        if backend == "wireguard":
+            lines.append(labwg.capture_note(out, s.ip, d.ip))
             continue
         if not decoded:
             lines.append(

@@ -113,3 +113,20 @@ def trace_hops(src_ns: str, src_ip: str, dst_ns: str, dst_pod_ip: str, src_pod_i
             f"peer {back_key}\n  endpoint {back_ep}\n  allowed ips {back_allowed}",
         ),
     ]
+
+
+def capture_note(out: str, src_pod: str, dst_pod: str) -> str:
+    """What the underlay capture proves: only UDP 51820 between the nodes, and neither pod address in clear."""
+    hexdump = "".join(line.split("  ")[1] if "  " in line else "" for line in out.splitlines() if "0x0" in line)
+    pods = [ip for ip in (src_pod, dst_pod) if ip in out or _hex_ip(ip) in hexdump.replace(" ", "")]
+    if pods:
+        return f"     WARNING: {', '.join(pods)} visible on the underlay: this is not encrypted traffic"
+    return (
+        f"     encrypted: the underlay carries only UDP {PORT} between the nodes' own addresses; after WireGuard's "
+        f"header (type 4: transport data) the payload is ciphertext, and neither pod address ({src_pod}, "
+        f"{dst_pod}) appears in it, as text or as bytes"
+    )
+
+
+def _hex_ip(ip: str) -> str:
+    return "".join(f"{int(x):02x}" for x in ip.split("."))
