@@ -526,7 +526,7 @@ def test_temp_file_fallback_for_keys_is_private_and_removed(
     import ssl
     import tempfile
 
-    from pyflannel.store import kubeconfig as kc
+    from pyflannel.store import http
 
     seen: list[tuple[int, int]] = []
     real = ssl.SSLContext.load_cert_chain
@@ -540,6 +540,6 @@ def test_temp_file_fallback_for_keys_is_private_and_removed(
     monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", spy)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    kc.load_cert_chain(ssl.create_default_context(), pki.client_cert.read_bytes(), pki.client_key.read_bytes())
+    http.load_cert_chain(ssl.create_default_context(), pki.client_cert.read_bytes(), pki.client_key.read_bytes())
     assert seen == [(0o600, 0o700)]
     assert list(tmp_path.iterdir()) == []

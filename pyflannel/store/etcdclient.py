@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from .base import StoreError
-from .http import MAX_ERROR_BODY, Http, load_cert_chain
+from .http import MAX_ERROR_BODY, Http, TLSSetupError, client_context
 
 # A list of every lease: 5000 leases are ~2 MB; far above, yet bounded.
 MAX_BODY = 256 << 20
@@ -155,24 +155,13 @@ def prefix_range_end(prefix: bytes) -> bytes:
 
 
 def tls_context(ca: bytes | None, cert: bytes | None, key: bytes | None) -> ssl.SSLContext:
-    """The client context: `ca` alone trusted when given (the system's roots otherwise), the client pair when
-    given; StoreError naming the part that is unusable."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """The client context (store/http.py's); StoreError naming the part that is unusable."""
     try:
-        if ca:
-            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-        else:
-            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    except (ssl.SSLError, ValueError) as e:
-        raise StoreError(f"the etcd CA file holds no usable PEM certificate: {e}") from None
-    if cert and key:
-        try:
-            load_cert_chain(ctx, cert, key)
-        except (ssl.SSLError, OSError) as e:
-            # Never the key itself: the reason from OpenSSL names no content.
-            raise StoreError(f"the etcd client certificate or key cannot be used: {e.strerror or e}") from None
-    return ctx
+        return client_context(ca or b"", cert or b"", key or b"")
+    except TLSSetupError as e:
+        if e.part == "CA":
+            raise StoreError(f"the etcd CA file holds no usable PEM certificate: {e}") from None
+        raise StoreError(f"the etcd client certificate or key cannot be used: {e}") from None
 
 
 # --- the client ------------------------------------------------------------------------------------------

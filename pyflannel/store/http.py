@@ -450,6 +450,40 @@ class Http:
                 raise
 
 
+class TLSSetupError(ValueError):
+    """A CA, certificate or key that cannot be used; `part` names which ("CA" or "client certificate")."""
+
+    def __init__(self, part: str, reason: str) -> None:
+        super().__init__(reason)
+        self.part = part
+
+
+def client_context(ca: bytes, cert: bytes, key: bytes, *, insecure: bool = False) -> ssl.SSLContext:
+    """The client context of both stores: TLS 1.2 or later, the chain and the name verified against `ca` alone
+    when given (as client-go and etcd's client do; the system's roots otherwise: loading them costs ~20 ms and a
+    few MB), and the client pair when given. TLSSetupError names the part that is unusable, never its content."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            if ca:
+                ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+            else:
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        except (ssl.SSLError, ValueError) as e:
+            raise TLSSetupError("CA", str(e)) from None
+    if cert and key:
+        try:
+            load_cert_chain(ctx, cert, key)
+        except (ssl.SSLError, OSError) as e:
+            # Never the key itself: the reason from OpenSSL names no content.
+            raise TLSSetupError("client certificate", str(e.strerror or e)) from None
+    return ctx
+
+
 def load_cert_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
     """ssl only loads a certificate and key from files: hand them over as memfds, which no other user can open,
     and which vanish with their descriptors (a 0600 file in a private directory, removed at once, without).

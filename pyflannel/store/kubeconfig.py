@@ -132,43 +132,25 @@ class TLSConfig:
                 read_config_file(path, f"Kubernetes {what} file")
 
     def context(self, cert: bytes = b"", key: bytes = b"") -> ssl.SSLContext:
-        """The client SSL context; `cert`/`key` (PEM, from an exec plugin) win over the configured ones."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
+        """The client SSL context (store/http.py's); `cert`/`key` (PEM, from an exec plugin) win over the
+        configured ones."""
+        ca = b""
+        if not self.insecure:
             ca = self.ca_data or (read_config_file(self.ca_file, "Kubernetes CA file") if self.ca_file else b"")
-            try:
-                # As client-go: the given CA alone is trusted; the system's roots only when none is given (loading
-                # them costs ~20 ms and a few MB).
-                if ca:
-                    ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
-                else:
-                    ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-            except (ssl.SSLError, ValueError) as e:
-                where = self.ca_file or "(certificate-authority-data)"
-                raise KubeConfigError(f"the Kubernetes CA {where} is no PEM certificate: {e}") from None
         if not (cert and key):
             cert = self.cert_data or (
                 read_config_file(self.cert_file, "Kubernetes client certificate file") if self.cert_file else b""
             )
             key = self.key_data or (read_config_file(self.key_file, "Kubernetes key file") if self.key_file else b"")
-        if cert or key:
-            if not (cert and key):
-                raise KubeConfigError("a client certificate needs both the certificate and its key")
-            load_cert_chain(ctx, cert, key)
-        return ctx
-
-
-def load_cert_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
-    try:
-        http.load_cert_chain(ctx, cert, key)
-    except (ssl.SSLError, OSError) as e:
-        # Never the key itself: the reason from OpenSSL names no content.
-        why = e.strerror or e
-        raise KubeConfigError(f"the Kubernetes client certificate or key cannot be used: {why}") from None
+        if (cert or key) and not (cert and key):
+            raise KubeConfigError("a client certificate needs both the certificate and its key")
+        try:
+            return http.client_context(ca, cert, key, insecure=self.insecure)
+        except http.TLSSetupError as e:
+            if e.part == "CA":
+                where = self.ca_file or "(certificate-authority-data)"
+                raise KubeConfigError(f"the Kubernetes CA {where} is no PEM certificate: {e}") from None
+            raise KubeConfigError(f"the Kubernetes client certificate or key cannot be used: {e}") from None
 
 
 # --- credentials ----------------------------------------------------------------------------------------
