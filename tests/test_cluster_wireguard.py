@@ -25,6 +25,7 @@ import pytest
 from clusters import build_cluster, pcap_ipv4
 from needs import need
 from test_cluster import NETWORK, Cluster, all_pairs_ping, ip
+from test_lab import _new_lab
 
 from pyflannel.lab import netns
 from pyflannel.lab import wireguard as labwg
@@ -365,6 +366,29 @@ def test_lab_lists_peers_like_wg_show_without_secrets_and_traces_the_peer(cluste
     assert (
         labwg.redact("  preshared key: abc=\nprivate key: xyz=") == "  preshared key: (hidden)\nprivate key: (hidden)"
     )
+
+
+def test_lab_up_show_and_trace_prove_the_encryption() -> None:
+    """`flannel-lab up --backend wireguard` on this host: show lists the peers without keys, trace's underlay
+    capture holds UDP 51820 and no pod address."""
+    _need_wg()
+    lab = _new_lab("wg")
+    try:
+        lab.ok("up", "--nodes", "2", "--backend", "wireguard", "--pods-per-node", "1", timeout=300)
+        show = lab.ok("show", "n1")
+        assert "WireGuard peers (private key hidden)" in show and "private key: (hidden)" in show
+        assert re.search(r"peer: \S+=\n\s+endpoint: 192\.168\.77\.12:51820\n\s+allowed ips: 10\.244\.", show), show
+        for n in ("n1", "n2"):
+            key = (lab.state_dir / n / "wgkey").read_text().strip()
+            assert key not in show
+        trace = lab.ok("trace", "n1-p1", "n2-p1")
+        assert "udp port 51820" in trace and "192.168.77.11.51820 > 192.168.77.12.51820" in trace, trace
+        assert "encrypted: the underlay carries only UDP 51820" in trace, trace
+        assert "WARNING" not in trace
+    finally:
+        lab.cli("down", timeout=60)
+        for ns in lab.namespaces():
+            netns.delete_ns(ns)
 
 
 # ---- PSK: a cluster sharing one, and a node started while the config named another --------------------------------

@@ -1,6 +1,6 @@
 """flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
 
-flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|alloc|extension] [--pods-per-node K]
+flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|wireguard|alloc|extension] [--pods-per-node K]
                [--[no-]ip-masq] [--network CIDR] [--store etcd|kube]
 flannel-lab status [--json] | check | show NODE [--services] | exec POD|NODE -- CMD...
 flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [--capture underlay|cni0|flannel.1|pod ...]
@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--backend",
         default="vxlan",
-        help="vxlan, host-gw, ipip, udp, alloc or extension (an example that makes host-gw routes with ip route); "
-        "default vxlan",
+        help="vxlan, host-gw, ipip, udp, wireguard (kernel, else wireguard-go), alloc or extension (an example that "
+        "makes host-gw routes with ip route); default vxlan",
     )
     u.add_argument("--pods-per-node", type=int, default=2)
     # On by default as kube-flannel runs it: flanneld masquerades only what leaves the pod network, so pods see
