@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from ipaddress import IPv4Address
 
 from ..netlink import AF_INET, AF_INET6, IPInterface, KernelEvent, Link, Netlink, NetlinkError
-from .base import BackendError
+from .base import BackendError, ExternalInterface
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,26 @@ def device_event_needs_repair(ev: KernelEvent, name: str, index: int) -> bool:
     if obj.index == index:
         return ev.action == "del" or not obj.up or obj.name != name
     return obj.name == name
+
+
+# RFC 791: every IPv4 host must take 68-byte datagrams; a tunnel device below that cannot carry IPv4.
+IPV4_MIN_MTU = 68
+
+
+def underlay_ipv4(ext: ExternalInterface, backend: str) -> IPv4Address:
+    """The address an IPv4 tunnel (ipip, udp) sends from: the interface's own, else the public IP."""
+    local = ext.iface_addr or ext.public_ip
+    if local is None:
+        raise BackendError(f"{backend}: the external interface {ext.name} has no IPv4 address")
+    return local
+
+
+def inner_mtu(ext: ExternalInterface, overhead: int, backend: str) -> int:
+    """The MTU left inside the tunnel by `overhead` bytes of encapsulation; BackendError when below IPv4's minimum."""
+    mtu = ext.mtu - overhead
+    if mtu < IPV4_MIN_MTU:
+        raise BackendError(
+            f"{backend}: MTU {ext.mtu} of {ext.name} is too small: encapsulation takes {overhead} bytes of it and "
+            f"leaves {mtu}, below IPv4's minimum of {IPV4_MIN_MTU}"
+        )
+    return mtu

@@ -21,7 +21,7 @@ from ..config import NetConfig
 from ..iface import ExternalInterface
 from ..netlink import IPAddress, IPNetwork, KernelEvent, Link, Netlink, NetlinkError, Route
 from .base import BackendError
-from .device import configure_device, delete_device, device_event_needs_repair
+from .device import configure_device, delete_device, device_event_needs_repair, inner_mtu, underlay_ipv4
 from .options import opt_bool
 from .route_network import RouteNetwork
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 DEVICE = "flannel.ipip"
 OVERHEAD = 20  # the outer IPv4 header
-MIN_MTU = 68  # the smallest MTU IPv4 allows on a link (RFC 791)
 
 
 class IpipBackend(RouteNetwork):
@@ -45,16 +44,8 @@ class IpipBackend(RouteNetwork):
         super().__init__(cfg, ext, nl)
         self.check_config(cfg)
         self.direct_routing = opt_bool(cfg, "DirectRouting")
-        local = ext.iface_addr or ext.public_ip
-        if local is None:
-            raise BackendError(f"ipip: the external interface {ext.name} has no IPv4 address")
-        self.local = local
-        self._mtu = ext.mtu - OVERHEAD
-        if self._mtu < MIN_MTU:
-            raise BackendError(
-                f"ipip: MTU {ext.mtu} of {ext.name} is too small: the tunnel takes {OVERHEAD} bytes of it and "
-                f"leaves {self._mtu}, below IPv4's minimum of {MIN_MTU}"
-            )
+        self.local = underlay_ipv4(ext, "ipip")
+        self._mtu = inner_mtu(ext, OVERHEAD, "ipip")
         self._index = 0
         log.info("IPIP config: DirectRouting=%s", self.direct_routing)
 

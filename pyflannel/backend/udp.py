@@ -32,7 +32,7 @@ from ..lease import Lease
 from ..netlink import RT_TABLE_MAIN, KernelEvent, Link, Netlink, NetlinkError, Route
 from ..netlink.tun import TunError, open_tun
 from .base import Backend, BackendAttrs, BackendError
-from .device import configure_device, device_event_needs_repair
+from .device import configure_device, device_event_needs_repair, inner_mtu, underlay_ipv4
 from .entries import OwnedEntries, apply_ops
 from .options import opt_int
 from .udp_forward import SOL_UDP, UDP_GRO, Counters, Forwarder, PeerTable
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 DEVICE = "flannel0"
 DEFAULT_PORT = 8285
 OVERHEAD = 28  # outer IPv4 header (20) + UDP header (8)
-MIN_MTU = 68
 # Room for bursts while the forwarding thread waits for the GIL; SO_*BUFFORCE (we are root) goes past
 # net.core.[rw]mem_max without changing that sysctl.
 SOCKET_BUFFER = 4 << 20
@@ -70,16 +69,8 @@ class UdpBackend(Backend):
                 "udp: the agent must run inside the node's network namespace (TUN devices are made there)"
             )
         self.port = opt_int(cfg, "Port", DEFAULT_PORT, 1, 65535)
-        local = ext.iface_addr or ext.public_ip
-        if local is None:
-            raise BackendError(f"udp: the external interface {ext.name} has no IPv4 address")
-        self.local = local
-        self._mtu = ext.mtu - OVERHEAD
-        if self._mtu < MIN_MTU:
-            raise BackendError(
-                f"udp: MTU {ext.mtu} of {ext.name} is too small: encapsulation takes {OVERHEAD} bytes of it and "
-                f"leaves {self._mtu}, below IPv4's minimum of {MIN_MTU}"
-            )
+        self.local = underlay_ipv4(ext, "udp")
+        self._mtu = inner_mtu(ext, OVERHEAD, "udp")
         # Read by metrics and tests; the forwarding thread is its only writer.
         self.counters = Counters()
         self._own: Lease | None = None
