@@ -304,8 +304,11 @@ def test_restart_keeps_the_key_and_loses_no_pings(cluster: Cluster) -> None:
     finally:
         pinger.send_signal(signal.SIGINT)  # ping prints its summary on SIGINT
         out, _ = pinger.communicate(timeout=20)
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    assert m and int(m.group(1)) >= 20 and m.group(1) == m.group(2), out
+    m = re.search(r"(\d+) packets transmitted", out)
+    assert m and int(m.group(1)) >= 20, out
+    # Every request got its reply but perhaps the last, which SIGINT may have cut off in flight.
+    replied = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", out)}
+    assert set(range(1, int(m.group(1)))) <= replied, out
     assert lease_key(cluster, n2) == key_before
     assert (n2.dir / "wgkey").read_bytes() == file_before
     expect_peers(cluster, tb.nodes["n1"], [n2, tb.nodes["n3"]])
@@ -446,7 +449,7 @@ def test_kernel_and_wireguard_go_nodes_interoperate(
     scope: netns.RunScope, require_kernel_module: Callable[..., None]
 ) -> None:
     _need_wg()
-    require_kernel_module("wireguard")
+    require_kernel_module("wireguard", "tun")  # wireguard-go's device is a TUN
     tb = Testbed(scope)
     tb.start_etcd()
     cl = Cluster(tb, "wireguard")
