@@ -269,7 +269,8 @@ def flannel_annotations(st: LabState, name: str) -> str:
             ann = (n["metadata"].get("annotations")) or {}
             lines = [f"    {k}: {_yaml_scalar(v)}" for k, v in sorted(ann.items()) if k.startswith(P)]
             spec = n.get("spec") or {}
-            return "\n".join([*lines, f"  podCIDR: {spec.get('podCIDR')}", f"  podCIDRs: {spec.get('podCIDRs')}"])
+            cidrs = [f"  - {c}" for c in spec.get("podCIDRs") or []]
+            return "\n".join([*lines, f"  podCIDR: {spec.get('podCIDR')}", "  podCIDRs:", *cidrs])
     return f"(no Node {name})"
 
 

@@ -208,12 +208,11 @@ def veth(ns_a: str, name_a: str, ns_b: str, name_b: str, mtu: int = 1500) -> Non
          "peer", "name", name_b, "mtu", str(mtu), "netns", ns_b])  # fmt: skip
 
 
-# A node's own /var/lib/cni, as the tutorials' paths have it, without touching the host: in a mount namespace
-# of its own whose mounts are slaves of the host's (as `ip netns exec` makes them: mounts made here never
-# propagate back, while the host's new ones, such as a pod's /run/netns entry, still arrive), a 4 MB tmpfs on
-# the node's `.mnt`
-# holds an overlay's upper layer for /var/lib; its `cni` directory, upper-only, is then covered by a bind mount
-# of the node's `var-lib-cni`. Every process of the node gets the same view, and the mounts end with it.
+# A node's own /var/lib/cni, as the tutorials' paths have it, without touching the host. In a mount namespace of
+# its own whose mounts are slaves of the host's (as `ip netns exec` makes them: mounts made here never propagate
+# back, while the host's new ones, such as a new pod's /run/netns entry, still arrive), a 4 MB tmpfs on the node's
+# `.mnt` holds an overlay's upper layer for /var/lib; its `cni` directory, upper-only, is then covered by a bind
+# mount of the node's `var-lib-cni`. Every process of the node gets the same view, and the mounts end with it.
 # Any step failing stops the command before it runs (set -e): nothing is ever written to the host's /var/lib.
 _NODE_MOUNTS = (
     'set -e; d="$1"; shift; '
