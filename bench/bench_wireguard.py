@@ -112,6 +112,9 @@ def run(seconds: int, rounds: int, implementation: str) -> float:
         tb.start_etcd()
         nodes, ap1, ap2, impl = agent_pair(tb, implementation)
         hp1, hp2 = hand_pair(tb, impl)
+        # One short unmeasured run each: the first transfer over a fresh path pays for caches, ARP and the handshake.
+        iperf_gbps(tb, ap1, ap2, 1)
+        iperf_gbps(tb, hp1, hp2, 1)
         agent, hand = [], []
         for r in range(rounds):
             # Swap the order every round so a trend on the machine does not favour one side.
