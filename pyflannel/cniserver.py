@@ -7,10 +7,10 @@ call to this server over a unix stream socket, and runs the standalone Python pl
 The socket (--cni-socket; default: cni.sock beside --subnet-file, so /run/flannel/cni.sock) is made mode 0600,
 its directory 0700 if missing. A dead agent's socket file is replaced; a live agent's is left alone (and not
 served). The file is removed when the agent stops, which first lets running calls finish (DRAIN_TIMEOUT).
-Each connection carries one call: the plugin's functional core, pyflannel.cni.plugin.run, runs in a bounded
-thread pool (its delegates are blocking subprocesses; the event loop only accepts connections) with the
-client's environment, stdin and stderr (the delegates write there), and its exit status, stdout and stderr
-go back.
+Each connection carries one call: the plugin's functional core, pyflannel.cni.plugin.run, runs in one of
+WORKERS threads (its delegates are blocking subprocesses; the event loop only starts and stops the threads)
+with the client's environment, stdin and stderr (the delegates write there), and its exit status, stdout and
+stderr go back.
 
 Who is served: a client whose SO_PEERCRED uid is 0 or the agent's own, in the agent's network namespace,
 under its root directory and in its working directory: the delegates make their links where the agent runs,
@@ -45,8 +45,9 @@ Protocol, version 1 (integers unsigned, big-endian):
           16     stdout, then stderr
 A request the server cannot read (another magic or version, over a cap, not one descriptor) is answered with
 kind 1 and the reason, a connection that ends before a whole request is closed: neither touches the agent.
-At most WORKERS calls run at once; past MAX_PENDING waiting connections a new one is refused ("busy"), so a
-flood falls back to the standalone plugin instead of queueing without bound.
+At most WORKERS calls run at once; past them connections wait in the listen backlog (BACKLOG), and past that
+the client's connect() fails at once, so a flood falls back to the standalone plugin instead of queueing
+without bound.
 
 What a served call's delegates get from flanneld rather than from the runtime: the working directory, the
 resource limits, the cgroup and the capabilities. The environment is the one the standalone plugin would hand
@@ -61,7 +62,6 @@ from __future__ import annotations
 import argparse
 import array
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import io
@@ -72,6 +72,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -95,7 +96,6 @@ MAX_ENV_BYTES = 1 << 20
 MAX_REPLY = 256 << 20
 # Calls at once: each holds its request (up to 17 MiB, in practice a few KiB) and a delegate process.
 WORKERS = 8
-MAX_PENDING = 256
 BACKLOG = 128
 # The client has read stdin before it connects, so a whole request arrives at once; the answer is read at once.
 REQUEST_TIMEOUT = 30.0
@@ -248,12 +248,17 @@ def view_difference(pid: int, env: Mapping[str, str]) -> str | None:
 
 
 class CniServer:
-    """The server on `path`: start(), then serve_forever() until cancelled, then close()."""
+    """The server on `path`: start(), then serve_forever() until cancelled, then close().
 
-    def __init__(self, path: str, *, workers: int = WORKERS, max_pending: int = MAX_PENDING) -> None:
+    WORKERS threads each accept a connection and serve it whole: the kernel hands a connection straight to a
+    waiting thread (a hop through the event loop cost ~0.25 ms a call), and the event loop only starts and
+    stops them. Connections past the busy threads wait in the listen backlog; past that a client's connect()
+    fails at once and it runs the standalone plugin."""
+
+    def __init__(self, path: str, *, workers: int = WORKERS, backlog: int = BACKLOG) -> None:
         self.path = path
         self.workers = workers
-        self.max_pending = max_pending
+        self.backlog = backlog
         self.served = 0  # calls answered (the plugin ran), for tests and logs
         self.refused = 0  # connections closed unserved or requests refused
         self._sock: socket.socket | None = None
@@ -262,8 +267,9 @@ class CniServer:
         self._net = (0, 0)
         self._root = (0, 0)
         self._cwd = (0, 0)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: dict[asyncio.Future[bool], tuple[concurrent.futures.Future[bool], socket.socket]] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the counters and _warned, from the workers
         self._warned: set[str] = set()
 
     # ---- the socket --------------------------------------------------------------------------------
@@ -279,8 +285,7 @@ class CniServer:
             st = os.stat(self.path)
             self._bound = (st.st_dev, st.st_ino)
             os.chmod(self.path, SOCKET_MODE)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
+            sock.listen(self.backlog)
             self._net = _ns_id("/proc/self/ns/net")
             self._root = _ns_id("/proc/self/root")
             self._cwd = _ns_id("/proc/self/cwd")
@@ -289,7 +294,6 @@ class CniServer:
             self._unlink()
             raise
         self._sock = sock
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cni")
 
     def _clear_stale(self) -> None:
         """Remove a dead agent's socket file; refuse to touch a live one's, or a file that is not a socket."""
@@ -330,43 +334,40 @@ class CniServer:
     # ---- connections -------------------------------------------------------------------------------
 
     async def serve_forever(self) -> None:
+        """Run the workers until cancelled (close() stops them)."""
         assert self._sock is not None, "start() first"
-        loop = asyncio.get_running_loop()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, args=(self._sock,), name=f"cni-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        await asyncio.Event().wait()
+
+    def _worker(self, listener: socket.socket) -> None:
         delay = 0.1
-        while True:
+        while not self._stopping.is_set():
             try:
-                conn, _ = await loop.sock_accept(self._sock)
-            except OSError as e:  # out of descriptors, ...: the connection waits in the backlog
+                conn, _ = listener.accept()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return  # close() shut the listener down
+                # Out of descriptors, ...: the connection waits in the backlog.
                 log.warning("CNI server: accept failed, retrying in %.1fs: %s", delay, e)
-                await asyncio.sleep(delay)
+                time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
             try:
-                self._dispatch(conn)
-            except Exception as e:  # never the agent's end: this one client falls back
-                log.error("CNI server: cannot take a connection: %s", e, exc_info=e)
+                served = self._serve_one(conn)
+            except Exception as e:  # never the agent's end, nor this worker's: this one client falls back
+                log.error("CNI server: internal error: %s", e, exc_info=e)
+                served = False
+            finally:
                 conn.close()
-
-    def _dispatch(self, conn: socket.socket) -> None:
-        pid, why = self._peer(conn)
-        if why is not None:
-            self.refused += 1
-            self._warn_once(why[0], "CNI server: not serving a client (it runs the standalone plugin): %s", why[1])
-            conn.close()
-            return
-        if len(self._pending) >= self.max_pending:
-            self.refused += 1
-            self._warn_once("busy", "CNI server: %d calls waiting; more run the standalone plugin", len(self._pending))
-            with contextlib.suppress(OSError):
-                conn.send(encode_refusal("busy"))  # 20 bytes into an empty socket buffer: never blocks
-            conn.close()
-            return
-        assert self._pool is not None
-        work = self._pool.submit(self._serve_one, conn, pid)
-        fut = asyncio.wrap_future(work)
-        self._pending[fut] = (work, conn)
-        fut.add_done_callback(self._done)
+            with self._lock:
+                if served:
+                    self.served += 1
+                else:
+                    self.refused += 1
 
     def _peer(self, conn: socket.socket) -> tuple[int, tuple[str, str] | None]:
         """The client's pid, and (kind, reason) when it is not to be served. The pid stays the client's: it
@@ -389,78 +390,71 @@ class CniServer:
             return pid, ("cwd", f"pid {pid} runs in another working directory")
         return pid, None
 
-    def _warn_once(self, kind: str, fmt: str, *args: object) -> None:
-        level = logging.DEBUG if kind in self._warned else logging.WARNING
-        self._warned.add(kind)
-        log.log(level, fmt, *args)
+    def _not_serving(self, kind: str, why: str) -> None:
+        """Logged at warning the first time for each kind of reason, then at debug: a client set up so is
+        refused on every call."""
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        log.log(logging.WARNING if first else logging.DEBUG, "CNI server: not serving a client (it runs the "
+                "standalone plugin): %s", why)  # fmt: skip
 
-    def _done(self, fut: asyncio.Future[bool]) -> None:
-        work, conn = self._pending.pop(fut)
-        if work.cancelled():  # never started: the connection is still ours to close
-            conn.close()
-        elif work.exception() is None and work.result():
-            self.served += 1
-        else:
-            self.refused += 1
-
-    def _serve_one(self, conn: socket.socket, pid: int) -> bool:
+    def _serve_one(self, conn: socket.socket) -> bool:
         """One connection, in a worker thread: True when the plugin ran and its answer was sent."""
+        pid, refusal = self._peer(conn)
+        if refusal is not None:
+            self._not_serving(*refusal)
+            return False  # closed unread
+        conn.settimeout(REQUEST_TIMEOUT)
         try:
-            conn.settimeout(REQUEST_TIMEOUT)
-            try:
-                req = read_request(conn)
-            except RequestError as e:
-                log.warning("CNI server: refused a request: %s", e)
-                with contextlib.suppress(OSError):
-                    conn.sendall(encode_refusal(str(e)))
-                return False
-            except (ClientGone, OSError) as e:
-                log.debug("CNI server: no whole request: %s", e)
-                return False
+            req = read_request(conn)
+        except RequestError as e:
+            log.warning("CNI server: refused a request: %s", e)
+            with contextlib.suppress(OSError):
+                conn.sendall(encode_refusal(str(e)))
+            return False
+        except (ClientGone, OSError) as e:
+            log.debug("CNI server: no whole request: %s", e)
+            return False
+        try:
             seen = view_difference(pid, req.env)
             if seen is not None:
-                os.close(req.stderr)
                 why = f"pid {pid} sees another {seen} than flanneld"
-                self._warn_once("view", "CNI server: not serving a client (it runs the standalone plugin): %s", why)
+                self._not_serving("view", why)
                 with contextlib.suppress(OSError):
                     conn.sendall(encode_refusal(why))
                 return False
             what = f"{req.env.get('CNI_COMMAND', '-')} {req.env.get('CNI_CONTAINERID', '-')}"
             t = time.monotonic()
-            try:
-                rc, out, err = run_call(req)
-            finally:
-                os.close(req.stderr)
-            log.debug("CNI server: %s: exit %d in %.1f ms", what, rc, (time.monotonic() - t) * 1000)
-            conn.settimeout(REPLY_TIMEOUT)
-            try:
-                conn.sendall(encode_reply(rc, out, err))
-            except OSError as e:
-                log.info("CNI server: the client of %s left before its answer: %s", what, e)
-                return False
-            return True
-        except Exception as e:
-            log.error("CNI server: internal error: %s", e, exc_info=e)
-            return False
+            rc, out, err = run_call(req)
         finally:
-            conn.close()
+            os.close(req.stderr)
+        log.debug("CNI server: %s: exit %d in %.1f ms", what, rc, (time.monotonic() - t) * 1000)
+        conn.settimeout(REPLY_TIMEOUT)
+        try:
+            conn.sendall(encode_reply(rc, out, err))
+        except OSError as e:
+            log.info("CNI server: the client of %s left before its answer: %s", what, e)
+            return False
+        return True
 
     async def close(self) -> None:
         """Stop accepting and remove the socket file at once, then let running calls finish (bounded)."""
+        self._stopping.set()
+        self._unlink()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the workers' accept(); waiting connections end
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(t.is_alive() for t in self._threads) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        late = sum(t.is_alive() for t in self._threads)
+        if late:
+            log.warning("CNI server: %d calls still running after %.0fs; leaving them", late, DRAIN_TIMEOUT)
+        self._threads = [t for t in self._threads if t.is_alive()]
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        self._unlink()
-        if self._pending:
-            _, late = await asyncio.wait(set(self._pending), timeout=DRAIN_TIMEOUT)
-            if late:
-                log.warning("CNI server: %d calls still running after %.0fs; leaving them", len(late), DRAIN_TIMEOUT)
-            for work, conn in list(self._pending.values()):
-                if work.cancel():
-                    conn.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
 
 
 async def serve_cni(path: str) -> None:

@@ -59,8 +59,8 @@ NETWORK = "10.244.0.0/16"
 class ServerThread:
     """A CniServer in this process, on an event loop of its own in a thread; stop() cancels and closes it."""
 
-    def __init__(self, path: Path) -> None:
-        self.server = CniServer(str(path))
+    def __init__(self, path: Path, **kw: int) -> None:
+        self.server = CniServer(str(path), **kw)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -375,6 +375,57 @@ def test_fifty_calls_at_once(srv: ServerThread, cni_paths: CniPaths, tmp_path: P
             assert rc == 0 and json.loads(out)["ips"][0]["address"] == "10.1.17.2/24", out
     assert sorted(os.listdir(bed.data_dir)) == sorted(f"c{i}" for i in range(0, 50, 2))
     assert wait_for(lambda: srv.server.served == 50, 5)
+
+
+GATE_DELEGATE = r"""#!/bin/sh
+cat > /dev/null
+if mkdir "$FAKE_DIR/held" 2>/dev/null; then  # the first call waits for the test (20 s at most)
+  : > "$FAKE_DIR/entered"
+  i=0
+  while [ ! -e "$FAKE_DIR/open" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+fi
+echo "$PPID" >> "$FAKE_DIR/ppids"
+printf '{"cniVersion":"1.0.0","ips":[{"address":"10.1.17.3/24"}]}'
+"""
+
+
+def test_a_full_backlog_gets_the_standalone_plugin_at_once(cni_paths: CniPaths, tmp_path: Path) -> None:
+    """One worker, busy, and a listen backlog of one: the calls past what the backlog holds do not wait for
+    the worker, they run the standalone plugin."""
+    srv = ServerThread(tmp_path / "run" / "cni.sock", workers=1, backlog=1)
+    try:
+        bed = Bed(tmp_path, "fallback", cni_paths)
+        bed.write_env(IPV4_ENV)
+        (bed.bin / "gate").write_text(GATE_DELEGATE)
+        (bed.bin / "gate").chmod(0o755)
+        conf = json.dumps(bed.conf(delegate={"type": "gate"})).encode()
+
+        def call(i: int) -> subprocess.Popen[bytes]:
+            env = bed.env("ADD", CNI_CONTAINERID=f"c{i}", FLANNEL_CNI_SOCKET=srv.server.path)
+            p = subprocess.Popen([str(cni_paths.fallback)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env)  # fmt: skip
+            assert p.stdin is not None
+            p.stdin.write(conf)
+            p.stdin.close()
+            p.stdin = None
+            return p
+
+        first = call(0)
+        assert wait_for(lambda: (bed.fake / "entered").exists(), 20)
+        rest = [call(i) for i in range(1, 6)]
+        # The backlog holds two (Linux queues backlog + 1): the other three run standalone, gate closed.
+        assert wait_for(lambda: sum(p.poll() is not None for p in rest) >= 3, 20)
+        assert not (bed.fake / "open").exists()
+        (bed.fake / "open").touch()
+        for p in [first, *rest]:
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 0, out + err
+        ppids = [int(x) for x in (bed.fake / "ppids").read_text().split()]
+        assert ppids.count(os.getpid()) == 3  # served: the delegate's parent is this process (the server's)
+        assert len(ppids) == 6 and sorted(os.listdir(bed.data_dir)) == [f"c{i}" for i in range(6)]
+        assert wait_for(lambda: (srv.server.served, srv.server.refused) == (3, 0), 5)
+    finally:
+        srv.stop()
 
 
 # ---- served and standalone answer alike, byte for byte -------------------------------------------------------

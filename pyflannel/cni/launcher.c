@@ -51,7 +51,6 @@
 #define PROTOCOL 1
 #define REQUEST_HEAD 20
 #define REPLY_HEAD 16
-#define CONNECT_TIMEOUT_S 5 /* a full backlog: the agent is stuck, the standalone plugin is quicker */
 #define REPLY_TIMEOUT_S 300 /* a CNI ADD can be slow; never hang for ever */
 #define MAX_ARGS 256
 
@@ -314,15 +313,14 @@ int main(int argc, char **argv) {
   uint32_t env_count = 0;
   if (python_locale(&coerce) < 0 || env_pack(coerce, &env_len, &env_count) < 0) return standalone(argc, argv, 0);
 
-  /* Connected before stdin is read: with no agent (the usual reason to fall back) stdin stays untouched. */
-  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  /* Connected before stdin is read: with no agent (the usual reason to fall back) stdin stays untouched. Not
+   * blocking: a full listen backlog (every worker busy, more waiting) is EAGAIN at once, and the standalone
+   * plugin is quicker than the wait. */
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (s < 0) return standalone(argc, argv, 0);
-  if (set_timeout(s, SO_SNDTIMEO, CONNECT_TIMEOUT_S) < 0) {
-    close(s);
-    return standalone(argc, argv, 0);
-  }
-  while (connect(s, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
-    if (errno == EINTR) continue;
+  int flags;
+  if (connect(s, (struct sockaddr *)&addr, sizeof(addr)) < 0 || (flags = fcntl(s, F_GETFL)) < 0 ||
+      fcntl(s, F_SETFL, flags & ~O_NONBLOCK) < 0) {
     close(s);
     return standalone(argc, argv, 0);
   }
