@@ -4,6 +4,7 @@ the same name do not collide and nothing appears in this machine's /run)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pyflannel.backend.wireguard import (
 from pyflannel.config import parse_net_config
 from pyflannel.lab.netns import RunScope, ns_exec
 from pyflannel.lease import Lease, LeaseAttrs
-from pyflannel.netlink.wireguard import PublicKey, SecretKey
+from pyflannel.netlink.wireguard import PublicKey, SecretKey, WgUpdate
 
 
 def _cfg(backend: dict[str, Any], **extra: Any) -> Any:
@@ -199,6 +200,32 @@ def test_a_lease_with_our_own_key_is_skipped(caplog: pytest.LogCaptureFixture) -
     assert "advertises this node's own public key" in caplog.text
 
 
+def test_peer_updates_replace_and_removals_remove() -> None:
+    b = _backend({})
+    sent: list[tuple[str, WgUpdate]] = []
+
+    async def record(dev: Any, update: WgUpdate) -> None:
+        sent.append((dev.name, update))
+
+    b._set = record  # type: ignore[method-assign]
+    k1, k2 = (SecretKey.generate().public_key() for _ in range(2))
+
+    async def steps() -> None:
+        await b.add_peers([_lease(12, k1)])
+        await b.add_peers([_lease(12, k2, port=4000)])  # the node restarted with a new key and port
+        await b.remove_peer(_lease(12, k2, port=4000))
+
+    asyncio.run(steps())
+    (d1, u1), (d2, u2), (d3, u3) = sent
+    assert d1 == d2 == d3 == DEVICE
+    assert [p.public_key for p in u1.peers] == [k1] and u1.remove == ()
+    assert [p.public_key for p in u2.peers] == [k2] and u2.remove == (k1,)
+    assert u2.peers[0].endpoint == (IPv4Address("192.168.77.12"), 4000)
+    assert u2.peers[0].allowed_ips == (ip_network("10.244.12.0/24"),)
+    assert u3.peers == () and u3.remove == (k2,)
+    assert b.devs[0].desired() == {}
+
+
 def test_endpoints_per_mode() -> None:
     k = SecretKey.generate().public_key()
     lease = _lease(12, k, v6=True)
@@ -238,7 +265,7 @@ def test_two_leases_with_one_key_share_the_peer_until_one_goes() -> None:
 _RUN_WG_GO = """
 import asyncio, ipaddress, json, os, sys
 from pyflannel.backend.wireguard_go import WireguardGo, find_wireguard_go
-from pyflannel.netlink.wireguard import PublicKey, SecretKey, WgPeer, WgUpdate
+from pyflannel.netlink.wireguard import PublicKey, SecretKey, WgUpdate, WgPeer, WgUpdate
 
 async def main():
     wg = WireguardGo("flannel-wg")
