@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import VERSION
 from .flags import DEFAULT_ETCD_ENDPOINTS, FLAGS, Options, UsageError, parse_args, usage
 
 
@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2 if str(e) else 0
     if opts["version"]:
-        print(__version__)
+        print(VERSION, file=sys.stderr)  # where upstream's main.go prints it
         return 0
     # Imported late so that --help and --version stay fast and never fail on a missing dependency.
     from .daemon import run_daemon

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -24,8 +25,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, NoReturn
 
-from .backend.base import Backend, BackendError, ExternalInterface
-from .backend.entries import OwnedEntries
+from prometheus_client import CollectorRegistry
+
+from . import VERSION
+from .backend.base import Backend, BackendError, Entries, ExternalInterface, KernelView, kernel_view
+from .backend.entries import OwnedEntries, describe
 from .backend.registry import backend_class
 from .cniserver import serve_cni
 from .config import ConfigError, NetConfig, parse_ip
@@ -33,7 +37,10 @@ from .flags import Options
 from .health import HealthServer
 from .iface import IfaceError, IfaceRequest, external_interface, link_addrs
 from .lease import EventType, Lease, LeaseAttrs, LeaseSnapshot, WatchUpdate
+from .metrics import CONTENT_TYPE, Metrics
 from .netlink import (
+    AF_INET,
+    AF_INET6,
     RTN_BLACKHOLE,
     KernelMonitor,
     Netlink,
@@ -58,6 +65,14 @@ BLACKHOLE_METRIC = 4096
 # Failures that are the user's or the environment's, reported as one clear line rather than a traceback.
 FATAL = (ConfigError, IfaceError, BackendError, StoreError, NetlinkError)
 
+# A test and debug aid, never set in production: while the file it names exists, repair passes wait, so what
+# the kernel lost can be seen in /status before the agent puts it back.
+HOLD_REPAIRS_ENV = "PYFLANNEL_TEST_HOLD_REPAIRS"
+HOLD_POLL = 0.2
+
+# flannel_kernel_repairs_total's kind for the kernel event that called for a repair.
+REPAIR_KIND = {"link": "device", "route": "route", "neigh": "neighbour", "fdb": "fdb", "resync": "resync"}
+
 
 @dataclass
 class AgentConfig:
@@ -75,6 +90,8 @@ class AgentConfig:
     reconcile_interval: float = 30.0
     # The CNI plugin's work is served here (pyflannel/cniserver.py); "" = not served.
     cni_socket: str = ""
+    # HOLD_REPAIRS_ENV's file; "" = repairs never wait.
+    hold_repairs_file: str = ""
 
 
 def agent_config_from_options(opts: Options) -> AgentConfig:
@@ -146,6 +163,11 @@ class Agent:
     repair: asyncio.Event = field(default_factory=asyncio.Event)
     # The --ip-blackhole-route routes, which kernel events are matched against like a backend's entries.
     blackholes: OwnedEntries[str] = field(default_factory=OwnedEntries)
+    # The agent's own registry: nothing is registered anywhere global.
+    metrics: Metrics = field(default_factory=lambda: Metrics(CollectorRegistry()))
+    # The /status being built, shared by the requests that arrive meanwhile (a burst of them costs one read of
+    # the kernel).
+    _status: asyncio.Task[bytes] | None = None
 
     def readiness(self) -> tuple[bool, str]:
         if self.ready_reason:
@@ -162,7 +184,8 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         health: HealthServer | None = None
         if self.cfg.healthz_port:
-            health = HealthServer(self.cfg.healthz_ip, self.cfg.healthz_port, self.readiness)
+            pages = {"/metrics": self._metrics_page, "/status": self._status_page}
+            health = HealthServer(self.cfg.healthz_ip, self.cfg.healthz_port, self.readiness, pages)
             try:
                 await health.start()
             except OSError as e:
@@ -223,11 +246,14 @@ class Agent:
         return 1
 
     async def _main(self) -> None:
+        log.info("Created subnet manager: %s", self.store.name or type(self.store).__name__)
         # Waits for <prefix>/config as long as it takes, as upstream does; SIGTERM ends the wait.
         net = await self.store.get_network_config()
+        log.info("Found network config - Backend type: %s", net.backend.type)
         log.info("network config: %s", _describe(net))
         backend_cls = backend_class(net.backend.type)
         backend_cls.check_config(net)
+        self.metrics.build.info({"version": VERSION, "backend": net.backend.type.lower(), "store": self.store.name})
         # A store may name our public address (kube: <p>/node-public-ip); it wins over --public-ip, as upstream.
         ip4, ip6 = await self.store.public_ip_overrides()
         if ip4 or ip6:
@@ -237,12 +263,17 @@ class Agent:
                 public_ipv6=str(ip6) if ip6 else self.cfg.iface.public_ipv6,
             )
         ext = await self._external_interface(net)
-        log.info(
-            "using interface %s (index %d, MTU %d), public IP %s%s",
-            ext.name, ext.index, ext.mtu, ext.public_ip,
-            f", public IPv6 {ext.public_ipv6}" if ext.public_ipv6 else "",
-        )  # fmt: skip
+        # Upstream's lines, then what they leave out.
+        if ext.iface_addr is not None:
+            log.info("Using interface with name %s and address %s", ext.name, ext.iface_addr)
+        if ext.iface_addr6 is not None:
+            log.info("Using interface with name %s and v6 address %s", ext.name, ext.iface_addr6)
+        for pub in (ext.public_ip, ext.public_ipv6):
+            if pub is not None:
+                log.info("Using %s as external address", pub)
+        log.info("interface %s: index %d, MTU %d", ext.name, ext.index, ext.mtu)
         backend = backend_cls(net, ext, self.netlink)
+        backend.observer = self.metrics
         self.backend = backend
         backend.restore_backend_data(*await self.store.previous_backend_data(net.backend.type))
         battrs = await backend.prepare()
@@ -256,6 +287,7 @@ class Agent:
         prev = read_subnet_env(self.cfg.subnet_file)
         own = await self._acquire(net, attrs, prev)
         self.own = own
+        self.metrics.lease_operation("acquire", "ok")
         log.info("acquired lease %s", _describe_lease(own))
         await backend.start(own)
         await self._ensure_blackholes()
@@ -306,8 +338,10 @@ class Agent:
             try:
                 return await self.store.acquire_lease(net, attrs, prev)
             except (SubnetExhaustedError, LeaseRevokedError):
+                self.metrics.lease_operation("acquire", "error")
                 raise
             except StoreError as e:
+                self.metrics.lease_operation("acquire", "error")
                 self.ready_reason = f"cannot acquire a lease: {e}"
                 log.warning("failed to acquire a lease, retrying in %.0fs: %s", delay, e)
                 await asyncio.sleep(delay)
@@ -318,7 +352,7 @@ class Agent:
         resync loop; it does not stop the agent (the overlay itself works without them)."""
         if not (self.cfg.ip_masq or self.cfg.iptables_forward_rules):
             return
-        tm = create_traffic_manager(net.enable_nftables)
+        tm = create_traffic_manager(net.enable_nftables, observer=self.metrics)
         self.traffic = tm
         await tm.cleanup_other_mode()
         if self.cfg.ip_masq:
@@ -356,15 +390,18 @@ class Agent:
         failed = [str(e) for e in errs if e is not None]
         if failed:
             log.warning("cannot program the blackhole route, will retry: %s", "; ".join(failed))
+            self.metrics.kernel_call_failures.labels("blackhole").inc()
             self.repair.set()
 
     async def _watch_loop(self) -> None:
         assert self.backend is not None and self.own is not None
         async for update in self.store.watch_leases():
-            await self._apply(update)
+            await self._apply(update, time.monotonic())
 
-    async def _apply(self, update: WatchUpdate) -> None:
+    async def _apply(self, update: WatchUpdate, received: float | None = None) -> None:
+        """`received`: when the update arrived (monotonic), the start of each lease's latency sample."""
         assert self.backend is not None and self.own is not None
+        since = time.monotonic() if received is None else received
         own_key = self.own.key
         if isinstance(update, LeaseSnapshot):
             current = {lease.key: lease for lease in update.leases}
@@ -378,7 +415,8 @@ class Agent:
             self.peers = current
             self.synced = True
             # One bulk pass programs every peer and sweeps entries of leases that no longer exist.
-            await self._reconcile()
+            if await self._reconcile():
+                self._programmed(len(added), since)
             log.info("synced %d peer leases (%d new, %d gone)", len(current), len(added), len(gone))
             return
         # New and changed peers are collected and programmed in one kernel batch; a removal first flushes what
@@ -400,26 +438,39 @@ class Agent:
                 pending.append(ev.lease)
                 log.info("%s peer %s", "updated" if old else "added", _describe_lease(ev.lease))
             elif old is not None:
-                await self._program(pending)
+                await self._program(pending, since)
                 pending = []
                 del self.peers[key]
                 log.info("removed peer %s", _describe_lease(old))
-                await self._kernel_call(self.backend.remove_peer(old), f"removal of {key}")
-        await self._program(pending)
+                if await self._kernel_call(self.backend.remove_peer(old), f"removal of {key}", "remove"):
+                    self._programmed(1, since)
+        await self._program(pending, since)
 
-    async def _program(self, leases: list[Lease]) -> None:
+    async def _program(self, leases: list[Lease], since: float) -> None:
         if leases:
             assert self.backend is not None
             what = leases[0].key if len(leases) == 1 else f"{len(leases)} peers"
-            await self._kernel_call(self.backend.add_peers(leases), f"programming of {what}")
+            if await self._kernel_call(self.backend.add_peers(leases), f"programming of {what}", "add"):
+                self._programmed(len(leases), since)
 
-    async def _kernel_call(self, call: Coroutine[Any, Any, None], what: str) -> None:
+    def _programmed(self, leases: int, since: float) -> None:
+        """`leases` lease events (arrived at `since`) are now in the kernel."""
+        self.metrics.peers.set(len(self.peers))
+        latency = time.monotonic() - since
+        for _ in range(leases):
+            self.metrics.event_latency.observe(latency)
+
+    async def _kernel_call(self, call: Coroutine[Any, Any, None], what: str, kind: str) -> bool:
+        """Whether the call succeeded; a failure is counted, logged and left to a repair pass."""
         try:
             await call
         except (BackendError, NetlinkError) as e:
             # The kernel refused (e.g. our device vanished): the reconcile pass rebuilds from self.peers.
             log.warning("%s failed, repairing: %s", what, e)
+            self.metrics.kernel_call_failures.labels(kind).inc()
             self.repair.set()
+            return False
+        return True
 
     async def _renew_loop(self) -> None:
         margin = self.cfg.etcd.renew_margin
@@ -433,23 +484,36 @@ class Agent:
             while True:
                 try:
                     self.own = await self.store.renew_lease(own)
+                    self.metrics.lease_operation("renew", "ok")
                     log.info("renewed lease %s", self.own.key)
                     break
                 except LeaseRevokedError:
+                    self.metrics.lease_operation("renew", "revoked")
                     raise
                 except StoreError as e:
+                    self.metrics.lease_operation("renew", "error")
                     log.warning("failed to renew lease %s, retrying in %.0fs: %s", own.key, delay, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self) -> bool:
+        """One full pass; whether the backend's part succeeded."""
         assert self.backend is not None
+        t0 = time.monotonic()
         await self._ensure_blackholes()
         try:
             await self.backend.reconcile(list(self.peers.values()))
         except (BackendError, NetlinkError) as e:
             log.warning("reconcile failed, will retry: %s", e)
+            self.metrics.reconcile_passes.labels("error").inc()
+            self.metrics.kernel_call_failures.labels("reconcile").inc()
             self.repair.set()
+            return False
+        finally:
+            self.metrics.reconcile_duration.observe(time.monotonic() - t0)
+        self.metrics.reconcile_passes.labels("ok").inc()
+        self.metrics.peers.set(len(self.peers))
+        return True
 
     async def _kernel_monitor_loop(self, monitor: KernelMonitor) -> None:
         backend = self.backend
@@ -458,8 +522,10 @@ class Agent:
             async for ev in monitor:
                 if self.repair.is_set():
                     continue  # a pass is already due; it reads the whole state anyway
-                if ev.kind == "resync" or backend.kernel_event_needs_repair(ev) or self.blackholes.verdict(ev) is True:
+                blackhole = self.blackholes.verdict(ev) is True
+                if ev.kind == "resync" or blackhole or backend.kernel_event_needs_repair(ev):
                     log.info("kernel change needs a repair: %s %s %s", ev.action, ev.kind, ev.obj or "(events lost)")
+                    self.metrics.kernel_repair("blackhole" if blackhole else REPAIR_KIND[ev.kind])
                     self.repair.set()
         finally:
             monitor.close()
@@ -474,10 +540,110 @@ class Agent:
                 self.repair.clear()
                 # A failure that repeats at once (device cannot be created) must not spin the loop.
                 await asyncio.sleep(0.5)
+            await self._hold_repairs()
             if self.synced:  # before the first snapshot we do not know the peers: sweeping would drop live routes
                 await self._reconcile()
             else:
                 await self._ensure_blackholes()
+
+    async def _hold_repairs(self) -> None:
+        """HOLD_REPAIRS_ENV: wait while its file exists (test and debug aid)."""
+        path = self.cfg.hold_repairs_file
+        if not path or not os.path.exists(path):
+            return
+        log.warning("repairs held while %s exists (%s)", path, HOLD_REPAIRS_ENV)
+        while os.path.exists(path):
+            await asyncio.sleep(HOLD_POLL)
+        log.info("repairs no longer held")
+
+    # --- /metrics and /status ------------------------------------------------------------------------
+
+    async def _metrics_page(self) -> tuple[str, bytes]:
+        m = self.metrics
+        leases = [*self.peers.values(), *([self.own] if self.own is not None else [])]
+        by_type: dict[str, int] = {}
+        for lease in leases:
+            t = lease.attrs.backend_type or "udp"  # upstream's udp leases carry no BackendType
+            by_type[t] = by_type.get(t, 0) + 1
+        m.leases.clear()
+        for t, n in by_type.items():
+            m.leases.labels(t).set(n)
+        expiry = self.own.expiration if self.own is not None else None
+        m.lease_expiry.set(expiry or 0)
+        figures = await self.backend.figures() if self.backend is not None else []
+        return CONTENT_TYPE, m.render(figures)
+
+    async def _status_page(self) -> tuple[str, bytes]:
+        task = self._status
+        if task is None or task.done():
+            task = self._status = asyncio.create_task(self._status_json(), name="status")
+        # Shielded: a client that goes away must not cancel the answer the others wait for.
+        return "application/json", await asyncio.shield(task)
+
+    async def _status_json(self) -> bytes:
+        """What the agent believes (its lease, the peers' leases) beside what the kernel holds for each."""
+        peers = sorted(self.peers.values(), key=lambda lease: lease.key)
+        error = ""
+        view = KernelView(inspected=False)
+        if self.backend is not None:
+            try:
+                view = await self.backend.inspect(peers)
+            except (BackendError, NetlinkError) as e:
+                error = str(e)
+        own = view.own
+        blackholes = await self._blackhole_view()
+        own = Entries(own.present + blackholes.present, own.missing + blackholes.missing)
+        ready, why = self.readiness()
+        entries = [view.peers.get(p.key, Entries()) for p in peers]
+        doc: dict[str, Any] = {
+            "version": VERSION,
+            "store": self.store.name,
+            "backend": self.backend.cfg.backend.type if self.backend is not None else None,
+            "ready": ready,
+            "reason": "" if ready else why,
+            "lease": _lease_json(self.own) if self.own is not None else None,
+            "own": {"present": list(own.present), "missing": list(own.missing)},
+            "peers": [
+                {**_lease_json(p), "present": list(e.present), "missing": list(e.missing)}
+                for p, e in zip(peers, entries, strict=True)
+            ],
+            "unexpected": list(view.unexpected),
+            "kernel_inspected": view.inspected and not error,
+            "summary": {
+                "peers": len(peers),
+                "complete": sum(1 for e in entries if not e.missing),
+                "missing": sum(len(e.missing) for e in entries) + len(own.missing),
+                "unexpected": len(view.unexpected),
+            },
+        }
+        if error:
+            doc["kernel_error"] = error
+        return (json.dumps(doc, indent=1) + "\n").encode()
+
+    async def _blackhole_view(self) -> Entries:
+        routes = self._blackholes()
+        if not routes:
+            return Entries()
+        held: set[Route] = set()
+        for version in {r.dst.version for r in routes}:
+            state = await self.netlink.snapshot(AF_INET if version == 4 else AF_INET6)
+            held |= set(state.routes)
+        names: dict[int, str] = {}
+        return kernel_view({}, [], [describe(r, names) for r in routes], [describe(r, names) for r in held]).own
+
+
+def _lease_json(lease: Lease) -> dict[str, Any]:
+    """A lease as /status shows it: where it is and how it is reached (never its BackendData)."""
+    a = lease.attrs
+    return {
+        "key": lease.key,
+        "subnet": str(lease.subnet) if lease.subnet is not None else None,
+        "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet is not None else None,
+        "public_ip": str(a.public_ip) if a.public_ip is not None else None,
+        "public_ipv6": str(a.public_ipv6) if a.public_ipv6 is not None else None,
+        "backend_type": a.backend_type,
+        "expiration": lease.expiration,
+    }
 
 
 def _describe(net: NetConfig) -> str:
@@ -496,16 +662,19 @@ def _describe_lease(lease: Lease) -> str:
 
 
 def run_daemon(opts: Options) -> NoReturn:
-    cfg = agent_config_from_options(opts)
+    cfg = dataclasses.replace(agent_config_from_options(opts), hold_repairs_file=os.environ.get(HOLD_REPAIRS_ENV, ""))
+    log.info("flanneld version %s (pyflannel)", VERSION)
 
     async def _run() -> int:
+        metrics = Metrics(CollectorRegistry())
         try:
             netlink = Netlink()
-            store = create_store(kube_options_from_cli(opts, os.environ) if opts["kube-subnet-mgr"] else cfg.etcd)
+            options = kube_options_from_cli(opts, os.environ) if opts["kube-subnet-mgr"] else cfg.etcd
+            store = create_store(options, observer=metrics)
         except FATAL as e:
             log.error("%s", e)
             return 1
-        return await Agent(cfg=cfg, store=store, netlink=netlink).run()
+        return await Agent(cfg=cfg, store=store, netlink=netlink, metrics=metrics).run()
 
     try:
         code = asyncio.run(_run())

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,8 +87,11 @@ def test_main_reports_usage_error_without_traceback(capsys: pytest.CaptureFixtur
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    # Upstream: fmt.Fprintln(os.Stderr, version.Version), the release tag.
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip()
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert re.fullmatch(r"v\d+\.\d+\.\d+\n", out.err)
 
 
 # --- values as Go's flag package reads them (issue 11) --------------------------------------------------------

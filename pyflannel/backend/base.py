@@ -7,9 +7,9 @@ A backend is one module of this package exposing `BACKEND`, its Backend subclass
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..iface import ExternalInterface
 from ..lease import Lease
@@ -33,6 +33,66 @@ class BackendAttrs:
     mtu: int
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One sample of a backend's own figures for /metrics (udp's packet counters, WireGuard's handshakes): the
+    metric's name without the `flannel_` prefix, its help text and type, its labels and value. Backends describe
+    figures and never import the metrics library."""
+
+    name: str
+    doc: str
+    kind: Literal["counter", "gauge"]
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Entries:
+    """Kernel entries as `ip`-like lines: those the agent programmed and the kernel holds, and those it lacks."""
+
+    present: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What the kernel holds beside what the agent believes (/status). `peers` by lease key; `own` the entries
+    that serve no peer (a device's Network route, the blackhole route); `unexpected` what the kernel holds on our
+    devices that no lease asks for (a reconcile pass would sweep it). `inspected` False: the backend cannot say."""
+
+    peers: Mapping[str, Entries] = field(default_factory=dict)
+    own: Entries = Entries()
+    unexpected: tuple[str, ...] = ()
+    inspected: bool = True
+
+
+def kernel_view(
+    want: Mapping[str, Sequence[str]], held: Iterable[str], own: Sequence[str] = (), held_own: Iterable[str] = ()
+) -> KernelView:
+    """Compare what each peer (and the node itself) should have with what the kernel holds, line by line."""
+    have = set(held)
+    wanted = {line for lines in want.values() for line in lines}
+    have_own = set(held_own)
+    return KernelView(
+        peers={
+            key: Entries(tuple(x for x in lines if x in have), tuple(x for x in lines if x not in have))
+            for key, lines in want.items()
+        },
+        own=Entries(tuple(x for x in own if x in have_own), tuple(x for x in own if x not in have_own)),
+        unexpected=tuple(sorted(have - wanted)),
+    )
+
+
+class RepairObserver(Protocol):
+    def kernel_repair(self, kind: str, count: int = 1) -> None:
+        """The backend found and restored kernel state on its own (not through a reconcile pass the agent ran)."""
+
+
+class _Unobserved:
+    def kernel_repair(self, kind: str, count: int = 1) -> None:
+        pass
+
+
 class Backend(ABC):
     """Lifecycle: restore_backend_data() with what the store kept of our last lease, prepare() before the lease
     (its attrs go into the lease), start(own lease), then run() beside peer updates. reconcile() is the bulk path
@@ -45,6 +105,8 @@ class Backend(ABC):
         self.cfg = cfg
         self.ext = ext
         self.nl = nl
+        # Told about repairs the backend makes by itself; the agent replaces it with its metrics.
+        self.observer: RepairObserver = _Unobserved()
 
     @classmethod  # noqa: B027
     def check_config(cls, cfg: NetConfig) -> None:
@@ -89,6 +151,15 @@ class Backend(ABC):
         none. Never a secret."""
         return ""
 
+    async def inspect(self, peers: Sequence[Lease]) -> KernelView:
+        """For /status: each peer's entries the kernel holds and lacks, and what it holds that no lease asks for
+        (see KernelView), read from the kernel now. Backends that keep no per-peer kernel state say so."""
+        return KernelView(peers={lease.key: Entries() for lease in peers}, inspected=False)
+
+    async def figures(self) -> list[Figure]:
+        """The backend's own figures for /metrics, read when scraped. Never a secret."""
+        return []
+
     def kernel_event_needs_repair(self, ev: KernelEvent) -> bool:
         """Whether a kernel change calls for a reconcile pass: an entry we programmed was deleted or replaced,
         our device went away, or an entry a pass would sweep appeared. Our own writes are announced too and must
@@ -97,4 +168,14 @@ class Backend(ABC):
         return False
 
 
-__all__ = ["Backend", "BackendAttrs", "BackendError", "ExternalInterface"]
+__all__ = [
+    "Backend",
+    "BackendAttrs",
+    "BackendError",
+    "Entries",
+    "ExternalInterface",
+    "Figure",
+    "KernelView",
+    "RepairObserver",
+    "kernel_view",
+]

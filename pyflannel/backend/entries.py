@@ -12,7 +12,19 @@ import logging
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from ..netlink import NUD_PERMANENT, Fdb, KernelEvent, Neigh, Netlink, NetlinkError, Op, Route, is_missing
+from ..netlink import (
+    NUD_PERMANENT,
+    RT_TABLE_MAIN,
+    RTN_BLACKHOLE,
+    Fdb,
+    KernelEvent,
+    Neigh,
+    Netlink,
+    NetlinkError,
+    Op,
+    Route,
+    is_missing,
+)
 from .base import BackendError
 
 log = logging.getLogger(__name__)
@@ -105,6 +117,36 @@ class OwnedEntries(Generic[G]):
         return have != obj
 
 
+def describe(o: Entry, names: Mapping[int, str]) -> str:
+    """The entry as `ip route` / `ip neigh` / `bridge fdb` would print it, with exactly the fields that make two
+    entries equal (so comparing lines compares entries)."""
+
+    def dev(index: int | None) -> str:
+        return names.get(index, f"if{index}") if index is not None else "-"
+
+    if isinstance(o, Route):
+        head = "blackhole " if o.type == RTN_BLACKHOLE else ""
+        parts = [f"{head}{o.dst}"]
+        if o.gateway is not None:
+            parts.append(f"via {o.gateway}")
+        if o.oif is not None:
+            parts.append(f"dev {dev(o.oif)}")
+        if o.onlink:
+            parts.append("onlink")
+        if o.table != RT_TABLE_MAIN:
+            parts.append(f"table {o.table}")
+        if o.priority:
+            parts.append(f"metric {o.priority}")
+        return "route " + " ".join(parts)
+    if isinstance(o, Neigh):
+        return f"neigh {o.dst} lladdr {o.lladdr} dev {dev(o.ifindex)}"
+    return f"fdb {o.lladdr} dst {o.dst} dev {dev(o.ifindex)}"
+
+
+async def device_names(nl: Netlink) -> dict[int, str]:
+    return {link.index: link.name for link in await nl.links()}
+
+
 async def apply_ops(nl: Netlink, what: str, ops: Sequence[Op]) -> None:
     """One batch to the kernel; a BackendError naming `what` if any op failed (deletes of absent entries are
     fine: the entry is gone either way)."""
@@ -129,4 +171,13 @@ def errors_to_exception(what: str, ops: Sequence[Op], errs: Sequence[NetlinkErro
     return BackendError(f"{what}: {len(bad)} of {len(ops)} kernel requests failed; first: {bad[0][1]}")
 
 
-__all__ = ["Entry", "EntryKey", "OwnedEntries", "apply_ops", "errors_to_exception", "kernel_key"]
+__all__ = [
+    "Entry",
+    "EntryKey",
+    "OwnedEntries",
+    "apply_ops",
+    "describe",
+    "device_names",
+    "errors_to_exception",
+    "kernel_key",
+]

@@ -33,8 +33,8 @@ from ..netlink import (
     Op,
     Route,
 )
-from .base import Backend, BackendAttrs, BackendError
-from .entries import OwnedEntries, apply_ops
+from .base import Backend, BackendAttrs, BackendError, KernelView, kernel_view
+from .entries import OwnedEntries, apply_ops, describe, device_names
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,23 @@ class RouteNetwork(Backend):
             if ops:
                 log.info("%s reconcile: %d route changes", self.backend_type, len(ops))
             await apply_ops(self.nl, f"{self.backend_type} reconcile", ops)
+
+    async def inspect(self, peers: Sequence[Lease]) -> KernelView:
+        async with self._lock:  # not between a batch's bookkeeping and its write
+            want = {
+                lease.key: [r for sn, _ in self._pairs(lease) if sn is not None for r in self._owned.get(sn) or []]
+                for lease in peers
+            }
+            oifs, own = self.route_oifs(), self.own_subnets()
+            held: list[Route] = []
+            for version in (4, 6):
+                if self._network(version) is not None:
+                    state = await self.nl.snapshot(family_of(version))
+                    held += [r for r in state.routes if self._sweepable(r, oifs, own)]
+        names = await device_names(self.nl)
+        return kernel_view(
+            {k: [describe(r, names) for r in rs] for k, rs in want.items()}, (describe(r, names) for r in held)
+        )
 
     async def close(self) -> None:
         # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it.

@@ -29,11 +29,11 @@ from ipaddress import IPv4Interface, IPv4Network
 from ..config import NetConfig
 from ..iface import ExternalInterface
 from ..lease import Lease
-from ..netlink import RT_TABLE_MAIN, KernelEvent, Link, Netlink, NetlinkError, Route
+from ..netlink import AF_INET, RT_TABLE_MAIN, KernelEvent, Link, Netlink, NetlinkError, Route
 from ..netlink.tun import TunError, open_tun
-from .base import Backend, BackendAttrs, BackendError
+from .base import Backend, BackendAttrs, BackendError, Figure, KernelView, kernel_view
 from .device import configure_device, device_event_needs_repair, inner_mtu, underlay_ipv4
-from .entries import OwnedEntries, apply_ops
+from .entries import OwnedEntries, apply_ops, describe, device_names
 from .options import opt_int
 from .udp_forward import SOL_UDP, UDP_GRO, Counters, Forwarder, PeerTable
 
@@ -289,6 +289,58 @@ class UdpBackend(Backend):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    async def inspect(self, peers: Sequence[Lease]) -> KernelView:
+        """A peer's entry is its line in the data path's peer table (the kernel holds no per-peer state); the
+        node's own is the Network route via flannel0."""
+        table = self.peer_table()
+
+        def line(sn: IPv4Network, ip: str, port: int) -> str:
+            return f"udp peer {sn} via {ip}:{port}"
+
+        want: dict[str, list[str]] = {}
+        held: list[str] = []
+        for lease in peers:
+            sn, ip = lease.subnet, lease.attrs.public_ip
+            if not (self._accept(lease, warn=False) and isinstance(sn, IPv4Network) and ip is not None):
+                want[lease.key] = []
+                continue
+            want[lease.key] = [line(sn, str(ip), self.port)]
+            hop = table.lookup(int(sn.network_address))
+            if hop is not None:
+                held.append(line(sn, *hop))
+        routes = self._owned.get("network") or []
+        names = await device_names(self.nl)
+        kernel = set((await self.nl.snapshot(AF_INET)).routes)
+        return kernel_view(
+            want,
+            held,
+            own=[describe(r, names) for r in routes],
+            held_own=[describe(r, names) for r in routes if r in kernel],
+        )
+
+    async def figures(self) -> list[Figure]:
+        c = self.counters
+        figures = [
+            Figure("udp_packets_total", "Packets the udp data path carried", "counter", v, (("direction", d),))
+            for d, v in (("tx", c.tun_packets), ("rx", c.udp_packets))
+        ]
+        figures += [
+            Figure("udp_bytes_total", "Bytes the udp data path carried", "counter", v, (("direction", d),))
+            for d, v in (("tx", c.tun_bytes), ("rx", c.udp_bytes))
+        ]
+        figures += [
+            Figure("udp_drops_total", "Packets the udp data path dropped, by reason", "counter", v, (("reason", r),))
+            for r, v in c.drops().items()
+        ]
+        figures += [
+            Figure("udp_errors_total", "Failed sends and TUN writes of the udp data path", "counter", v, (("op", o),))
+            for o, v in (("send", c.send_errors), ("tun_write", c.tun_write_errors))
+        ]
+        figures.append(
+            Figure("udp_icmp_sent_total", "ICMP unreachables sent by the udp data path", "counter", c.icmp_sent)
+        )
+        return figures
 
     def peer_table(self) -> PeerTable:
         return self._fwd.peers if self._fwd is not None else PeerTable()

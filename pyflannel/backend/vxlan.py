@@ -44,9 +44,9 @@ from ..netlink import (
     Route,
     parse_mac,
 )
-from .base import Backend, BackendAttrs, BackendError, ExternalInterface
+from .base import Backend, BackendAttrs, BackendError, ExternalInterface, KernelView, kernel_view
 from .device import configure_device, delete_device, device_event_needs_repair
-from .entries import OwnedEntries, apply_ops
+from .entries import Entry, OwnedEntries, apply_ops, describe, device_names
 from .options import opt_bool, opt_int
 from .route_network import L2Segment, diff_routes, in_network
 
@@ -428,6 +428,32 @@ class VxlanBackend(Backend):
                 len(fdb_add),
             )
         await apply_ops(self.nl, f"vxlan reconcile {dev.name}", ops)
+
+    async def inspect(self, peers: Sequence[Lease]) -> KernelView:
+        want: dict[str, list[Entry]] = {lease.key: [] for lease in peers}
+        held: list[Entry] = []
+        async with self._lock:  # not between a batch's bookkeeping and its write
+            own = self._own_subnets()
+            for dev in self.devs.values():
+                for lease in peers:
+                    sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
+                    if sn is not None:
+                        want[lease.key] += dev.owned.get(sn) or []
+                if not dev.index:
+                    continue
+                # What a pass of this device owns: the same rules as its sweep (_reconcile_dev).
+                state = await self.nl.snapshot(dev.family, neigh_ifindex=dev.index, fdb_ifindex=dev.index)
+                held += [r for r in state.routes if self._ours_route(dev, r, own)]
+                held += [n for n in state.neighbours if n.state & NUD_PERMANENT and not n.dst.is_multicast]
+                held += [
+                    Fdb(ifindex=dev.index, lladdr=f.lladdr, dst=f.dst)
+                    for f in state.fdb
+                    if f.flags & NTF_SELF and f.lladdr != ZERO_MAC and f.state & NUD_PERMANENT
+                ]
+        names = await device_names(self.nl)
+        return kernel_view(
+            {k: [describe(o, names) for o in es] for k, es in want.items()}, (describe(o, names) for o in held)
+        )
 
     async def close(self) -> None:
         # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from ..config import NetConfig
 from ..lease import Lease, LeaseAttrs, WatchUpdate
@@ -24,7 +24,39 @@ class LeaseRevokedError(StoreError):
     """Our own lease vanished from the store (deleted by hand or expired)."""
 
 
+class StoreObserver(Protocol):
+    """What a store reports for the agent's metrics (pyflannel.metrics.Metrics implements it)."""
+
+    def watch_restart(self, cause: str) -> None:
+        """The lease watch starts again with a full re-list: "compaction" (etcd compacted the revision it
+        watched from), "gone" (Kubernetes' 410), "reconnect" (the stream ended or broke), "failover" (the
+        member went silent or failed and another one is used)."""
+
+    def store_error(self) -> None:
+        """A request to the store failed (it may be retried)."""
+
+    def lease_operation(self, operation: str, outcome: str) -> None:
+        """A lease call the store makes on its own (etcd: revoking a lease it replaced)."""
+
+
+class Unobserved:
+    """The StoreObserver of a store built without one (tests, tools): drops everything."""
+
+    def watch_restart(self, cause: str) -> None:
+        pass
+
+    def store_error(self) -> None:
+        pass
+
+    def lease_operation(self, operation: str, outcome: str) -> None:
+        pass
+
+
 class Store(ABC):
+    # "etcd" or "kube": named in build info and /status.
+    name: ClassVar[str] = ""
+    observer: StoreObserver = Unobserved()
+
     @abstractmethod
     async def get_network_config(self) -> NetConfig:
         """The cluster's net-conf.json, waiting (bounded by the caller) while it is absent."""

@@ -171,6 +171,8 @@ class _Member:
 
 
 class EtcdStore(Store):
+    name = "etcd"
+
     def __init__(self, opts: EtcdOptions) -> None:
         if not opts.endpoints:
             raise StoreError("no etcd endpoints given")
@@ -281,9 +283,13 @@ class EtcdStore(Store):
             try:
                 return await self._call_once(what, conn, call)
             except EtcdUnavailableError as e:
+                self.observer.store_error()
                 self._failover(member, str(e))
                 if tried == len(self._members):
                     raise
+            except StoreError:
+                self.observer.store_error()
+                raise
         raise AssertionError("unreachable")
 
     async def _call_once(self, what: str, conn: EtcdClient, call: Callable[[EtcdClient, str], Awaitable[T]]) -> T:
@@ -456,7 +462,10 @@ class EtcdStore(Store):
         try:
             await self._rpc("revoke lease", lambda c, w: c.revoke(lease_id, **self._kw(w)))
         except StoreError as e:
+            self.observer.lease_operation("revoke", "error")
             log.debug("could not revoke etcd lease %x (it will expire): %s", lease_id, e)
+        else:
+            self.observer.lease_operation("revoke", "ok")
 
     async def _release_old(self, old_id: int) -> None:
         """Revoke the etcd lease our key just moved away from, but only if nothing else is still bound to it:
@@ -609,12 +618,14 @@ class EtcdStore(Store):
                 if silent:
                     log.warning("watch: etcd member %s %s", member.label, silent)
                     self._failover(member, "watch went silent")
+                    self.observer.watch_restart("failover")
                     break
                 try:
                     batch = read.result()
                 except StopAsyncIteration:
                     delay = backoff.next()
                     log.warning("watch: etcd closed the stream; listing again in %.1f s", delay)
+                    self.observer.watch_restart("reconnect")
                     break
                 events: list[Event] = []
                 end = False
@@ -626,6 +637,7 @@ class EtcdStore(Store):
                             start,
                             resp.compact_revision,
                         )
+                        self.observer.watch_restart("compaction")
                         end = True
                         break
                     if resp.canceled:
@@ -635,6 +647,7 @@ class EtcdStore(Store):
                             resp.cancel_reason or "no reason",
                             delay,
                         )
+                        self.observer.watch_restart("reconnect")
                         end = True
                         break
                     events.extend(resp.events)
@@ -649,16 +662,22 @@ class EtcdStore(Store):
             if e.code == UNAUTHENTICATED and self._opts.username:
                 # The next list goes through _rpc, which authenticates again when there is no token.
                 self._token = None
+            moved = e.retryable and self._members[self._cur] is member and len(self._members) > 1
             if e.retryable and self._members[self._cur] is member:
                 self._failover(member, str(e))
             # Moving to another member is worth an immediate re-list; the same one again gets the backoff.
             delay = backoff.next() if len(self._members) == 1 else 0.0
             log.warning("watch: %s; listing again in %.1f s", e, delay)
+            self.observer.store_error()
+            self.observer.watch_restart("failover" if moved else "reconnect")
         except EtcdUnavailableError as e:
+            moved = self._members[self._cur] is member and len(self._members) > 1
             if self._members[self._cur] is member:
                 self._failover(member, str(e))
             delay = backoff.next() if len(self._members) == 1 else 0.0
             log.warning("watch: %s; listing again in %.1f s", e, delay)
+            self.observer.store_error()
+            self.observer.watch_restart("failover" if moved else "reconnect")
         finally:
             if prober is not None:
                 prober.cancel()

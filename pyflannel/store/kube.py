@@ -236,6 +236,7 @@ def _node_name(node: Any) -> str:
 
 @dataclass
 class KubeStore(Store):
+    name = "kube"
     opts: KubeOptions
     ann: Annotations = field(init=False)
     node_name: str = field(init=False, default="")
@@ -312,11 +313,13 @@ class KubeStore(Store):
         try:
             return await request
         except KubeApiError as e:
+            self.observer.store_error()
             msg = e.message
             if e.status == 403:
                 msg += " (check the flannel ClusterRole: pods get; nodes get/list/watch; nodes/status patch)"
             raise _ApiError(e.status, f"{what}: HTTP {e.status}: {msg}") from None
         except KubeClientError as e:
+            self.observer.store_error()
             raise StoreError(f"{what}: {e}") from None
 
     async def get_node(self) -> dict[str, Any]:
@@ -626,8 +629,11 @@ class KubeStore(Store):
                 raise
             except _WatchGone as e:
                 log.info("watch of nodes expired (%s): listing again", e)
+                self.observer.watch_restart("gone")
             except StoreError as e:
                 log.warning("watch of nodes lost, listing again in %.1fs: %s", delay, e)
+                self.observer.store_error()
+                self.observer.watch_restart("reconnect")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.opts.retry_delay * 16)
 

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
+from typing import Protocol
 
 from pyflannel.subnetenv import SubnetEnv
 
@@ -106,6 +107,24 @@ def prev_changed(
     return prev_net != network or prev_subnet != subnet
 
 
+class RuleObserver(Protocol):
+    """What the manager reports for the agent's metrics (pyflannel.metrics.Metrics implements it)."""
+
+    def rules_resync(self, mode: str) -> None:
+        """One periodic check of every installed rule set."""
+
+    def rules_restore(self, mode: str, family: int, ok: bool) -> None:
+        """A family's rules were found missing or altered and written again (ok: the write succeeded)."""
+
+
+class _Unobserved:
+    def rules_resync(self, mode: str) -> None:
+        pass
+
+    def rules_restore(self, mode: str, family: int, ok: bool) -> None:
+        pass
+
+
 class TrafficManager(ABC):
     """Installs flannel's masquerade/forward rules and keeps them in place.
 
@@ -119,6 +138,8 @@ class TrafficManager(ABC):
 
     def __init__(self, runner: CommandRunner, other_mode_cleanup: LeftoverCleanup | None = None) -> None:
         self.runner = runner
+        # Told of every resync and restore; the agent sets its metrics here (traffic.manager).
+        self.observer: RuleObserver = _Unobserved()
         # The other mode's remover of its own rules (wired by traffic.manager, so the modes never import each other).
         self._other_mode_cleanup = other_mode_cleanup
         self._lock = asyncio.Lock()
@@ -207,7 +228,10 @@ class TrafficManager(ABC):
                     self._clear_family(fam)
                     continue
                 log.info("%s: some ipv%d rules are missing or changed; restoring them", self.mode, fam)
-                ok &= await self._apply_family(fam, what)
+                restored = await self._apply_family(fam, what)
+                self.observer.rules_restore(self.mode, fam, restored)
+                ok &= restored
+            self.observer.rules_resync(self.mode)
             return ok
 
     async def run_resync(self, interval: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyflannel.traffic.base import CommandRunner, TrafficManager
+from pyflannel.traffic.base import CommandRunner, RuleObserver, TrafficManager
 from pyflannel.traffic.iptables import IPTablesManager, remove_chains
 from pyflannel.traffic.nftables import NFTablesManager, delete_tables
 
@@ -15,13 +15,20 @@ def create_traffic_manager(
     cmd_prefix: Sequence[str] = (),
     search_path: str | None = None,
     timeout: float = 30.0,
+    observer: RuleObserver | None = None,
 ) -> TrafficManager:
     """`use_nftables` is net-conf.json's EnableNFTables.
 
     `cmd_prefix` runs every tool through a wrapper (tests: `["ip", "netns", "exec", NS]`); the daemon, already
-    inside its node namespace, leaves it empty. `search_path` overrides $PATH for finding the tools.
+    inside its node namespace, leaves it empty. `search_path` overrides $PATH for finding the tools. `observer`
+    hears of every resync and restore (the agent's metrics).
     """
     runner = CommandRunner(cmd_prefix=tuple(cmd_prefix), search_path=search_path, timeout=timeout)
+    tm: TrafficManager
     if use_nftables:
-        return NFTablesManager(runner, other_mode_cleanup=remove_chains)
-    return IPTablesManager(runner, other_mode_cleanup=delete_tables)
+        tm = NFTablesManager(runner, other_mode_cleanup=remove_chains)
+    else:
+        tm = IPTablesManager(runner, other_mode_cleanup=delete_tables)
+    if observer is not None:
+        tm.observer = observer
+    return tm
