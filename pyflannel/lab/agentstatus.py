@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from .netns import NetnsError, ns_exec
-from .state import LabError
+from .state import LabError, LabState
 
 # Where the lab and the test bed's agents serve /healthz, /readyz, /metrics and /status (--healthz-*).
 AGENT_HOST = "127.0.0.1"
@@ -98,3 +98,14 @@ def format_status(doc: dict[str, Any]) -> str:
     lines.append(f"{s['complete']}/{s['peers']} peers complete, {s['missing']} entries missing, "
                  f"{s['unexpected']} unexpected")  # fmt: skip
     return "\n".join(lines)
+
+
+def node_metrics(st: LabState, node: str) -> str:
+    """`flannel-lab metrics NODE`: the node agent's /metrics as it serves them."""
+    return metrics_text(st.node(node).netns)
+
+
+def node_status(st: LabState, node: str, as_json: bool = False) -> str:
+    """`flannel-lab status NODE --agent`: the node agent's /status, as a table or as its JSON."""
+    doc = status(st.node(node).netns)
+    return json.dumps(doc, indent=2) if as_json else format_status(doc)

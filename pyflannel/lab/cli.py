@@ -3,6 +3,7 @@
 flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|wireguard|alloc|extension] [--pods-per-node K]
                [--[no-]ip-masq] [--network CIDR] [--store etcd|kube]
 flannel-lab status [--json] | check | show NODE [--services] | exec POD|NODE -- CMD...
+flannel-lab status NODE --agent [--json] | metrics NODE        (the agent's /status and /metrics)
 flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [--capture underlay|cni0|flannel.1|pod ...]
 flannel-lab get nodes [-o wide|yaml|json] | get node NAME [-o yaml|json]        (--store kube)
 flannel-lab service add NAME --port P --to POD[:PORT][,POD...] [--nodeport N] [--mode iptables|ipvs]
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import capture, diagram, kubemode, netns, services, show
+from . import agentstatus, capture, diagram, kubemode, netns, services, show
 from .lab import Lab, down, up
 from .state import DEFAULT_PREFIX, DEFAULT_STATE_DIR, LabError, LabOptions, load_state
 
@@ -70,8 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--force", action="store_true", help="replace a lab that is up")
 
     sub.add_parser("down", help="remove everything the lab made (also after a crash)")
-    s = sub.add_parser("status", help="nodes and pods")
+    s = sub.add_parser(
+        "status", help="nodes and pods; with NODE --agent, what that agent believes and the kernel holds"
+    )
     s.add_argument("--json", action="store_true")
+    s.add_argument("node", nargs="?")
+    s.add_argument("--agent", action="store_true", help="the node agent's /status: each peer's kernel entries")
+    sub.add_parser("metrics", help="a node agent's Prometheus metrics (/metrics)").add_argument("node")
     c = sub.add_parser("check", help="every pod pings every other pod")
     c.add_argument("--json", action="store_true")
     e = sub.add_parser("exec", help="run a command inside a pod or node: exec NAME -- CMD...")
@@ -216,6 +222,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"removed {len(removed)} namespaces and {state_dir}" if removed else "nothing to remove")
         return 0
     lab = Lab.open(state_dir, say)
+    if args.cmd == "status" and (args.agent or args.node):
+        if not (args.agent and args.node):
+            raise LabError("status NODE --agent: both a node and --agent")
+        print(agentstatus.node_status(lab.st, args.node, args.json))
+        return 0
+    if args.cmd == "metrics":
+        print(agentstatus.node_metrics(lab.st, args.node), end="")
+        return 0
     if args.cmd == "status":
         status = lab.status()
         if args.json:
