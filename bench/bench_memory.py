@@ -34,6 +34,8 @@ asyncio.run(_nl())"""
 STEPS: dict[str, list[str]] = {
     "python": [],
     "asyncio+ssl": ["import asyncio, ssl"],
+    # The metrics library alone (pyflannel.daemon imports it for /metrics): the package loads its exposition side.
+    "+ prometheus_client": ["import asyncio, ssl", "import prometheus_client"],
     "pyflannel.daemon": ["import pyflannel.daemon"],
     "+ netlink in use": ["import pyflannel.daemon", NETLINK],
     "+ vxlan backend": [

@@ -45,7 +45,7 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Bed]:
-    need(tools=("ip", "bridge", "etcd", "etcdctl"))
+    need(tools=("ip", "bridge", "etcd", "etcdctl", "iptables", "iptables-restore"))
     scope = netns.RunScope(tag="cmet")
     try:
         tb = Testbed(scope)
@@ -54,7 +54,8 @@ def bed() -> Iterator[Bed]:
         b = Bed(tb, scope.tmpdir / "n1.hold")
         for name in ("n1", "n2"):
             node = tb.add_node(name)
-            node.extra_args = HEALTH
+            # n1 also keeps masquerade rules, re-checked every second.
+            node.extra_args = (*HEALTH, "--ip-masq", "--iptables-resync=1") if name == "n1" else HEALTH
             env = {"PYFLANNEL_TEST_HOLD_REPAIRS": str(b.hold)} if name == "n1" else {}
             tb.start_agent(node, env=env)
         for name in ("n1", "n2"):
@@ -196,6 +197,19 @@ def test_status_shows_the_missing_entry_until_the_repair_then_agrees_with_the_ke
     assert ip(n1.ns, "route", "show", stray).strip() == ""
     assert doc["lease"]["subnet"] == bed.subnet("n1") and doc["lease"]["public_ip"] == n1.ip
     assert "BackendData" not in json.dumps(doc) and "VtepMAC" not in json.dumps(doc)
+
+
+def test_traffic_rule_resyncs_count_and_a_flushed_chain_is_one_restore(bed: Bed) -> None:
+    n1 = bed.node("n1")
+    before = scrape(n1)
+    resyncs = value(before, "flannel_traffic_rule_resyncs_total", mode="iptables")
+    wait_metric(n1, "flannel_traffic_rule_resyncs_total", resyncs, mode="iptables")
+    restores = value(before, "flannel_traffic_rule_restores_total", mode="iptables", family="ipv4", outcome="ok")
+    netns.run(["ip", "netns", "exec", n1.ns, "iptables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG"])
+    got = wait_metric(n1, "flannel_traffic_rule_restores_total", restores, mode="iptables", family="ipv4", outcome="ok")
+    assert got == restores + 1
+    rules = netns.run(["ip", "netns", "exec", n1.ns, "iptables", "-w", "-t", "nat", "-S", "FLANNEL-POSTRTG"])
+    assert "MASQUERADE" in rules
 
 
 def test_etcd_restart_moves_the_watch_restart_counter(bed: Bed) -> None:
