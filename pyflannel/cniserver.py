@@ -104,9 +104,11 @@ REPLY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 4.0
 SOCKET_MODE = 0o600
 DIR_MODE = 0o700
-# Where CNI keeps its files by convention (flannel's and host-local's state, plugins, configs, pod netns files).
-CNI_DIRS = ("/var/lib/cni", "/opt/cni/bin", "/etc/cni/net.d", "/run/netns", "/run/flannel")
+# Where CNI keeps its files by convention: flannel's and host-local's state, the plugins, pod netns files,
+# subnet.env. (/opt/cni/bin is in CNI_PATH as a rule.)
+CNI_DIRS = ("/var/lib/cni", "/opt/cni/bin", "/run/netns", "/run/flannel")
 MAX_VIEW_PATHS = 32
+MAX_REALPATHS = 256
 
 
 class CniServerError(Exception):
@@ -231,17 +233,22 @@ def _file_id(path: str) -> tuple[int, int] | str:
         return errno.errorcode.get(e.errno or 0, "error")
 
 
-def view_difference(pid: int, env: Mapping[str, str]) -> str | None:
+def view_difference(pid: int, env: Mapping[str, str], realpaths: dict[str, str]) -> str | None:
     """The first of the call's directories (CNI_DIRS, CNI_PATH's, the netns file's) that is another file, or
-    none, for process `pid` than for flanneld; None when they all agree."""
-    paths = [*CNI_DIRS, *(d for d in env.get("CNI_PATH", "").split(":") if d.startswith("/"))]
+    none, for process `pid` than for flanneld; None when they all agree. `realpaths` caches our own view of
+    their symlinks (os.path.realpath is most of the check's time; symlinks there do not move)."""
+    paths = dict.fromkeys([*CNI_DIRS, *(d for d in env.get("CNI_PATH", "").split(":") if d.startswith("/"))])
     netns = env.get("CNI_NETNS", "")
     if netns.startswith("/"):
-        paths.append(os.path.dirname(netns))
+        paths[os.path.dirname(netns)] = None
     root = f"/proc/{pid}/root"
-    for path in paths[:MAX_VIEW_PATHS]:
+    for path in list(paths)[:MAX_VIEW_PATHS]:
         # /proc/<pid>/root resolves the path in pid's mounts, but an absolute symlink on the way from ours.
-        real = os.path.realpath(path)
+        real = realpaths.get(path)
+        if real is None:
+            if len(realpaths) >= MAX_REALPATHS:
+                realpaths.clear()
+            real = realpaths[path] = os.path.realpath(path)
         if _file_id(real) != _file_id(root + real):
             return path
     return None
@@ -271,6 +278,7 @@ class CniServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # the counters and _warned, from the workers
         self._warned: set[str] = set()
+        self._realpaths: dict[str, str] = {}  # for view_difference
 
     # ---- the socket --------------------------------------------------------------------------------
 
@@ -417,7 +425,7 @@ class CniServer:
             log.debug("CNI server: no whole request: %s", e)
             return False
         try:
-            seen = view_difference(pid, req.env)
+            seen = view_difference(pid, req.env, self._realpaths)
             if seen is not None:
                 why = f"pid {pid} sees another {seen} than flanneld"
                 self._not_serving("view", why)
