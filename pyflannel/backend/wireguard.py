@@ -36,6 +36,7 @@ import errno
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
@@ -45,7 +46,7 @@ from ..config import ConfigError, NetConfig, ci_get, read_config_file
 from ..lease import Lease
 from ..netlink import RT_TABLE_MAIN, IPAddress, IPNetwork, KernelEvent, Link, Netlink, NetlinkError, Route
 from ..netlink.wireguard import PublicKey, SecretKey, WgDevice, WgPeer, WgUpdate, format_endpoint
-from .base import Backend, BackendAttrs, BackendError, ExternalInterface
+from .base import Backend, BackendAttrs, BackendError, ExternalInterface, Figure
 from .device import configure_device, delete_device, device_event_needs_repair
 from .entries import OwnedEntries, apply_ops
 from .options import opt_int, opt_str
@@ -638,6 +639,7 @@ class WireguardBackend(Backend):
                         n = await self._sync(dev)
                         if n:
                             log.warning("wireguard: %s had lost or changed %d peers; restored", dev.name, n)
+                            self.observer.kernel_repair("wireguard_peer", n)
                 except BackendError as e:
                     log.warning("wireguard: repair of %s failed, will retry: %s", dev.name, e)
 
@@ -657,6 +659,31 @@ class WireguardBackend(Backend):
         for dev in self.devs:
             if dev.wg is not None:
                 dev.wg.close()
+
+    async def figures(self) -> list[Figure]:
+        """Per device: its peers, those with a handshake in the last 180 s (WireGuard's REJECT_AFTER_TIME: a
+        session older than that is dead), and the bytes they carried. A device that cannot be read is left out."""
+        out: list[Figure] = []
+        now = time.time()
+        for d in self.devs:
+            try:
+                wg = await self._get(d) if d.impl else None
+            except BackendError:
+                continue
+            if wg is None:
+                continue
+            dev = (("device", d.name),)
+            recent = sum(1 for p in wg.peers if p.last_handshake and now - p.last_handshake < 180)
+            out += [
+                Figure("wireguard_peers", "Peers a WireGuard device holds", "gauge", len(wg.peers), dev),
+                Figure("wireguard_peers_with_handshake", "Peers with a handshake in the last 180 s", "gauge",
+                       recent, dev),
+                Figure("wireguard_received_bytes_total", "Bytes received from the device's peers", "counter",
+                       sum(p.rx_bytes for p in wg.peers), dev),
+                Figure("wireguard_sent_bytes_total", "Bytes sent to the device's peers", "counter",
+                       sum(p.tx_bytes for p in wg.peers), dev),
+            ]  # fmt: skip
+        return out
 
     async def peers(self) -> dict[str, WgDevice]:
         """What each device holds now (for the lab's `show`)."""

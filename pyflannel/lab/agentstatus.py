@@ -75,7 +75,7 @@ def format_status(doc: dict[str, Any]) -> str:
     for e in own["missing"]:
         lines.append(f"    MISSING  {e}")
     if not doc.get("kernel_inspected", True):
-        lines.append("(the backend keeps no per-peer kernel state to compare)")
+        lines.append("(this backend does not compare the kernel's state with its leases)")
     if doc.get("kernel_error"):
         lines.append(f"kernel read failed: {doc['kernel_error']}")
     lines.append("")
