@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clusters import build_cluster
 from needs import need
 from prometheus_client.parser import text_string_to_metric_families
+from test_cluster import Cluster
 
 from pyflannel.lab import netns
 from pyflannel.lab.agentstatus import fetch, status
@@ -329,3 +331,23 @@ def test_sigterm_still_exits_cleanly(bed: Bed) -> None:
     # Last: the agent with its health server open stops as before.
     n2 = bed.node("n2")
     assert bed.tb.stop_agent(n2, signal.SIGTERM) == 0
+
+
+@pytest.fixture(scope="module")
+def udp_cluster() -> Iterator[Cluster]:
+    yield from build_cluster("cmetudp", {"Type": "udp"}, nodes=("n1", "n2"), extra_args=HEALTH)
+
+
+def test_udp_figures_and_status_read_the_data_path(udp_cluster: Cluster) -> None:
+    tb = udp_cluster.tb
+    n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
+    pods = tb.all_pods()
+    assert tb.wait_ping(pods[0].ns, pods[1].ip)
+    m = scrape(n1)
+    assert value(m, "flannel_udp_packets_total", direction="tx") > 0
+    assert value(m, "flannel_udp_packets_total", direction="rx") > 0
+    assert ("flannel_udp_drops_total", frozenset({("reason", "no_peer")})) in m
+    doc = status(n1.ns)
+    (peer,) = doc["peers"]
+    assert peer["present"] == [f"udp peer {udp_cluster.subnet(n2)} via {n2.ip}:8285"] and peer["missing"] == []
+    assert doc["own"]["present"] == ["route 10.244.0.0/16 dev flannel0"]
