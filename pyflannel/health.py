@@ -74,11 +74,15 @@ class HealthServer:
             except _BadRequest as e:
                 await self._respond(writer, "400 Bad Request", "text/plain", f"bad request: {e}\n".encode())
                 return
-            status, ctype, body = await self._answer(method, path)
+            try:
+                status, ctype, body = await self._answer(method, path)
+            except Exception as e:  # a bug in a page must cost one answer, never the server
+                log.warning("health server: %s failed: %s: %s", path, type(e).__name__, e)
+                status, ctype, body = "500 Internal Server Error", "text/plain", b"internal error\n"
             await self._respond(writer, status, ctype, b"" if method == "HEAD" else body, len(body))
         except (TimeoutError, ConnectionError):
             pass
-        except Exception as e:  # a bug in a page must cost one answer, never the server
+        except Exception as e:  # the same for what the stream itself raises
             log.warning("health server: request failed: %s: %s", type(e).__name__, e)
         finally:
             self._clients -= 1

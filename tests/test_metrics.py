@@ -17,7 +17,7 @@ from test_store_etcd import PREFIX, Ctl, Etcd, _next, _store, etcd  # noqa: F401
 from test_store_kube import Follower, kns, peer_annotations, run, store_for  # noqa: F401 (kns, run: fixtures)
 
 from pyflannel.backend.base import Figure, kernel_view
-from pyflannel.health import MAX_HEADERS, MAX_LINE, _BadRequest, _read_head
+from pyflannel.health import MAX_HEADERS, MAX_LINE, HealthServer, _BadRequest, _read_head
 from pyflannel.lab.fakekube import FakeKube, KubeAdmin
 from pyflannel.lease import LeaseSnapshot
 from pyflannel.metrics import Metrics
@@ -239,3 +239,56 @@ def test_kube_410_and_a_dropped_watch_move_the_watch_restart_counter(run: Any) -
             await st.close()
 
     run(body)
+
+
+class _Writer:
+    """What the server's handler uses of a StreamWriter, collecting what it writes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, b: bytes) -> None:
+        self.data += b
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+def serve(server: HealthServer, request: bytes) -> bytes:
+    async def go() -> bytes:
+        r = asyncio.StreamReader(limit=MAX_LINE)
+        r.feed_data(request)
+        r.feed_eof()
+        w = _Writer()
+        await server._handle(r, w)  # type: ignore[arg-type]
+        assert w.closed
+        return w.data
+
+    return asyncio.run(go())
+
+
+def test_a_failing_page_is_a_500_and_the_others_still_answer() -> None:
+    async def boom() -> tuple[str, bytes]:
+        raise RuntimeError("a bug")
+
+    async def fine() -> tuple[str, bytes]:
+        return "application/json", b"{}"
+
+    server = HealthServer("127.0.0.1", 0, lambda: (False, "waiting"), {"/boom": boom, "/ok": fine})
+    assert serve(server, b"GET /boom HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 500 ")
+    ok = serve(server, b"GET /ok HTTP/1.1\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n") and ok.endswith(
+        b"\r\n\r\n{}"
+    )
+    head_only = serve(server, b"HEAD /ok HTTP/1.1\r\n\r\n")
+    assert b"Content-Length: 2\r\n" in head_only and head_only.endswith(b"\r\n\r\n")
+    assert serve(server, b"GET /readyz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 ")
+    assert serve(server, b"DELETE /ok HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert serve(server, b"NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400 ")
