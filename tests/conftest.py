@@ -9,6 +9,7 @@ Markers of the stock-kernel VM pass (`python -m pyflannel.lab.vm`, run by script
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -64,6 +65,26 @@ def _sweep_leftovers() -> Iterator[None]:
     yield
     if os.geteuid() == 0:
         netns.sweep(netns.STEM_TEST)
+
+
+# What a flanneld writes by default (subnet.env, the CNI socket, the WireGuard key): an agent of the test bed must
+# use its node's own paths, never the machine's.
+HOST_RUN_FLANNEL = Path("/run/flannel")
+
+
+def _host_run_flannel() -> set[str]:
+    try:
+        return {p.name for p in HOST_RUN_FLANNEL.iterdir()}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _host_run_flannel_untouched() -> Iterator[None]:
+    before = _host_run_flannel()
+    yield
+    added = _host_run_flannel() - before
+    assert not added, f"a test wrote this machine's {HOST_RUN_FLANNEL}: {sorted(added)}"
 
 
 @pytest.fixture

@@ -334,7 +334,10 @@ class Testbed:
         return node
 
     def agent_cmd(self, node: Node, *extra: str) -> list[str]:
+        # The node's own WireGuard key file, in the command itself: however the command is run, an agent of the
+        # test bed never falls back to the machine's /run/flannel/wgkey (the nodes share one filesystem).
         return [
+            "env", f"WIREGUARD_KEY_FILE={node.dir / 'wgkey'}",
             sys.executable, "-m", "pyflannel.cli",
             f"--etcd-endpoints={','.join(self.endpoints)}",
             f"--etcd-prefix={self.prefix}",
@@ -346,8 +349,7 @@ class Testbed:
         """Start flanneld in the node's namespace; `env` entries override the inherited environment."""
         if node.proc is not None and node.proc.poll() is None:
             raise NetnsError(f"agent on {node.name} is already running")
-        # Each node keeps its own WireGuard key beside its subnet.env (the nodes share one filesystem).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WIREGUARD_KEY_FILE": str(node.dir / "wgkey"), **(env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         node.proc = self.scope.spawn(node.ns, self.agent_cmd(node, *extra), log=node.log_file, env=env)
         return node.proc
 
