@@ -9,9 +9,9 @@ Markers of the stock-kernel VM pass (`python -m pyflannel.lab.vm`, run by script
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from needs import need
