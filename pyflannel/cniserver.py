@@ -59,7 +59,6 @@ Python would decode it otherwise (a locale whose encoding is not UTF-8).
 
 from __future__ import annotations
 
-import argparse
 import array
 import asyncio
 import contextlib
@@ -77,9 +76,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .cni import plugin
-from .cni.conf import CURRENT_VERSION, ERR_INTERNAL, CNIError
 from .log import setup_logging
+
+# The plugin's modules (~0.7 MB) are imported by the first request read, not with the agent: an agent that never
+# serves (in kube-flannel's DaemonSet its own PID namespace hides every client) never loads them.
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ def parse_env(block: bytes, count: int) -> dict[str, str]:
 
 def encode_reply(rc: int, out: bytes, err: bytes) -> bytes:
     if len(out) + len(err) > MAX_REPLY:
+        from .cni.conf import CURRENT_VERSION, ERR_INTERNAL, CNIError
+
         msg = f"flannel: the plugin's answer of {len(out) + len(err)} bytes is over the CNI server's {MAX_REPLY}"
         out, err, rc = CNIError(ERR_INTERNAL, msg).to_json(CURRENT_VERSION), b"", 1
     return REPLY_HEAD.pack(REPLY_MAGIC, PROTOCOL, KIND_RAN, rc & 0xFF, len(out), len(err)) + out + err
@@ -183,6 +185,8 @@ def _recv_head(conn: socket.socket) -> tuple[bytes, list[int], int]:
 
 def read_request(conn: socket.socket) -> Request:
     """One request from `conn` (in a worker thread, under the socket's timeout)."""
+    from .cni import plugin
+
     data, fds, flags = _recv_head(conn)
     try:
         if not data:
@@ -212,6 +216,8 @@ def read_request(conn: socket.socket) -> Request:
 
 def run_call(req: Request) -> tuple[int, bytes, bytes]:
     """The plugin for one request: (exit status, stdout, stderr), stderr encoded as Python's sys.stderr does."""
+    from .cni import plugin
+
     out = io.BytesIO()
     err_bytes = io.BytesIO()
     err = io.TextIOWrapper(err_bytes, encoding="utf-8", errors="backslashreplace", write_through=True)
@@ -482,6 +488,8 @@ async def serve_cni(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # only for this entry point: the agent imports this module too
+
     ap = argparse.ArgumentParser(
         prog="python -m pyflannel.cniserver", description="Serve the flannel CNI plugin without an agent."
     )
