@@ -310,6 +310,32 @@ async def until_marker(mon: KernelMonitor, ns: str, n: int, dev: str = "eth0") -
     raise AssertionError(f"monitor ended before the marker; got {out}")
 
 
+def test_monitor_paused_during_a_bulk_write_misses_nothing(scope: RunScope) -> None:
+    # A bulk apply pauses the monitor's reading (see Netlink.apply): every announcement of the batch, and a change
+    # made by hand while the batch was going in, still arrive afterwards, in order.
+    a, _ = two_ns(scope)
+    run(["ip", "-n", a, "link", "add", "vx0", "type", "vxlan", "id", "1", "local", "192.168.0.1", "dev", "eth0",
+         "dstport", "8472", "nolearning"])  # fmt: skip
+    run(["ip", "-n", a, "link", "set", "vx0", "up"])
+
+    async def go(nl: Netlink) -> None:
+        vx = await nl.link_by_name("vx0")
+        assert vx is not None
+        mon = await nl.monitor()
+        routes = [Route(IPv4Network(f"10.{64 + (i >> 8)}.{i & 255}.0/24"), None, vx.index) for i in range(2000)]
+        bulk = asyncio.ensure_future(nl.apply([Op.replace(r) for r in routes]))
+        await asyncio.sleep(0)  # the batch is on the worker thread, the monitor paused
+        run(["ip", "-n", a, "route", "add", "172.29.0.0/24", "dev", "eth0"])
+        assert await bulk == [None] * len(routes)
+        evs = await until_marker(mon, a, 9)
+        added = {e.obj.dst for e in evs if e.kind == "route" and e.action == "new" and isinstance(e.obj, Route)}
+        assert {r.dst for r in routes} <= added
+        assert IPv4Network("172.29.0.0/24") in added
+        assert mon.overruns == 0
+
+    in_ns(a, go)
+
+
 def test_monitor_decodes_changes_made_by_hand(scope: RunScope) -> None:
     a, b = two_ns(scope)
 

@@ -62,6 +62,8 @@ from .wireguard import (
 )
 
 T = TypeVar("T")
+# Batches this large are written with the monitors paused (see apply).
+BULK_OPS = 1024
 
 
 class Netlink:
@@ -289,7 +291,19 @@ class Netlink:
         Requests are processed in order, so a delete followed by a replace of the same key is well defined."""
         if not ops:
             return []
-        return await self._run(lambda: self._raw_w().apply(ops))
+        if len(ops) < BULK_OPS:
+            return await self._run(lambda: self._raw_w().apply(ops))
+        # A bulk write (a sync of thousands of peers) is announced back entry by entry: decoding those on the loop
+        # while the worker encodes the batch made both contend for the interpreter, and the kernel got its last
+        # entry later. The monitors read them (all queued by the kernel meanwhile) once the batch is in.
+        paused = list(self._monitors)
+        for m in paused:
+            m.pause()
+        try:
+            return await self._run(lambda: self._raw_w().apply(ops))
+        finally:
+            for m in paused:
+                m.resume()
 
     async def _one(self, op: Op, missing_ok: bool = False) -> None:
         (err,) = await self.apply([op])

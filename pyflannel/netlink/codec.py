@@ -375,7 +375,8 @@ def decode_route(buf: bytes | memoryview, off: int, end: int) -> Route | None:
                 if k2 == RTA_GATEWAY:
                     gw_raw = bytes(buf[a2:b2])
     zero = b"\0" * (4 if fam == AF_INET else 16)
-    dst: IPNetwork = ipaddress.ip_network((_ip(fam, dst_raw or zero), dst_len))
+    # The class itself, not ip_network(), which tries IPv4 first and catches the failure for IPv6.
+    dst: IPNetwork = (IPv4Network if fam == AF_INET else IPv6Network)((_ip(fam, dst_raw or zero), dst_len))
     if fam == AF_INET6 and prio == IP6_RT_PRIO_USER:
         prio = 0
     if rtype == RTN_BLACKHOLE:

@@ -96,6 +96,7 @@ class KernelMonitor:
         self._pending: deque[KernelEvent] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.overruns = 0
+        self._paused = False
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
 
@@ -146,12 +147,26 @@ class KernelMonitor:
         if pending:
             self._wake()
 
+    def pause(self) -> None:
+        """Stop reading the socket; the kernel queues what comes meanwhile (up to the receive buffer, beyond which
+        the overrun asks for a resync as always)."""
+        if self._sock is not None and not self._paused:
+            self._paused = True
+            self._loop.remove_reader(self._sock.fileno())
+
+    def resume(self) -> None:
+        if self._sock is not None and self._paused:
+            self._paused = False
+            self._loop.add_reader(self._sock.fileno(), self._readable)
+            self._loop.call_soon(self._readable)
+
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        with contextlib.suppress(Exception):
-            self._loop.remove_reader(sock.fileno())
+        if not self._paused:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.fileno())
         sock.close()
         self._on_close(self)
         self._wake()
