@@ -42,6 +42,7 @@ from ..netlink import (
     NetlinkError,
     Op,
     Route,
+    format_mac,
     parse_mac,
 )
 from .base import Backend, BackendAttrs, BackendError, ExternalInterface, KernelView, kernel_view
@@ -64,7 +65,7 @@ ZERO_MAC = "00:00:00:00:00:00"
 def random_mac() -> str:
     b = bytearray(os.urandom(6))
     b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
-    return ":".join(f"{x:02x}" for x in b)
+    return format_mac(bytes(b))
 
 
 def _vtep_mac(data: object) -> str | None:
@@ -80,7 +81,7 @@ def _vtep_mac(data: object) -> str | None:
         return None
     if raw == b"\0" * 6 or raw[0] & 1:
         return None
-    return ":".join(f"{x:02x}" for x in raw)
+    return format_mac(raw)
 
 
 @dataclass

@@ -150,15 +150,19 @@ def is_missing(err: BaseException | None) -> bool:
 
 
 def format_mac(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    """`aa:bb:cc:dd:ee:ff`, lower case: how every MAC is written in a lease and compared with the kernel's."""
+    return raw.hex(":")
 
 
 def parse_mac(mac: str) -> bytes:
     """Parse `aa:bb:cc:dd:ee:ff` (also `-` separated); raises ValueError."""
     parts = mac.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+    if len(parts) != 6 or not all(len(p) == 2 and p.isascii() and p.isalnum() for p in parts):
         raise ValueError(f"not a MAC address: {mac!r}")
-    return bytes(int(p, 16) for p in parts)
+    try:
+        return bytes.fromhex("".join(parts))
+    except ValueError:
+        raise ValueError(f"not a MAC address: {mac!r}") from None
 
 
 def _family(a: IPAddress | IPNetwork) -> int:
