@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping tcpdump curl
-          containernetworking-plugins procps librsvg2-bin
+          containernetworking-plugins procps librsvg2-bin openssl  # openssl: throwaway CAs of the kube tests and the lab
           traceroute ipvsadm  # the lab: `exec POD -- traceroute`, `service add --mode ipvs` (ipvsadm -Ln)
           wireguard-go wireguard-tools  # the wireguard backend's userspace fallback; `wg` for tests and the lab
           python3.11 gcc libc6-dev patchelf file strace  # scripts/build-cni.sh and its test
