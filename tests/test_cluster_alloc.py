@@ -10,6 +10,7 @@ from clusters import build_cluster
 from test_cluster import NETWORK, Cluster, ip
 
 from pyflannel.lab import netns
+from pyflannel.lab.agentstatus import status
 from pyflannel.lab.testbed import Node
 
 pytestmark = [pytest.mark.integration]
@@ -28,7 +29,12 @@ def _remember(node: Node) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     # No --iptables-forward-rules either: then the agent has nothing of its own to put in the kernel.
-    extra = ("--reconcile-interval=300", "--iptables-forward-rules=false")
+    extra = (
+        "--reconcile-interval=300",
+        "--iptables-forward-rules=false",
+        "--healthz-port=8471",
+        "--healthz-ip=127.0.0.1",
+    )
     yield from build_cluster("alloc", {"Type": "alloc"}, nodes=("n1", "n2"), extra_args=extra,
                              pods=False, before_start=_remember)  # fmt: skip
 
@@ -61,3 +67,12 @@ def test_no_link_route_or_address_is_added(cluster: Cluster) -> None:
         assert netns.wait_for(seen, timeout=20)
         assert node.proc is not None and node.proc.poll() is None
         assert _kernel(node.ns) == BEFORE[node.name]
+
+
+def test_status_is_complete_with_nothing_programmed(cluster: Cluster) -> None:
+    n1, n2 = cluster.tb.nodes["n1"], cluster.tb.nodes["n2"]
+    assert netns.wait_for(lambda: status(n1.ns)["peers"] != [], timeout=30)
+    doc = status(n1.ns)
+    assert doc["kernel_inspected"] is True and doc["backend"] == "alloc", doc
+    assert [(p["subnet"], p["present"], p["missing"]) for p in doc["peers"]] == [(cluster.subnet(n2), [], [])]
+    assert doc["unexpected"] == [] and doc["summary"]["complete"] == 1

@@ -44,11 +44,24 @@ from typing import Any
 
 from ..config import ConfigError, NetConfig, ci_get, read_config_file
 from ..lease import Lease
-from ..netlink import RT_TABLE_MAIN, IPAddress, IPNetwork, KernelEvent, Link, Netlink, NetlinkError, Route
+from ..netlink import (
+    AF_INET,
+    AF_INET6,
+    RT_TABLE_MAIN,
+    Fdb,
+    IPAddress,
+    IPNetwork,
+    KernelEvent,
+    Link,
+    Neigh,
+    Netlink,
+    NetlinkError,
+    Route,
+)
 from ..netlink.wireguard import PublicKey, SecretKey, WgDevice, WgPeer, WgUpdate, format_endpoint
-from .base import Backend, BackendAttrs, BackendError, ExternalInterface, Figure
+from .base import Backend, BackendAttrs, BackendError, ExternalInterface, Figure, KernelView, kernel_view
 from .device import configure_device, delete_device, device_event_needs_repair
-from .entries import OwnedEntries, apply_ops
+from .entries import OwnedEntries, apply_ops, describe, device_names
 from .options import opt_int, opt_str
 from .wireguard_go import UapiError, WireguardGo
 
@@ -685,9 +698,49 @@ class WireguardBackend(Backend):
             ]  # fmt: skip
         return out
 
+    async def inspect(self, peers: Sequence[Lease]) -> KernelView:
+        """A peer's entry is its WireGuard peer on each device (key, endpoint, allowed IPs, keepalive, whether a
+        PSK is set: never the PSK), compared with what the device holds now; the node's own are the devices'
+        Network routes. A device that cannot be read holds nothing."""
+
+        def line(dev: str, p: WgPeer) -> str:
+            ep = format_endpoint(p.endpoint) if p.endpoint else "(none)"
+            ips = ",".join(str(ip) for ip in p.allowed_ips)
+            psk = " psk" if p.psk is not None else ""
+            return f"wireguard {dev} peer {p.public_key} endpoint {ep} allowed-ips {ips} keepalive {p.keepalive}{psk}"
+
+        want: dict[str, list[str]] = {lease.key: [] for lease in peers}
+        held: list[str] = []
+        async with self._lock:
+            for d in self.devs:
+                for lease in peers:
+                    spec = d.specs.get(lease.key)
+                    merged = d.merged(spec.public_key) if spec is not None else None
+                    if merged is not None:
+                        want[lease.key].append(line(d.name, merged))
+                try:
+                    state = await self._get(d) if d.impl else None
+                except BackendError:
+                    state = None
+                held += [line(d.name, p) for p in state.peers] if state is not None else []
+            routes = [r for _, rs in self._owned.items() for r in rs]
+        names = await device_names(self.nl)
+        kernel = {r for fam in {_family_of(r) for r in routes} for r in (await self.nl.snapshot(fam)).routes}
+        return kernel_view(
+            want,
+            held,
+            own=[describe(r, names) for r in routes],
+            held_own=[describe(r, names) for r in routes if r in kernel],
+        )
+
     async def peers(self) -> dict[str, WgDevice]:
         """What each device holds now (for the lab's `show`)."""
         return {d.name: await self._get(d) for d in self.devs if d.impl}
+
+
+def _family_of(r: Route | Neigh | Fdb) -> int:
+    assert isinstance(r, Route)
+    return AF_INET if r.dst.version == 4 else AF_INET6
 
 
 BACKEND = WireguardBackend
