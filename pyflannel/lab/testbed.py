@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,7 +338,7 @@ class Testbed:
         # The node's own WireGuard key file, in the command itself: however the command is run, an agent of the
         # test bed never falls back to the machine's /run/flannel/wgkey (the nodes share one filesystem).
         return [
-            "env", f"WIREGUARD_KEY_FILE={node.dir / 'wgkey'}",
+            shutil.which("env") or "/usr/bin/env", f"WIREGUARD_KEY_FILE={node.dir / 'wgkey'}",
             sys.executable, "-m", "pyflannel.cli",
             f"--etcd-endpoints={','.join(self.endpoints)}",
             f"--etcd-prefix={self.prefix}",
