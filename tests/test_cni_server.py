@@ -636,7 +636,18 @@ class Agent:
         return self.node.proc.pid
 
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """The agent's open descriptors, less its TCP connections: the store opens and closes those to etcd on its
+        own schedule (its watch-liveness probe), while a leak of the CNI server is a unix socket, pipe or file."""
+        tcp: set[str] = set()
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]:
+                    tcp.add(line.split()[9])
+        links = []
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                links.append(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+        return sum(1 for x in links if not (x.startswith("socket:[") and x[8:-1] in tcp))
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))

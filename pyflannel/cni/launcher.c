@@ -87,11 +87,13 @@ static int write_all(int fd, const void *data, size_t len) {
 }
 
 /* Exactly `len` bytes; -1 on an error, a timeout or the end of the stream before them. */
+/* -1 with errno set (EAGAIN: the receive timeout), or -1 with errno 0 at end of file. */
 static int read_full(int fd, void *data, size_t len) {
   unsigned char *p = data;
   while (len > 0) {
     ssize_t n = read(fd, p, len);
     if (n < 0 && errno == EINTR) continue;
+    if (n == 0) errno = 0;
     if (n <= 0) return -1;
     p += n;
     len -= (size_t)n;
@@ -352,9 +354,22 @@ int main(int argc, char **argv) {
   put32(head + 16, (uint32_t)in_len);
   unsigned char reply[REPLY_HEAD];
   if (set_timeout(s, SO_SNDTIMEO, REPLY_TIMEOUT_S) < 0 || set_timeout(s, SO_RCVTIMEO, REPLY_TIMEOUT_S) < 0 ||
-      send_request(s, head, env_len, in_len) < 0 || read_full(s, reply, REPLY_HEAD) < 0 ||
-      memcmp(reply, "FCNR", 4) != 0 || reply[4] != PROTOCOL || reply[5] != 0) {
-    /* No agent that answers, or it refused the request (reply[5] 1): nothing was written yet. */
+      send_request(s, head, env_len, in_len) < 0) {
+    close(s);
+    return standalone(argc, argv, in_len); /* the agent took no request */
+  }
+  if (read_full(s, reply, REPLY_HEAD) < 0) {
+    int timed_out = errno == EAGAIN || errno == EWOULDBLOCK;
+    close(s);
+    /* Still running the call after the time bound: a second run beside it could race it on the same pod, so
+     * the runtime gets an error (it then deletes and retries the pod). A closed connection is an agent that
+     * went away (a restart): the call is run here instead; ADD and DEL may then run twice, which CNI's
+     * delegates tolerate (DEL is idempotent; a repeated ADD fails cleanly and the runtime retries). */
+    if (timed_out) return fail("flanneld did not answer the call in time", "it may still be running it");
+    return standalone(argc, argv, in_len);
+  }
+  if (memcmp(reply, "FCNR", 4) != 0 || reply[4] != PROTOCOL || reply[5] != 0) {
+    /* It refused the request (reply[5] 1) or is not flanneld: nothing was run or written yet. */
     close(s);
     return standalone(argc, argv, in_len);
   }
@@ -374,7 +389,8 @@ int main(int argc, char **argv) {
     }
     if (read_full(s, body, total) < 0) {
       close(s);
-      return standalone(argc, argv, in_len); /* the agent went away mid-reply */
+      /* The call ran in the agent (this is its result being sent): running it again would do it twice. */
+      return fail("flanneld went away while sending the call's result", "the call ran; its result is lost");
     }
   }
   close(s);
