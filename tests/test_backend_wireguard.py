@@ -301,3 +301,19 @@ def test_two_wireguard_go_of_one_name_in_two_namespaces(tmp_path: Path) -> None:
             assert second == {"after_stop": None}
     assert Path("/run/wireguard").exists() == had_run_wireguard  # the host's /run never saw a socket
     assert os.path.exists("/proc/self/ns/mnt")
+
+
+def test_a_wireguard_go_that_exits_at_start_is_not_watched_as_a_fresh_exit() -> None:
+    # A dead process's pidfd stays readable: kept, the supervisor would see a new exit at once, forever.
+    need(root=True, tools=["unshare"])
+    from pyflannel.backend.wireguard_go import UapiError, WireguardGo
+
+    async def go() -> None:
+        wg = WireguardGo(name="pfwgtest0", binary="false")
+        with pytest.raises(UapiError, match="exited at start"):
+            await wg.start()
+        assert wg.pid == 0 and not wg.alive()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(wg.wait_exit(), 0.5)
+
+    asyncio.run(go())

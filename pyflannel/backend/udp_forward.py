@@ -270,9 +270,11 @@ class Forwarder:
                     ep.register(tun, select.EPOLLIN)
                 if not self._pump(tun):
                     # The TUN went away under us (device deleted): forward nothing from it until the agent
-                    # recreates the device and hands the new fd over.
+                    # recreates the device and hands the new fd over. Closed here: the swap above closes only
+                    # a live one.
                     ep.unregister(tun)
-                    tun = -1
+                    os.close(tun)
+                    self._tun = tun = -1
         finally:
             ep.close()
 

@@ -81,6 +81,9 @@ IMPLEMENTATIONS = ("auto", "kernel", "userspace")
 MAX_KEY_FILE = 4096
 # How often run() compares the devices with the leases (WireGuard announces no configuration change).
 CHECK_INTERVAL = 5.0
+# Pause before restarting a wireguard-go that exited, doubled while it keeps exiting within CHECK_INTERVAL.
+RESTART_PAUSE_MIN = 0.2
+RESTART_PAUSE_MAX = 30.0
 MIN_MTU_V4 = 68
 MIN_MTU_V6 = 1280
 
@@ -626,18 +629,28 @@ class WireguardBackend(Backend):
     async def run(self) -> None:
         """Supervise wireguard-go (restart it with every peer when it dies) and restore WireGuard settings changed
         by hand, which the kernel does not announce."""
+        pause = RESTART_PAUSE_MIN
         while True:
             waits = [
                 asyncio.ensure_future(d.wg.wait_exit()) for d in self.devs if d.impl == "userspace" and d.wg is not None
             ]
+            exited = False
             try:
                 if waits:
-                    await asyncio.wait(waits, timeout=CHECK_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(waits, timeout=CHECK_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+                    exited = bool(done)
                 else:
                     await asyncio.sleep(CHECK_INTERVAL)
             finally:
                 for w in waits:
                     w.cancel()
+            if exited:
+                # A wireguard-go that dies again right after each restart (a cause that persists) is restarted
+                # with growing pauses, never in a tight loop.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RESTART_PAUSE_MAX)
+            else:
+                pause = RESTART_PAUSE_MIN
             await self._check()
 
     async def _check(self) -> None:

@@ -296,7 +296,11 @@ class WireguardGo:
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
             if self._proc.poll() is not None:
-                raise UapiError(f"wireguard-go for {self.name} exited at start with status {self._proc.returncode}")
+                status = self._proc.returncode
+                # Reaped and unwatched: a dead process's pidfd stays readable, and the supervisor would take it
+                # for a fresh exit at once, again and again.
+                self._forget()
+                raise UapiError(f"wireguard-go for {self.name} exited at start with status {status}")
             if os.path.exists(self.socket_path):
                 return
             await asyncio.sleep(0.02)
