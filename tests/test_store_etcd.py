@@ -853,3 +853,14 @@ def test_endpoint_members() -> None:
         ("10.0.0.1", 2379, "10.0.0.1:2379"),
         ("localhost", 2380, "localhost:2380"),
     ]
+
+
+def test_etcd_credentials_never_shown() -> None:
+    from pyflannel.store.base import StoreError
+    from pyflannel.store.etcd import _parse_endpoint
+    from pyflannel.store.options import EtcdOptions
+
+    with pytest.raises(StoreError) as ei:
+        _parse_endpoint("http://bob:s3cret@10.0.0.1:2379")
+    assert "s3cret" not in str(ei.value) and "bob" not in str(ei.value) and "10.0.0.1:2379" in str(ei.value)
+    assert "s3cret" not in repr(EtcdOptions(username="bob", password="s3cret"))

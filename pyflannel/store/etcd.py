@@ -98,7 +98,9 @@ def _parse_endpoint(url: str) -> _Endpoint:
     if port == 0:
         raise StoreError(f"bad etcd endpoint {url!r}: port 0")
     if u.username is not None or u.password is not None:
-        raise StoreError(f"bad etcd endpoint {url!r}: credentials go in --etcd-username and --etcd-password")
+        # Named without its user information: the password must not reach the log.
+        shown = u._replace(netloc=u.netloc.rpartition("@")[2]).geturl()
+        raise StoreError(f"bad etcd endpoint {shown!r}: credentials go in --etcd-username and --etcd-password")
     if u.path not in ("", "/") or u.query or u.fragment:
         raise StoreError(f"bad etcd endpoint {url!r}: a path, query or fragment; {_ENDPOINT_EXAMPLE}")
     if _literal_ip(u.hostname) is None and not _HOSTNAME.fullmatch(u.hostname):

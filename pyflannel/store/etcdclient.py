@@ -318,7 +318,8 @@ def _json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError):  # not JSON, a number past int()'s limit, nested too deeply
-        raise EtcdUnavailableError(f"{what}: the answer is not JSON: {data[:100]!r}") from None
+        # Not echoed: this answers /v3/auth/authenticate too, whose body carries the token.
+        raise EtcdUnavailableError(f"{what}: the answer is not JSON ({len(data)} bytes)") from None
 
 
 def _api_error(status: int, data: bytes, what: str) -> StoreError:

@@ -24,7 +24,7 @@ class EtcdOptions:
     certfile: str | None = None
     cafile: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a repr of the agent's config
     lease_ttl: int = 24 * 3600
     renew_margin: int = 60 * 60
     # Deadline of one etcd call (then the next member is tried).
