@@ -25,7 +25,8 @@ if [ "${PYFLANNEL_VM:-1}" = 0 ]; then
     echo "skipped (PYFLANNEL_VM=0)"
   fi
 else
-  python -m pyflannel.lab.vm -- "$@" || vm_rc=$?
+  # The VM pass takes ~16 min under TCG (77 tests); the bound leaves room for a loaded machine.
+  python -m pyflannel.lab.vm --timeout 2700 -- "$@" || vm_rc=$?
   if [ "$vm_rc" = 5 ] && [ $# -gt 0 ]; then
     echo "VM pass: no kernel_vm test in this selection"
     vm_rc=0
