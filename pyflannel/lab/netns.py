@@ -238,25 +238,39 @@ def node_exec(ns: str, node_dir: Path) -> list[str]:
     return ["ip", "netns", "exec", ns, *node_mounts(node_dir)]
 
 
+def url_host(ip: str) -> str:
+    """`ip` as a URL's host: an IPv6 literal in brackets."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
 def spawn_etcd(
-    scope: RunScope, ns: str, ip: str, *, name: str = "etcd", cluster: str | None = None
+    scope: RunScope,
+    ns: str,
+    ip: str,
+    *,
+    name: str = "etcd",
+    cluster: str | None = None,
+    extra_client_ips: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start Debian's etcd inside `ns` on `ip` (client 2379, peer 2380) without waiting for it. `cluster` is the
     --initial-cluster of a multi-member cluster (`name=http://ip:2380,...`); its members must all be started
-    before any becomes healthy. The data dir is named after the member, so a restart keeps its data."""
+    before any becomes healthy. The data dir is named after the member, so a restart keeps its data. It also
+    serves clients on `extra_client_ips` (a dual-stack member's other address)."""
     data = scope.tmpdir / f"{name}-data"
-    url = f"http://{ip}:2379"
+    host = url_host(ip)
+    url = f"http://{host}:2379"
+    listen = ",".join([url, *(f"http://{url_host(x)}:2379" for x in extra_client_ips)])
     return scope.spawn(
         ns,
         [
             shutil.which("etcd") or "/usr/bin/etcd",
             "--name", name,
             "--data-dir", str(data),
-            "--listen-client-urls", url,
+            "--listen-client-urls", listen,
             "--advertise-client-urls", url,
-            "--listen-peer-urls", f"http://{ip}:2380",
-            "--initial-advertise-peer-urls", f"http://{ip}:2380",
-            "--initial-cluster", cluster or f"{name}=http://{ip}:2380",
+            "--listen-peer-urls", f"http://{host}:2380",
+            "--initial-advertise-peer-urls", f"http://{host}:2380",
+            "--initial-cluster", cluster or f"{name}=http://{host}:2380",
             "--initial-cluster-token", scope.prefix + "etcd",
             "--log-level", "warn",
         ],
@@ -267,7 +281,7 @@ def spawn_etcd(
 
 def wait_etcd(scope: RunScope, ns: str, ip: str, *, name: str = "etcd", timeout: float = 20) -> str:
     """Wait until the etcd member on `ip` reports healthy (it has a leader and answers); return its endpoint."""
-    url = f"http://{ip}:2379"
+    url = f"http://{url_host(ip)}:2379"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         p = subprocess.run(

@@ -6,6 +6,24 @@
               |-- pod ns  eth0 <subnet>.x (veth into cni0)
 
 Every name carries the RunScope's prefix and everything is removed by RunScope.close().
+
+IP families of the underlay (`Testbed(..., ip_family=)`):
+
+- "ipv4" (default): the layout above, nothing of IPv6 configured.
+- "dual": as "ipv4", and br0 also gets the ULA `fd77:77::1/64`; every member of the underlay gets
+  `fd77:77::<its last IPv4 number>` (node 192.168.77.11 is fd77:77::11, etcd .2 is fd77:77::2), etcd listens
+  on both, agents reach it over IPv4 (the endpoints stay the IPv4 URLs).
+- "ipv6": an IPv6-only underlay. Nodes and etcd members get only their `fd77:77::<n>` address (no IPv4 on their
+  eth0), etcd listens on `http://[fd77:77::2]:2379` and agents reach it there. This is what an IPv6-only
+  cluster (net-conf `EnableIPv4: false`) has in practice: the machines have no IPv4 route to each other at
+  all, so the agent has to pick its interface, reach its store and build its data path without any IPv4 (an
+  underlay that kept IPv4 for etcd would hide an agent that quietly depends on it). `Node.ip` is then the
+  node's IPv6 address (the address it is reached at), as is `Node.ip6`. br0 keeps its IPv4 gateway, so
+  add_host() with an IPv4 address still works (a host outside the cluster may speak both).
+
+Every IPv6 address is added `nodad` (no duplicate address detection delay: the addresses are unique by
+construction) and every node namespace has `net.ipv6.conf.all.forwarding=1` (as ip_forward for IPv4), set
+inside the namespace only. Additional segments (add_segment) are IPv4 only.
 """
 
 from __future__ import annotations
@@ -36,11 +54,14 @@ from .netns import (
     ns_exec,
     run,
     spawn_etcd,
+    url_host,
     veth,
     wait_etcd,
 )
 
 DEFAULT_UNDERLAY = "192.168.77.0/24"
+DEFAULT_UNDERLAY6 = "fd77:77::/64"
+IP_FAMILIES = ("ipv4", "dual", "ipv6")
 REF_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 
 
@@ -87,9 +108,12 @@ class EtcdMember:
     # Set while the test has it stopped or cut off: etcdctl then goes through another member.
     down: bool = False
 
+    # Its IPv6 address on a "dual" or "ipv6" underlay; on "ipv6" `ip` is the same address.
+    ip6: str | None = None
+
     @property
     def url(self) -> str:
-        return f"http://{self.ip}:2379"
+        return f"http://{url_host(self.ip)}:2379"
 
 
 @dataclass
@@ -97,7 +121,9 @@ class Pod:
     name: str
     ns: str
     node: str
+    # The pod's IPv4 address; an IPv6-only pod's IPv6 one (then also `ip6`).
     ip: str
+    ip6: str | None = None
 
 
 @dataclass
@@ -109,6 +135,8 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
     pods: list[Pod] = field(default_factory=list)
     extra_args: tuple[str, ...] = ()
+    # The node's IPv6 underlay address ("dual" and "ipv6" test beds); on "ipv6" `ip` is the same address.
+    ip6: str | None = None
 
     @property
     def subnet_file(self) -> Path:
@@ -122,20 +150,35 @@ class Node:
 class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, scope: RunScope, underlay: str = DEFAULT_UNDERLAY, prefix: str = "/coreos.com/network") -> None:
+    def __init__(
+        self,
+        scope: RunScope,
+        underlay: str = DEFAULT_UNDERLAY,
+        prefix: str = "/coreos.com/network",
+        ip_family: str = "ipv4",
+    ) -> None:
+        if ip_family not in IP_FAMILIES:
+            raise ValueError(f"ip_family must be one of {', '.join(IP_FAMILIES)}, not {ip_family!r}")
         self.scope = scope
         self.underlay = ipaddress.IPv4Network(underlay)
         self.gateway = str(self.underlay.network_address + 1)
         self.prefix = prefix
+        self.ip_family = ip_family
+        self.underlay6 = ipaddress.IPv6Network(DEFAULT_UNDERLAY6) if ip_family != "ipv4" else None
+        self.gateway6 = self._v6(self.gateway) if self.underlay6 is not None else None
         self.ul_ns = scope.add_ns("ul")
         run(["ip", "-n", self.ul_ns, "link", "add", "br0", "type", "bridge"])
         run(["ip", "-n", self.ul_ns, "addr", "add", f"{self.gateway}/{self.underlay.prefixlen}", "dev", "br0"])
+        if self.gateway6 is not None:
+            self._add_addr6(self.ul_ns, "br0", self.gateway6)
         run(["ip", "-n", self.ul_ns, "link", "set", "br0", "up"])
         self.nodes: dict[str, Node] = {}
         self.etcd_ns = ""
         self.endpoint = ""
         self.etcd_members: list[EtcdMember] = []
         self._next_host = 11
+        # Each etcd member's further client addresses (a "dual" member also serves on its IPv6 one).
+        self._etcd_listen: dict[str, tuple[str, ...]] = {}
         # Further L2 segments behind the underlay namespace, which routes between them: {bridge: (net, next host)}.
         self.segments: dict[str, tuple[ipaddress.IPv4Network, int]] = {}
 
@@ -157,23 +200,47 @@ class Testbed:
         tb.underlay = ipaddress.IPv4Network(underlay)
         tb.gateway = str(tb.underlay.network_address + 1)
         tb.prefix = prefix
+        tb.ip_family = "ipv4"
+        tb.underlay6 = None
+        tb.gateway6 = None
         tb.ul_ns = ul_ns
         tb.nodes = {}
         tb.etcd_ns = etcd_ns
         tb.endpoint = endpoint
         tb.etcd_members = []
         tb._next_host = next_host
+        tb._etcd_listen = {}
         tb.segments = {}
         return tb
 
     # --- underlay and etcd ---------------------------------------------------------------------------
-    def _attach(self, ns: str, port: str, ip: str, bridge: str = "br0") -> None:
+    def _v6(self, ip4: str) -> str:
+        """The IPv6 twin of an underlay IPv4 address: the same last number, written as the last group
+        (192.168.77.11 is fd77:77::11), so a reader maps one to the other at a glance."""
+        assert self.underlay6 is not None
+        return str(ipaddress.IPv6Address(f"{self.underlay6.network_address}{ip4.rsplit('.', 1)[1]}"))
+
+    def _add_addr6(self, ns: str, dev: str, ip6: str) -> None:
+        assert self.underlay6 is not None
+        # nodad: the address is unique by construction, and DAD would keep it tentative (unusable) for ~1 s.
+        run(["ip", "-n", ns, "addr", "add", f"{ip6}/{self.underlay6.prefixlen}", "dev", dev, "nodad"])
+
+    def _attach(
+        self, ns: str, port: str, ip: str, bridge: str = "br0", *, ip6: str | None = None, v4: bool = True
+    ) -> None:
+        """Plug `ns` into `bridge` as eth0: `ip` (unless not `v4`) and `ip6` (if any) with default routes."""
         net = self.underlay if bridge == "br0" else self.segments[bridge][0]
         veth(ns, "eth0", self.ul_ns, port)
         run(["ip", "-n", self.ul_ns, "link", "set", "dev", port, "master", bridge, "up"])
-        run(["ip", "-n", ns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0"])
+        if v4:
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0"])
+        if ip6 is not None:
+            self._add_addr6(ns, "eth0", ip6)
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        run(["ip", "-n", ns, "route", "add", "default", "via", str(net.network_address + 1)])
+        if v4:
+            run(["ip", "-n", ns, "route", "add", "default", "via", str(net.network_address + 1)])
+        if ip6 is not None and self.gateway6 is not None:
+            run(["ip", "-n", ns, "-6", "route", "add", "default", "via", self.gateway6])
 
     def add_segment(self, network: str) -> str:
         """Another L2 segment (a bridge in the underlay namespace, gateway .1 there), routed to the others by the
@@ -187,10 +254,19 @@ class Testbed:
         self.segments[bridge] = (net, 11)
         return bridge
 
-    def add_host(self, short: str, ip: str) -> str:
-        """A namespace on the underlay with address `ip`: a server that is no node (the lab's API server)."""
+    def add_host(self, short: str, ip: str, ip6: str | None = None) -> str:
+        """A namespace on the underlay with address `ip`: a server that is no node (the lab's API server, an
+        outside host). On a "dual" or "ipv6" test bed it also gets `ip6` (default: the IPv6 twin of `ip`);
+        an IPv6 `ip` makes it an IPv6-only host."""
         ns = self.scope.add_ns(short)
-        self._attach(ns, short, ip)
+        if ipaddress.ip_address(ip).version == 6:
+            if self.underlay6 is None:
+                raise NetnsError(f"host {short}: an IPv6 address needs a dual or ipv6 test bed")
+            self._attach(ns, short, ip, ip6=ip, v4=False)
+            return ns
+        if ip6 is None and self.underlay6 is not None:
+            ip6 = self._v6(ip)
+        self._attach(ns, short, ip, ip6=ip6)
         return ns
 
     def start_etcd(self, members: int = 1) -> str:
@@ -201,10 +277,15 @@ class Testbed:
         for i in range(members):
             name = "etcd" if i == 0 else f"etcd{i + 1}"
             ns = self.scope.add_ns(name)
-            ip = str(self.underlay.network_address + 2 + i)
-            self._attach(ns, name, ip)
-            self.etcd_members.append(EtcdMember(name, ns, ip))
-            cluster.append(f"{name}=http://{ip}:2380")
+            ip4 = str(self.underlay.network_address + 2 + i)
+            ip6 = self._v6(ip4) if self.underlay6 is not None else None
+            self._attach(ns, name, ip4, ip6=ip6, v4=self.ip_family != "ipv6")
+            # On an IPv6-only underlay etcd is reached over IPv6; on "dual" it listens on both, IPv4 advertised.
+            ip = ip6 if self.ip_family == "ipv6" and ip6 is not None else ip4
+            listen = (ip6,) if self.ip_family == "dual" and ip6 is not None else ()
+            self.etcd_members.append(EtcdMember(name, ns, ip, ip6=ip6))
+            self._etcd_listen[name] = listen
+            cluster.append(f"{name}=http://{url_host(ip)}:2380")
         self.etcd_ns = self.etcd_members[0].ns
         self.endpoint = self.etcd_members[0].url
         self._cluster = ",".join(cluster)
@@ -233,7 +314,14 @@ class Testbed:
             return
         stopped = [m for m in self.etcd_members if m.proc is None or m.proc.poll() is not None]
         for m in stopped:
-            m.proc = spawn_etcd(self.scope, m.ns, m.ip, name=m.name, cluster=getattr(self, "_cluster", None))
+            m.proc = spawn_etcd(
+                self.scope,
+                m.ns,
+                m.ip,
+                name=m.name,
+                cluster=getattr(self, "_cluster", None),
+                extra_client_ips=self._etcd_listen.get(m.name, ()),
+            )
         for m in stopped:
             wait_etcd(self.scope, m.ns, m.ip, name=m.name, timeout=30)
             m.down = False
@@ -323,14 +411,22 @@ class Testbed:
             ip = str(self.underlay.network_address + self._next_host)
             self._next_host += 1
         else:
+            if self.ip_family == "ipv6":
+                raise NetnsError("segments are IPv4 only: no node on one in an ipv6 test bed")
             net, host = self.segments[segment]
             ip = str(net.network_address + host)
             self.segments[segment] = (net, host + 1)
-        self._attach(ns, name, ip, segment)
+        ip6 = self._v6(ip) if self.underlay6 is not None and segment == "br0" else None
+        self._attach(ns, name, ip, segment, ip6=ip6, v4=self.ip_family != "ipv6")
         ns_exec(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if ip6 is not None:
+            # Inside the node's namespace only: its pods' IPv6 traffic is routed through it.
+            ns_exec(ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        if self.ip_family == "ipv6" and ip6 is not None:
+            ip = ip6
         d = self.scope.tmpdir / name
         d.mkdir(parents=True, exist_ok=True)
-        node = Node(name=name, ns=ns, ip=ip, dir=d)
+        node = Node(name=name, ns=ns, ip=ip, dir=d, ip6=ip6)
         self.nodes[name] = node
         return node
 
@@ -377,7 +473,7 @@ class Testbed:
             try:
                 if node.subnet_file.stat().st_mtime >= since:
                     env = read_subnet_env(node.subnet_file)
-                    if env is not None and env.subnet is not None:
+                    if env is not None and (env.subnet is not None or env.ipv6_subnet is not None):
                         return env
             except FileNotFoundError:
                 pass
@@ -394,18 +490,23 @@ class Testbed:
 
     # --- pods ----------------------------------------------------------------------------------------
     def ensure_bridge(self, node: Node, env: SubnetEnv) -> None:
-        """cni0 with the subnet's gateway address, as the bridge CNI plugin would set it up."""
-        assert env.subnet is not None
-        gw = f"{env.subnet.network_address + 1}/{env.subnet.prefixlen}"
+        """cni0 with the subnets' gateway addresses, as the bridge CNI plugin would set it up."""
+        assert env.subnet is not None or env.ipv6_subnet is not None
         if run(["ip", "-n", node.ns, "link", "show", "cni0"], check=False).strip() == "":
             run(["ip", "-n", node.ns, "link", "add", "cni0", "type", "bridge"])
             run(["ip", "-n", node.ns, "link", "set", "cni0", "mtu", str(env.mtu)])
-        run(["ip", "-n", node.ns, "addr", "replace", gw, "dev", "cni0"])
+        if env.subnet is not None:
+            gw = f"{env.subnet.network_address + 1}/{env.subnet.prefixlen}"
+            run(["ip", "-n", node.ns, "addr", "replace", gw, "dev", "cni0"])
+        if env.ipv6_subnet is not None:
+            gw6 = f"{env.ipv6_subnet.network_address + 1}/{env.ipv6_subnet.prefixlen}"
+            run(["ip", "-n", node.ns, "addr", "replace", gw6, "dev", "cni0", "nodad"])
         run(["ip", "-n", node.ns, "link", "set", "cni0", "up"])
 
     def add_pod(self, node: Node, env: SubnetEnv | None = None) -> Pod:
+        """A pod on cni0 (without CNI): address .10+i of the node's subnet, and of its IPv6 subnet if any."""
         env = env or read_subnet_env(node.subnet_file)
-        if env is None or env.subnet is None:
+        if env is None or (env.subnet is None and env.ipv6_subnet is None):
             raise NetnsError(f"{node.name} has no subnet.env yet")
         self.ensure_bridge(node, env)
         idx = len(node.pods) + 1
@@ -414,11 +515,19 @@ class Testbed:
         port = f"vp{idx}"
         veth(ns, "eth0", node.ns, port, mtu=env.mtu)
         run(["ip", "-n", node.ns, "link", "set", "dev", port, "master", "cni0", "up"])
-        ip = str(env.subnet.network_address + 10 + idx)
-        run(["ip", "-n", ns, "addr", "add", f"{ip}/{env.subnet.prefixlen}", "dev", "eth0"])
+        ip = ip6 = None
+        if env.subnet is not None:
+            ip = str(env.subnet.network_address + 10 + idx)
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/{env.subnet.prefixlen}", "dev", "eth0"])
+        if env.ipv6_subnet is not None:
+            ip6 = str(env.ipv6_subnet.network_address + 10 + idx)
+            run(["ip", "-n", ns, "addr", "add", f"{ip6}/{env.ipv6_subnet.prefixlen}", "dev", "eth0", "nodad"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        run(["ip", "-n", ns, "route", "add", "default", "via", str(env.subnet.network_address + 1)])
-        pod = Pod(name=name, ns=ns, node=node.name, ip=ip)
+        if env.subnet is not None:
+            run(["ip", "-n", ns, "route", "add", "default", "via", str(env.subnet.network_address + 1)])
+        if env.ipv6_subnet is not None:
+            run(["ip", "-n", ns, "-6", "route", "add", "default", "via", str(env.ipv6_subnet.network_address + 1)])
+        pod = Pod(name=name, ns=ns, node=node.name, ip=ip or str(ip6), ip6=ip6)
         node.pods.append(pod)
         return pod
 
@@ -438,17 +547,22 @@ class Testbed:
         )
         try:
             res = driver.add(conflist, rt)
-            ip = str(ipaddress.ip_interface(res["ips"][0]["address"]).ip)
+            addrs = [ipaddress.ip_interface(a["address"]).ip for a in res["ips"]]
+            v4 = [str(a) for a in addrs if a.version == 4]
+            v6 = [str(a) for a in addrs if a.version == 6]
+            ip = (v4 or v6)[0]
         except Exception:
             self.scope.remove_ns(ns)
             raise
-        pod = Pod(name=name, ns=ns, node=node.name, ip=ip)
+        pod = Pod(name=name, ns=ns, node=node.name, ip=ip, ip6=v6[0] if v6 else None)
         node.pods.append(pod)
         return pod
 
     def ping(self, src_ns: str, dst: str, count: int = 1, wait: float = 1.0) -> bool:
+        """One echo (or `count`) from `src_ns` to `dst`, an IPv4 or IPv6 address (pinged with -6)."""
+        family = ["-6"] if ":" in dst else []
         p = subprocess.run(
-            ["ip", "netns", "exec", src_ns, "ping", "-c", str(count), "-W", str(wait), "-i", "0.2", dst],
+            ["ip", "netns", "exec", src_ns, "ping", *family, "-c", str(count), "-W", str(wait), "-i", "0.2", dst],
             capture_output=True, timeout=count * wait + 10,
         )  # fmt: skip
         return p.returncode == 0
