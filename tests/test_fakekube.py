@@ -109,6 +109,39 @@ def test_status_subresource_keeps_spec(fake: tuple[FakeKube, KubeAdmin]) -> None
     assert again["metadata"]["resourceVersion"] == before
 
 
+def test_pod_cidrs_are_validated_and_pod_cidr_is_the_first(fake: tuple[FakeKube, KubeAdmin]) -> None:
+    _, kube = fake
+    # Dual-stack in either order; podCIDR is the first entry whatever the client sent.
+    ds = kube.request(
+        "POST",
+        "/api/v1/nodes",
+        {"metadata": {"name": "ds"}, "spec": {"podCIDR": "x", "podCIDRs": ["fd00::/64", "10.0.1.0/24"]}},
+    )
+    assert ds["spec"] == {"podCIDR": "fd00::/64", "podCIDRs": ["fd00::/64", "10.0.1.0/24"]}
+    # An old client's podCIDR alone becomes the list.
+    old = kube.request("POST", "/api/v1/nodes", {"metadata": {"name": "old"}, "spec": {"podCIDR": "10.0.2.0/24"}})
+    assert old["spec"] == {"podCIDR": "10.0.2.0/24", "podCIDRs": ["10.0.2.0/24"]}
+    v6 = kube.create_node("v6", ["fd00:0:0:3::/64"])
+    assert v6["spec"] == {"podCIDR": "fd00:0:0:3::/64", "podCIDRs": ["fd00:0:0:3::/64"]}
+    for bad, why in (
+        (["10.0.4.0/24", "10.0.5.0/24"], "no more than one CIDR for each IP family"),
+        (["fd00:0:0:4::/64", "fd00:0:0:5::/64"], "no more than one CIDR for each IP family"),
+        (["10.0.4.0/24", "fd00:0:0:4::/64", "10.0.5.0/24"], "no more than one CIDR for each IP family"),
+        (["10.0.4.0/255.255.255.0"], "must be a valid CIDR value"),
+        (["fd00::%eth0/64"], "must be a valid CIDR value"),
+        (["10.0.4.0"], "must be a valid CIDR value"),
+    ):
+        with pytest.raises(ApiError) as e:
+            kube.create_node("bad", bad)
+        assert (e.value.code, e.value.reason) == (422, "Invalid"), bad
+        assert why in e.value.message and 'Node "bad" is invalid' in e.value.message
+        with pytest.raises(ApiError) as e:
+            kube.set_pod_cidrs("old", bad)
+        assert e.value.code == 422
+    assert "bad" not in {n["metadata"]["name"] for n in kube.request("GET", "/api/v1/nodes")["items"]}
+    assert kube.node("old")["spec"]["podCIDRs"] == ["10.0.2.0/24"]
+
+
 def test_watch_streams_chunked_events_and_bookmarks(fake: tuple[FakeKube, KubeAdmin]) -> None:
     fk, kube = fake
     a = kube.create_node("a")

@@ -10,7 +10,8 @@ Served: Nodes (create, get, list, watch, patch, patch of the `status` subresourc
 - strategic-merge patch (maps merged, `null` deletes, `status.conditions`/`status.addresses` merged by
   `type`), JSON merge patch, and the status subresource keeping `spec`;
 - 404 for missing objects, 409 for an existing name or a stale `metadata.resourceVersion`, 400 for
-  annotations that are not strings (the real validation).
+  annotations that are not strings, 422 for podCIDRs that are no CIDRs or no dual-stack pair (the real
+  validation); `spec.podCIDR` is always `spec.podCIDRs[0]` (the v1 conversion).
 
 Test side channel under `/_admin/`: `POST expire` (drop the event history; running watches get 410),
 `POST drop` (cut every watch stream mid-stream, without the terminating chunk), `POST fail`
@@ -34,6 +35,7 @@ import collections
 import contextlib
 import copy
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -262,6 +264,49 @@ def _validate(obj: dict[str, Any]) -> None:
         isinstance(spec["podCIDRs"], list) and all(isinstance(c, str) for c in spec["podCIDRs"])
     ):
         raise ApiError(400, "BadRequest", "spec.podCIDRs: expected a list of strings")
+    if "podCIDR" in spec and not isinstance(spec["podCIDR"], str):
+        raise ApiError(400, "BadRequest", "spec.podCIDR: expected a string")
+    _normalise_pod_cidrs(spec)
+    _validate_pod_cidrs(obj.get("kind", "Node"), meta.get("name", ""), spec.get("podCIDRs") or [])
+
+
+def _normalise_pod_cidrs(spec: dict[str, Any]) -> None:
+    """What the v1 conversion of a NodeSpec does: podCIDRs is the authoritative list, podCIDR always its first
+    entry; a client that sends only podCIDR (an old one) gets podCIDRs [podCIDR]."""
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    spec.pop("podCIDR", None)
+    spec.pop("podCIDRs", None)
+    if cidrs:
+        spec["podCIDR"] = cidrs[0]
+        spec["podCIDRs"] = list(cidrs)
+
+
+_CIDR_RE = re.compile(r"[0-9A-Fa-f.:]+/[0-9]{1,3}")
+
+
+def _validate_pod_cidrs(kind: str, name: str, cidrs: list[str]) -> None:
+    """ValidateNode's podCIDRs rules: each a CIDR (Go's ParseCIDR: host bits allowed, no netmask form, no
+    zone), and two at most, one of each family (a dual-stack pair). 422 Invalid, as the real server answers."""
+    families: list[int] = []
+    for i, c in enumerate(cidrs):
+        try:
+            if not _CIDR_RE.fullmatch(c):
+                raise ValueError(c)
+            families.append(ipaddress.ip_network(c, strict=False).version)
+        except ValueError:
+            raise _invalid(
+                kind, name, f"spec.podCIDRs[{i}]: Invalid value: {json.dumps(c)}: must be a valid CIDR value, "
+                "(e.g. 10.9.8.0/24 or 2001:db8::/64)",
+            ) from None  # fmt: skip
+    if len(cidrs) > 2 or (len(cidrs) == 2 and families[0] == families[1]):
+        raise _invalid(
+            kind, name, f"spec.podCIDRs: Invalid value: {json.dumps(cidrs)}: "
+            "may specify no more than one CIDR for each IP family",
+        )  # fmt: skip
+
+
+def _invalid(kind: str, name: str, detail: str) -> ApiError:
+    return ApiError(422, "Invalid", f'{kind} "{name}" is invalid: {detail}')
 
 
 def _go_bool(v: str | None) -> bool:
