@@ -29,10 +29,10 @@ from pyflannel.store.base import LeaseRevokedError, StoreError
 from pyflannel.store.kube import (
     Annotations,
     KubeNodeError,
-    KubeOptions,
     KubeStore,
     node_to_lease,
 )
+from pyflannel.store.options import KubeOptions
 
 P = "flannel.alpha.coreos.com/"
 MAC = "12:c6:65:89:b4:e3"
@@ -383,6 +383,108 @@ def test_acquire_dual_stack_host_gw_and_no_condition(run: Any) -> None:
         assert kube.stats().get("PATCH /api/v1/nodes/n1/status") == 1
 
     run(body)
+
+
+DUAL_VXLAN = {
+    "Network": "10.244.0.0/16",
+    "EnableIPv6": True,
+    "IPv6Network": "fd00:10::/56",
+    "Backend": {"Type": "vxlan"},
+}
+V6_VXLAN = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10::/56", "Backend": {"Type": "vxlan"}}
+
+
+def test_acquire_dual_stack_and_ipv6_only_vxlan_write_upstreams_annotations(run: Any) -> None:
+    """Byte for byte what upstream's kube subnet manager writes: both families' keys with both on, only the
+    IPv6 ones (and the two shared ones) on an IPv6-only cluster; podCIDRs in either order."""
+    mac6 = "6e:11:22:33:44:55"
+
+    async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:
+        kube.create_node("ds", ["fd00:10:0:7::/64", "10.244.7.0/24"])  # an IPv6-primary cluster lists v6 first
+        kube.create_node("v6", ["fd00:10:0:8::/64"])
+        attrs = LeaseAttrs(
+            public_ip=IPv4Address("192.168.77.11"),
+            public_ipv6=IPv6Address("fd77:77::11"),
+            backend_type="vxlan",
+            backend_data={"VNI": 1, "VtepMAC": MAC},
+            backend_v6_data={"VNI": 1, "VtepMAC": mac6},
+        )
+        st = store_for(fk, tmp, node="ds", conf=DUAL_VXLAN)
+        try:
+            lease = await st.acquire_lease(await st.get_network_config(), attrs, None)
+        finally:
+            await st.close()
+        assert (lease.subnet, lease.ipv6_subnet) == (IPv4Network("10.244.7.0/24"), IPv6Network("fd00:10:0:7::/64"))
+        assert lease.key == "10.244.7.0-24&fd00:10:0:7::-64"
+        assert kube.node("ds")["metadata"]["annotations"] == {
+            P + "kube-subnet-manager": "true",
+            P + "backend-type": "vxlan",
+            P + "backend-data": '{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}',
+            P + "public-ip": "192.168.77.11",
+            P + "backend-v6-data": '{"VNI":1,"VtepMAC":"6e:11:22:33:44:55"}',
+            P + "public-ipv6": "fd77:77::11",
+        }
+        v6_attrs = LeaseAttrs(
+            public_ipv6=IPv6Address("fd77:77::12"), backend_type="vxlan", backend_v6_data={"VNI": 1, "VtepMAC": mac6}
+        )
+        st = store_for(fk, tmp, node="v6", conf=V6_VXLAN)
+        try:
+            lease = await st.acquire_lease(await st.get_network_config(), v6_attrs, None)
+        finally:
+            await st.close()
+        assert (lease.subnet, lease.ipv6_subnet) == (None, IPv6Network("fd00:10:0:8::/64"))
+        assert kube.node("v6")["metadata"]["annotations"] == {
+            P + "kube-subnet-manager": "true",
+            P + "backend-type": "vxlan",
+            P + "backend-v6-data": '{"VNI":1,"VtepMAC":"6e:11:22:33:44:55"}',
+            P + "public-ipv6": "fd77:77::12",
+        }
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("conf", "cidrs", "want"),
+    [
+        (DUAL_VXLAN, ["10.244.7.0/24"], r"node n1 has no IPv6 podCIDR \(it has 10\.244\.7\.0/24\) but .* enables IPv6"),
+        (DUAL_VXLAN, ["fd00:10:0:7::/64"], r"node n1 has no IPv4 podCIDR \(it has fd00:10:0:7::/64\) .* enables IPv4"),
+        (V6_VXLAN, ["10.244.7.0/24"], r"node n1 has no IPv6 podCIDR \(it has 10\.244\.7\.0/24\)"),
+        (VXLAN, ["fd00:10:0:7::/64"], r"node n1 has no IPv4 podCIDR"),
+    ],
+)
+def test_pod_cidr_of_one_family_short_is_refused_before_anything_is_written(
+    run: Any, conf: dict[str, Any], cidrs: list[str], want: str
+) -> None:
+    """Upstream v0.20.2 writes its annotations, then panics (a nil IPv6 subnet in its node informer); we refuse
+    at once, and the Node is left as it was: no annotation, no condition, not a peer for anyone."""
+
+    async def body(fk: FakeKube, kube: KubeAdmin, tmp: Path) -> None:
+        kube.create_node("n1", cidrs)
+        before = kube.node("n1")
+        st = store_for(fk, tmp, conf=conf, podcidr_wait=20)
+        try:
+            with pytest.raises(KubeNodeError, match=want):
+                await st.acquire_lease(await st.get_network_config(), vx_attrs(), None)
+        finally:
+            await st.close()
+        assert kube.node("n1") == before
+        assert not any(k.startswith("PATCH") for k in kube.stats())
+
+    run(body)
+
+
+def test_peer_of_one_family_short_is_skipped_by_the_watch(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that took a lease of one family only (another config, or upstream) is no peer here; a warning
+    names it, and the other peers carry on (upstream's informer panics on it)."""
+    st = KubeStore(KubeOptions(node_name="n1"))
+    net = parse_net_config(json.dumps(DUAL_VXLAN))
+    node = {"metadata": {"name": "half", "annotations": peer_annotations("192.168.77.12")},
+            "spec": {"podCIDR": "10.244.4.0/24", "podCIDRs": ["10.244.4.0/24"]}}  # fmt: skip
+    batch: list[LeaseEvent] = []
+    with caplog.at_level("WARNING"):
+        st._apply_watch_line(json.dumps({"type": "ADDED", "object": node}).encode(), "1", {}, net, batch)
+    assert batch == []
+    assert "skipping node half" in caplog.text and "no IPv6 podCIDR" in caplog.text
 
 
 def test_pod_cidr_outside_network_is_a_clear_error(run: Any) -> None:

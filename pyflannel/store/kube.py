@@ -414,9 +414,18 @@ class KubeStore(Store):
     async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
         self._net = cfg
         node, v4, v6 = await self._wait_pod_cidrs()
+        # A family the config enables but the Node lacks is fatal before anything is written: upstream v0.20.2
+        # annotates the Node, then dies of a nil pointer in its informer (flannel-io/flannel#1789, #2115).
+        missing = [f"IPv{v}" for v, on, sn in ((4, cfg.enable_ipv4, v4), (6, cfg.enable_ipv6, v6)) if on and sn is None]
+        if missing:
+            have = " ".join(str(sn) for sn in (v4, v6) if sn is not None)
+            raise KubeNodeError(
+                f"node {self.node_name} has no {' and no '.join(missing)} podCIDR (it has {have}) but "
+                f"{self.opts.net_config_path} enables {' and '.join(missing)}: give the controller manager a "
+                "--cluster-cidr of each enabled family, or disable the family in net-conf.json"
+            )
         if cfg.enable_ipv4:
-            if v4 is None:
-                raise KubeNodeError(f"node {self.node_name} has no IPv4 podCIDR but EnableIPv4 is on")
+            assert v4 is not None
             assert cfg.network is not None
             if not v4.subnet_of(cfg.network):
                 raise KubeNodeError(
@@ -424,9 +433,7 @@ class KubeStore(Store):
                     f"{self.opts.net_config_path}: the controller manager's --cluster-cidr must match it"
                 )
         if cfg.enable_ipv6:
-            if v6 is None:
-                raise KubeNodeError(f"node {self.node_name} has no IPv6 podCIDR but EnableIPv6 is on")
-            assert cfg.ipv6_network is not None
+            assert v6 is not None and cfg.ipv6_network is not None
             if not v6.subnet_of(cfg.ipv6_network):
                 raise KubeNodeError(
                     f"node {self.node_name} IPv6 podCIDR {v6} is not inside IPv6Network {cfg.ipv6_network} "
