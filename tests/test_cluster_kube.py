@@ -45,25 +45,31 @@ def routes(node: Node) -> str:
 
 
 class KubeCluster:
-    def __init__(self, scope: netns.RunScope) -> None:
-        self.tb = Testbed(scope)
+    """The fake API server on a host of the underlay (`ip_family` as Testbed's: on "ipv6" it is reached over
+    IPv6, as everything else there), the agents' net-conf.json, and Nodes registered as kubelet does."""
+
+    def __init__(self, scope: netns.RunScope, ip_family: str = "ipv4", net_conf: str = NET_CONF) -> None:
+        self.tb = Testbed(scope, ip_family=ip_family)
         api = self.tb.add_node("kapi")  # a host on the underlay for the API server, not a flannel node
         del self.tb.nodes["kapi"]
-        self.url = f"http://{api.ip}:6443"
+        host = f"[{api.ip}]" if ":" in api.ip else api.ip
+        self.url = f"http://{host}:6443"
         self.sock = str(scope.tmpdir / "kube.sock")
         scope.spawn(
             api.ns,
-            [*FAKE, "--listen", f"{api.ip}:6443", "--unix", self.sock, "--history", "200"],
+            [*FAKE, "--listen", f"{host}:6443", "--unix", self.sock, "--history", "200"],
             log=scope.tmpdir / "fakekube.log",
         )
         assert netns.wait_for(lambda: os.path.exists(self.sock), 10), "fake API server did not start"
         self.kube = KubeAdmin(unix_path=self.sock)
         self.net_conf = scope.tmpdir / "net-conf.json"
-        self.net_conf.write_text(NET_CONF)
+        self.net_conf.write_text(net_conf)
 
-    def add_node(self, name: str, cidr: str | None) -> Node:
+    def add_node(self, name: str, cidrs: str | list[str] | None) -> Node:
+        """A node namespace and its Node object with these podCIDRs (one, or a dual-stack pair)."""
         node = self.tb.add_node(name)
-        self.kube.create_node(name, [cidr] if cidr else None, internal_ip=node.ip)
+        pod_cidrs = [cidrs] if isinstance(cidrs, str) else cidrs
+        self.kube.create_node(name, pod_cidrs, internal_ip=node.ip)
         return node
 
     def start(self, node: Node) -> None:

@@ -463,8 +463,12 @@ def test_pod_cidr_of_one_family_short_is_refused_before_anything_is_written(
         before = kube.node("n1")
         st = store_for(fk, tmp, conf=conf, podcidr_wait=20)
         try:
+            net = await st.get_network_config()
+            # The check a caller may make before creating anything (the daemon, before the backend's devices).
             with pytest.raises(KubeNodeError, match=want):
-                await st.acquire_lease(await st.get_network_config(), vx_attrs(), None)
+                await st.preflight(net)
+            with pytest.raises(KubeNodeError, match=want):
+                await st.acquire_lease(net, vx_attrs(), None)
         finally:
             await st.close()
         assert kube.node("n1") == before

@@ -411,8 +411,13 @@ class KubeStore(Store):
             log.info("waiting for node %s to be assigned a podCIDR", self.node_name)
             await asyncio.sleep(min(1.0, max(0.05, deadline - loop.time())))
 
-    async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
-        self._net = cfg
+    async def preflight(self, cfg: NetConfig) -> None:
+        """Whether our Node can be a lease of `cfg` (podCIDRs assigned, of every enabled family, inside the
+        networks), waiting for the podCIDRs as acquire_lease does; raises KubeNodeError. Meant to run before the
+        backend creates its devices, so that a Node that cannot be used leaves nothing behind."""
+        await self._usable_pod_cidrs(cfg)
+
+    async def _usable_pod_cidrs(self, cfg: NetConfig) -> tuple[dict[str, Any], IPv4Network | None, IPv6Network | None]:
         node, v4, v6 = await self._wait_pod_cidrs()
         # A family the config enables but the Node lacks is fatal before anything is written: upstream v0.20.2
         # annotates the Node, then dies of a nil pointer in its informer (flannel-io/flannel#1789, #2115).
@@ -439,6 +444,11 @@ class KubeStore(Store):
                     f"node {self.node_name} IPv6 podCIDR {v6} is not inside IPv6Network {cfg.ipv6_network} "
                     f"of {self.opts.net_config_path}"
                 )
+        return node, v4, v6
+
+    async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
+        self._net = cfg
+        node, v4, v6 = await self._usable_pod_cidrs(cfg)
         current: dict[str, str] = (node.get("metadata") or {}).get("annotations") or {}
         want = self._annotations(cfg, attrs, current)
         changed = {k: v for k, v in want.items() if current.get(k) != v}
