@@ -8,6 +8,7 @@ APT_PKGS=(etcd-server etcd-client iproute2 iptables nftables iperf3 iputils-ping
           containernetworking-plugins procps librsvg2-bin openssl  # openssl: throwaway CAs of the kube tests and the lab
           traceroute ipvsadm  # the lab: `exec POD -- traceroute`, `service add --mode ipvs` (ipvsadm -Ln)
           wireguard-go wireguard-tools  # the wireguard backend's userspace fallback; `wg` for tests and the lab
+          strongswan-charon strongswan-swanctl libstrongswan-standard-plugins  # ipsec: charon, its VICI plugin, AES-GCM
           python3.11 gcc libc6-dev patchelf file strace  # scripts/build-cni.sh and its test
           qemu-system-x86 linux-image-amd64 busybox-static)  # the stock-kernel VM pass (virtme-ng needs busybox)
 missing=()

@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "alloc": "alloc",
     "extension": "extension",
     "wireguard": "wireguard",
+    "ipsec": "ipsec",
 }
 
 

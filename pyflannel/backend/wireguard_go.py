@@ -36,6 +36,7 @@ from ..netlink.wireguard import (
     format_endpoint,
     parse_endpoint,
 )
+from .sandbox import sandbox_argv
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,6 @@ MAX_UAPI_REPLY = 16 << 20
 UAPI_TIMEOUT = 10.0
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
-
-# Run by the interpreter with -I -S (a few milliseconds): unshare the mount namespace, keep its mounts from
-# propagating anywhere, put a private tmpfs on /run, then become wireguard-go (same pid).
-_SANDBOX = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-def check(rc, what):
-    if rc != 0:
-        sys.stderr.write("wireguard-go sandbox: %s: %s\\n" % (what, os.strerror(ctypes.get_errno())))
-        sys.exit(125)
-check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
-check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "make / rprivate")
-check(libc.mount(b"flannel-wg", b"/run", b"tmpfs", 2 | 4 | 8, b"mode=0700,size=1m"), "mount a tmpfs on /run")
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 class UapiError(RuntimeError):
@@ -282,7 +268,7 @@ class WireguardGo:
         }
         out = sys.stderr.fileno() if _is_open(sys.stderr) else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SANDBOX, binary, "-f", self.name],
+            sandbox_argv("flannel-wg", binary, ["-f", self.name]),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
