@@ -78,7 +78,16 @@ def _find_by_ip(links: Sequence[LinkAddrs], ip: IPv4Address | IPv6Address) -> Li
 
 
 def _usable(link: LinkAddrs, req: IfaceRequest) -> bool:
-    return (not req.need_ipv4 or bool(link.v4())) and (not req.need_ipv6 or bool(link.v6()))
+    return _lacks(link, req) is None
+
+
+def _lacks(link: LinkAddrs, req: IfaceRequest) -> str | None:
+    """What the link is missing for the config ("an IPv6 address, which EnableIPv6 needs"), None when nothing."""
+    if req.need_ipv4 and not link.v4():
+        return "no IPv4 address, which EnableIPv4 needs"
+    if req.need_ipv6 and not link.v6():
+        return "no global IPv6 address, which EnableIPv6 needs"
+    return None
 
 
 def select_link(
@@ -122,11 +131,18 @@ def select_link(
         if link is None:
             raise IfaceError(f"the route to {req.can_reach} uses an interface that has vanished")
         return link, None
+    # Upstream's choice: the IPv4 default route's interface, the IPv6 one's in an IPv6-only network.
+    family = "IPv6 " if req.need_ipv6 and not req.need_ipv4 else "IPv4 "
     if default_index is None:
-        raise IfaceError("no default route: use --iface, --iface-regex or --iface-can-reach to choose an interface")
+        raise IfaceError(
+            f"no {family}default route: use --iface, --iface-regex or --iface-can-reach to choose an interface"
+        )
     link = next((lk for lk in links if lk.index == default_index), None)
-    if link is None or not _usable(link, req):
-        raise IfaceError("the default route's interface has no usable address; use --iface")
+    if link is None:
+        raise IfaceError(f"the {family}default route's interface has vanished; use --iface")
+    lacks = _lacks(link, req)
+    if lacks is not None:
+        raise IfaceError(f"interface {link.name} (of the {family}default route) has {lacks}; add one or use --iface")
     return link, None
 
 
@@ -142,9 +158,9 @@ def external_interface(
     addr4 = by_ip if isinstance(by_ip, IPv4Address) else (v4[0].ip if v4 else None)
     addr6 = by_ip if isinstance(by_ip, IPv6Address) else (v6[0].ip if v6 else None)
     if req.need_ipv4 and addr4 is None:
-        raise IfaceError(f"failed to find an IPv4 address for interface {link.name}")
+        raise IfaceError(f"failed to find an IPv4 address for interface {link.name} (EnableIPv4 needs one)")
     if req.need_ipv6 and addr6 is None:
-        raise IfaceError(f"failed to find an IPv6 address for interface {link.name}")
+        raise IfaceError(f"failed to find an IPv6 address for interface {link.name} (EnableIPv6 needs one)")
     try:
         pub4 = IPv4Address(parse_ip(req.public_ip)) if req.public_ip else addr4
         pub6 = IPv6Address(parse_ip(req.public_ipv6)) if req.public_ipv6 else addr6

@@ -193,16 +193,20 @@ class Testbed:
         next_host: int,
         underlay: str = DEFAULT_UNDERLAY,
         prefix: str = "/coreos.com/network",
+        ip_family: str = "ipv4",
     ) -> Testbed:
-        """A Testbed for an underlay and etcd that already exist (the lab's later commands), creating nothing."""
+        """A Testbed for an underlay and etcd that already exist (the lab's later commands), creating nothing;
+        `ip_family` must be the one the underlay was built with."""
+        if ip_family not in IP_FAMILIES:
+            raise ValueError(f"ip_family must be one of {', '.join(IP_FAMILIES)}, not {ip_family!r}")
         tb = cls.__new__(cls)
         tb.scope = scope
         tb.underlay = ipaddress.IPv4Network(underlay)
         tb.gateway = str(tb.underlay.network_address + 1)
         tb.prefix = prefix
-        tb.ip_family = "ipv4"
-        tb.underlay6 = None
-        tb.gateway6 = None
+        tb.ip_family = ip_family
+        tb.underlay6 = ipaddress.IPv6Network(DEFAULT_UNDERLAY6) if ip_family != "ipv4" else None
+        tb.gateway6 = tb._v6(tb.gateway) if tb.underlay6 is not None else None
         tb.ul_ns = ul_ns
         tb.nodes = {}
         tb.etcd_ns = etcd_ns
@@ -309,6 +313,8 @@ class Testbed:
         healthy."""
         if not self.etcd_members:  # attached to the lab's one-member etcd
             ip = str(self.underlay.network_address + 2)
+            if self.ip_family == "ipv6":
+                ip = self._v6(ip)
             spawn_etcd(self.scope, self.etcd_ns, ip)
             wait_etcd(self.scope, self.etcd_ns, ip)
             return
