@@ -617,6 +617,70 @@ def test_watch_relists_after_compaction(etcd: Etcd) -> None:
     etcd.run(body)
 
 
+def test_first_watch_goes_on_from_the_acquires_list_and_loses_nothing(etcd: Etcd) -> None:
+    """The first watch takes the acquire's list (with our write) as its snapshot and watches from the revision
+    after it: every change made meanwhile, before our write or after it, arrives as an event."""
+
+    def peer(i: int) -> tuple[str, str]:
+        return f"{PREFIX}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"192.0.2.{10 + i}","PublicIPv6":null}}'
+
+    async def body(c: Ctl) -> None:
+        await _config(c)
+        for i in (1, 2):
+            await c.put(*peer(i))
+        # Ours by its public IP (a TTL lease, not a reservation), outside the network: the acquire deletes it.
+        stale = f"{PREFIX}/subnets/10.9.1.0-24"
+        lease_id = int((await c.etcdctl("lease", "grant", "600")).split()[1], 16)
+        await c.put(stale, '{"PublicIP":"192.0.2.1","PublicIPv6":null}', "--lease", f"{lease_id:x}")
+        store = _store(c.endpoint)
+        lists = 0
+        list_leases, grant = store._list, store._grant
+
+        async def counted_list() -> Any:
+            nonlocal lists
+            lists += 1
+            return await list_leases()
+
+        async def racing_grant() -> Any:
+            # Another node writes between the acquire's list and our write.
+            await c.put(*peer(3))
+            return await grant()
+
+        store._list, store._grant = counted_list, racing_grant
+        it = store.watch_leases()
+        try:
+            cfg = await store.get_network_config()
+            own = await store.acquire_lease(cfg, ME, SubnetEnv(subnet=IPv4Network("10.5.77.0/24")))
+            assert own.subnet == IPv4Network("10.5.77.0/24")
+            # And after our write, before the watch starts.
+            await c.put(*peer(4))
+            await c.etcdctl("del", peer(1)[0])
+            snap = await _next(it)
+            assert isinstance(snap, LeaseSnapshot)
+            # The acquire's view: no second list, the stale key gone, our lease as written.
+            assert lists == 1
+            known = _by_subnet(snap.leases)
+            assert set(known) == {"10.5.1.0/24", "10.5.2.0/24", "10.5.77.0/24"}
+            assert known["10.5.77.0/24"] == own
+            while set(known) != {"10.5.2.0/24", "10.5.3.0/24", "10.5.4.0/24", "10.5.77.0/24"}:
+                u = await _next(it, timeout=10)
+                assert isinstance(u, list), u
+                for ev in u:
+                    if ev.type is EventType.ADDED:
+                        known[str(ev.lease.subnet)] = ev.lease
+                    else:
+                        known.pop(str(ev.lease.subnet), None)
+            assert known["10.5.3.0/24"].attrs.public_ip == IPv4Address("192.0.2.13")
+            assert known["10.5.77.0/24"].attrs == ME
+            assert await c.value(stale) is None
+            assert lists == 1
+        finally:
+            await it.aclose()
+            await store.close()
+
+    etcd.run(body)
+
+
 def test_watch_survives_etcd_restart(etcd: Etcd) -> None:
     async def body(c: Ctl) -> None:
         await c.put(f"{PREFIX}/subnets/10.5.1.0-24", '{"PublicIP":"192.0.2.1"}')

@@ -6,7 +6,10 @@ one (upstream issue 1329 turns reservations into TTL leases on restart and so lo
 
 etcd is reached through its JSON gateway (etcdclient.py, on the store's own HTTP/1.1 transport), one member at a
 time. Every broken or cancelled watch is followed by a full re-list and a fresh LeaseSnapshot, so the consumer's
-view converges whatever was missed.
+view converges whatever was missed. The first watch needs no list of its own: the acquire's list (at revision R),
+with our own write applied, is the first snapshot and the watch starts at R + 1, so every change after that list
+(our write included, which the consumer knows as its own) arrives as an event; with thousands of leases a second
+list was a tenth of a cold start.
 """
 
 from __future__ import annotations
@@ -140,6 +143,15 @@ class _Backoff:
         self.cur = self.first
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """The leases as the acquire listed them at `revision`, with its own writes applied (the keys it deleted gone,
+    our lease as written): the first watch's snapshot, from which the watch goes on at `revision` + 1."""
+
+    leases: dict[str, Lease]
+    revision: int
+
+
 @dataclass
 class _Entry:
     """One key under <prefix>/subnets/ as listed: what it holds and the handles needed to change it safely."""
@@ -206,9 +218,8 @@ class EtcdStore(Store):
         self._cur = random.randrange(len(self._members))
         self._closed = False
         self._token: str | None = None
-        # The last acquire's list, kept until the watch's first list: with thousands of leases, decoding each one
-        # a second time a moment later was a fifth of a cold start.
-        self._listed: dict[str, _Entry] | None = None
+        # The last successful acquire's list, kept for the first watch (see the module docstring).
+        self._listing: _Listing | None = None
 
     # --- connection -------------------------------------------------------------------------------------
 
@@ -369,19 +380,15 @@ class EtcdStore(Store):
         lease = Lease(sn, sn6, attrs, expiration=exp, store_lease_id=etcd_lease)
         return _Entry(key, 0, etcd_lease, lease, taken)
 
-    async def _list(self, reuse: dict[str, _Entry] | None = None) -> tuple[list[_Entry], int]:
-        """Every lease, decoded; an entry of `reuse` is taken as it is when its key still has the same revision
-        and etcd lease (a key's mod revision changes with every write to it)."""
+    async def _list(self) -> tuple[list[_Entry], int]:
+        """Every lease, decoded, and the revision of the list."""
         resp = await self._rpc(
             "list leases", lambda c, w: c.range(self._subnets.encode(), self._subnets_end, **self._kw(w))
         )
         now = time.time()
         out: list[_Entry] = []
         for kv in resp.kvs:
-            key = kv.key.decode("utf-8", "replace")
-            entry = reuse.get(key) if reuse else None
-            if entry is None or entry.mod_revision != kv.mod_revision or entry.etcd_lease != kv.lease:
-                entry = self._decode(key, kv.value, kv.lease, now)
+            entry = self._decode(kv.key.decode("utf-8", "replace"), kv.value, kv.lease, now)
             if entry is not None:
                 entry.mod_revision = kv.mod_revision
                 out.append(entry)
@@ -416,8 +423,9 @@ class EtcdStore(Store):
 
     async def _try_acquire(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease | None:
         """One pass of upstream's order; None when a concurrent change made it lose a race."""
-        entries, _ = await self._list()
-        by_key = self._listed = {e.key: e for e in entries}
+        self._listing = None
+        entries, revision = await self._list()
+        by_key = {e.key: e for e in entries}
         own, stale = find_own_leases(cfg, attrs, [e.lease for e in entries if e.lease is not None])
         if own is not None:
             entry = by_key[self.subnet_key(own)]
@@ -426,7 +434,10 @@ class EtcdStore(Store):
                 "reservation" if own.is_reservation else "lease",
                 own.key,
             )
-            return await self._rewrite(entry, own, attrs)
+            got = await self._rewrite(entry, own, attrs)
+            if got is not None:
+                self._remember(entries, revision, set(), got)
+            return got
 
         gone: set[str] = set()
         for s in stale:
@@ -455,7 +466,17 @@ class EtcdStore(Store):
             await self._revoke_quietly(lease_id)
             return None
         log.info("acquired lease %s (etcd lease %x, TTL %d s)", key, lease_id, ttl)
-        return Lease(sn, sn6, attrs, expiration=time.time() + ttl, store_lease_id=lease_id)
+        got = Lease(sn, sn6, attrs, expiration=time.time() + ttl, store_lease_id=lease_id)
+        self._remember(entries, revision, gone, got)
+        return got
+
+    def _remember(self, entries: Sequence[_Entry], revision: int, gone: set[str], own: Lease) -> None:
+        """Keep the list at `revision` for the first watch, with what this acquire wrote since: the stale keys it
+        deleted gone, our lease as written. The watch from `revision` + 1 delivers those writes again (harmless:
+        a delete of a key not known, our own key), and every other node's change after the list."""
+        leases = {e.key: e.lease for e in entries if e.lease is not None and e.key not in gone}
+        leases[self.subnet_key(own)] = own
+        self._listing = _Listing(leases, revision)
 
     async def _grant(self) -> tuple[int, int]:
         return await self._rpc("grant lease", lambda c, w: c.grant(self._opts.lease_ttl, **self._kw(w)))
@@ -539,16 +560,20 @@ class EtcdStore(Store):
 
     async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
         backoff = _Backoff(0.5, self._opts.max_backoff)
+        listing, self._listing = self._listing, None
         while True:
-            try:
-                entries, revision = await self._list(self._listed)
-            except EtcdUnavailableError as e:
-                delay = backoff.next()
-                log.warning("watch: %s; listing again in %.1f s", e, delay)
-                await asyncio.sleep(delay)
-                continue
-            self._listed = None
-            known = {e.key: e.lease for e in entries if e.lease is not None}
+            if listing is not None:
+                known, revision = listing.leases, listing.revision
+                listing = None
+            else:
+                try:
+                    entries, revision = await self._list()
+                except EtcdUnavailableError as e:
+                    delay = backoff.next()
+                    log.warning("watch: %s; listing again in %.1f s", e, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                known = {e.key: e.lease for e in entries if e.lease is not None}
             yield LeaseSnapshot(tuple(known.values()))
             log.debug("watch: %d leases at revision %d, watching from %d", len(known), revision, revision + 1)
             stream = self._stream(revision + 1, known, backoff)
