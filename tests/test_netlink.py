@@ -296,6 +296,40 @@ def test_bulk_apply_5000_peers(scope: RunScope) -> None:
     assert run(["ip", "-n", a, "neigh", "show", "dev", "vx0"]).count("PERMANENT") == count
 
 
+def test_bulk_apply_in_chunks_reports_each_ops_error(scope: RunScope) -> None:
+    # A bulk batch is encoded on the loop while the worker sends the previous chunk (Netlink._bulk): with small
+    # chunks, failures scattered over many of them come back at their own op, and every other op is in.
+    a, _ = two_ns(scope)
+
+    async def go(nl: Netlink) -> None:
+        eth = await nl.link_by_name("eth0")
+        assert eth is not None
+        raw = await nl._run(nl._raw_w)
+        raw.max_chunk = 2048  # ~35 routes a chunk: dozens of chunks
+        ops: list[Op] = []
+        bad: dict[int, int] = {}
+        for i in range(1500):
+            sn = IPv4Network(f"10.{64 + (i >> 8)}.{i & 255}.0/24")
+            if i % 97 == 5:  # a gateway not on any link
+                bad[len(ops)] = errno.ENETUNREACH
+                ops.append(Op.replace(Route(sn, IPv4Address("10.99.0.1"), eth.index)))
+            elif i % 89 == 7:  # a delete of an absent route
+                bad[len(ops)] = errno.ESRCH
+                ops.append(Op.delete(Route(sn)))
+            else:
+                ops.append(Op.replace(Route(sn, IPv4Address("192.168.0.2"), eth.index)))
+        errs = await nl.apply(ops)
+        assert {k: e.errno for k, e in enumerate(errs) if e is not None} == bad
+        assert str(ops[5].obj.dst) in str(errs[5])
+        routes = {r.dst for r in await nl.routes(oif=eth.index)}
+        assert routes >= {op.obj.dst for k, op in enumerate(ops) if k not in bad}
+        assert not routes & {op.obj.dst for k, op in enumerate(ops) if k in bad}
+        # The socket goes on with the next request's numbers.
+        assert await nl.apply([Op.delete(ops[0].obj)]) == [None]
+
+    in_ns(a, go)
+
+
 async def until_marker(mon: KernelMonitor, ns: str, n: int, dev: str = "eth0") -> list[KernelEvent]:
     """Every event up to a marker route added now in `ns`: the kernel announces changes in order, so all
     events of earlier changes in that namespace have been read once the marker's arrives."""

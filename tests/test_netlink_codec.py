@@ -405,6 +405,30 @@ def test_package_imports_nothing_of_pyflannel_outside_it() -> None:
         assert not outside, f"{path.name} imports {outside}: the netlink package must not depend on the rest"
 
 
+def test_encode_chunks_numbers_every_op_and_acks_only_each_chunks_last() -> None:
+    from pyflannel.netlink.raw import encode_chunks
+
+    ops = [
+        Op.replace(Route(dst=IPv4Network(f"10.1.{i}.0/24"), gateway=IPv4Address(f"10.1.{i}.0"), oif=3, onlink=True))
+        for i in range(200)
+    ]
+    chunks = list(encode_chunks(ops, 41, max_chunk=1024))
+    assert len(chunks) > 5
+    # Consecutive and complete: each chunk starts where the one before ended.
+    assert [i for _, i, _ in chunks] == [0] + [j for _, _, j in chunks[:-1]]
+    assert chunks[-1][2] == len(ops)
+    for data, i, j in chunks:
+        assert len(data) <= 1024
+        off = 0
+        for k in range(i, j):
+            n, _kind, flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+            assert seq == 41 + k
+            assert bool(flags & NLM_F_ACK) == (k == j - 1)
+            assert data[off : off + n] == encode_op(ops[k], 41 + k, ack=k == j - 1)
+            off += n
+        assert off == len(data)
+
+
 def test_codec_is_pure() -> None:
     """No sockets are opened, no threads or event loops, no pyroute2 in the codec."""
     allowed = {"__future__", "errno", "ipaddress", "socket", "struct", "collections.abc", "dataclasses", "typing"}

@@ -45,7 +45,7 @@ from .codec import (
     vxlan_info_data,
 )
 from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
-from .raw import RawRoute
+from .raw import Batch, RawRoute, encode_chunks
 from .wireguard import (
     GENL_ID_CTRL,
     NETLINK_GENERIC,
@@ -87,9 +87,14 @@ class Netlink:
         await self.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        """The one way onto the worker thread: every socket call of a request goes through here."""
+        """The one way onto the worker thread: every socket call of a request goes through here (or through
+        _submit, which it awaits)."""
+        return await self._submit(fn, *args, **kw)
+
+    def _submit(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
+        """`fn` queued on the worker thread at once; its result, to be awaited."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+        return loop.run_in_executor(self._pool, functools.partial(fn, *args, **kw))
 
     # worker-thread helpers: the sockets are opened lazily, on the worker thread, by the first call needing them
     def _raw_w(self) -> RawRoute:
@@ -294,16 +299,38 @@ class Netlink:
         if len(ops) < BULK_OPS:
             return await self._run(lambda: self._raw_w().apply(ops))
         # A bulk write (a sync of thousands of peers) is announced back entry by entry: decoding those on the loop
-        # while the worker encodes the batch made both contend for the interpreter, and the kernel got its last
-        # entry later. The monitors read them (all queued by the kernel meanwhile) once the batch is in.
+        # while the batch goes in made the two contend for the interpreter, and the kernel got its last entry
+        # later. The monitors read them (all queued by the kernel meanwhile) once the batch is in.
         paused = list(self._monitors)
         for m in paused:
             m.pause()
         try:
-            return await self._run(lambda: self._raw_w().apply(ops))
+            return await self._bulk(ops)
         finally:
             for m in paused:
                 m.resume()
+
+    async def _bulk(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
+        """A large batch, pipelined: the kernel processes a chunk inside the worker's send(), with the interpreter
+        free, so the loop encodes the next chunk meanwhile (codec work, no socket: the concurrency model holds).
+        One chunk is queued behind the one being sent, so the worker never waits for the loop."""
+        raw = await self._run(self._raw_w)
+        batch = Batch(ops, await self._run(raw.reserve, len(ops)))
+        sending: list[asyncio.Future[None]] = []
+        try:
+            for data, i, j in encode_chunks(ops, batch.first_seq, raw.max_chunk):
+                sending.append(self._submit(raw.send_chunk, batch, data, i, j))
+                if len(sending) > 1:
+                    # The previous chunk: waiting here lets the worker take the one just queued at once.
+                    await sending[-2]
+            await sending[-1]
+        except BaseException:
+            batch.failed = True  # what is still queued is not sent
+            for f in sending:
+                f.cancel()
+            await asyncio.gather(*sending, return_exceptions=True)
+            raise
+        return batch.results
 
     async def _one(self, op: Op, missing_ok: bool = False) -> None:
         (err,) = await self.apply([op])

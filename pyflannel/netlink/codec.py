@@ -138,6 +138,11 @@ NDMSG = struct.Struct("=BxxxiHBB")
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _RTNH = struct.Struct("=HBBi")
+# One attribute with its header, packed in one call: encode_op runs 15000 times in a cold sync of 5000 peers.
+_NLA_U32 = struct.Struct("=HHI")
+_NLA_IP4 = struct.Struct("=HH4s")
+_NLA_IP6 = struct.Struct("=HH16s")
+_NLA_MAC = struct.Struct("=HH6s2x")
 
 
 class NetlinkError(OSError):
@@ -156,17 +161,16 @@ def format_mac(raw: bytes) -> str:
 
 def parse_mac(mac: str) -> bytes:
     """Parse `aa:bb:cc:dd:ee:ff` (also `-` separated); raises ValueError."""
-    parts = mac.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and p.isascii() and p.isalnum() for p in parts):
-        raise ValueError(f"not a MAC address: {mac!r}")
-    try:
-        return bytes.fromhex("".join(parts))
-    except ValueError:
-        raise ValueError(f"not a MAC address: {mac!r}") from None
-
-
-def _family(a: IPAddress | IPNetwork) -> int:
-    return AF_INET if a.version == 4 else AF_INET6
+    # Six pairs of hex digits, each pair followed by a separator but the last (sliced, not split: this runs
+    # for every neighbour and FDB entry of a sync).
+    if len(mac) == 17 and not mac[2::3].strip(":-"):
+        digits = mac[0:2] + mac[3:5] + mac[6:8] + mac[9:11] + mac[12:14] + mac[15:17]
+        if digits.isascii() and digits.isalnum():
+            try:
+                return bytes.fromhex(digits)
+            except ValueError:
+                pass
+    raise ValueError(f"not a MAC address: {mac!r}")
 
 
 def _ip(family: int, raw: bytes) -> IPAddress:
@@ -302,54 +306,58 @@ def pack_msg(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     return HDR.pack(16 + len(body), kind, flags, seq, 0) + body
 
 
+def _nla_ip(kind: int, ip: IPAddress) -> bytes:
+    return _NLA_IP4.pack(8, kind, ip.packed) if ip.version == 4 else _NLA_IP6.pack(20, kind, ip.packed)
+
+
 def encode_op(op: Op, seq: int, ack: bool) -> bytes:
     o = op.obj
     base = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     if isinstance(o, Route):
-        fam = _family(o.dst)
+        dst = o.dst
+        fam = AF_INET if dst.version == 4 else AF_INET6
+        plen = dst.prefixlen
         blackhole = o.type == RTN_BLACKHOLE
-        attrs = [pack_nla(RTA_TABLE, _U32.pack(o.table))]
-        if o.dst.prefixlen:
-            attrs.append(pack_nla(RTA_DST, o.dst.network_address.packed))
+        attrs = _NLA_U32.pack(8, RTA_TABLE, o.table)
+        if plen:
+            attrs += _nla_ip(RTA_DST, dst.network_address)
         # A blackhole has no next hop; the kernel rejects one (and an IPv6 one read back names `lo`).
         if o.gateway is not None and not blackhole:
-            attrs.append(pack_nla(RTA_GATEWAY, o.gateway.packed))
+            attrs += _nla_ip(RTA_GATEWAY, o.gateway)
         if o.oif is not None and not blackhole:
-            attrs.append(pack_nla(RTA_OIF, _U32.pack(o.oif)))
+            attrs += _NLA_U32.pack(8, RTA_OIF, o.oif)
         if o.priority:
-            attrs.append(pack_nla(RTA_PRIORITY, _U32.pack(o.priority)))
+            attrs += _NLA_U32.pack(8, RTA_PRIORITY, o.priority)
         table = o.table if o.table < 256 else RT_TABLE_UNSPEC
         if op.action == "delete":
             # Type 0 deletes whatever route has the key; a blackhole delete names its type so that it cannot
             # take a unicast route of the same prefix with it.
-            rtm = RTMSG.pack(
-                fam, o.dst.prefixlen, 0, 0, table, 0, RT_SCOPE_NOWHERE, RTN_BLACKHOLE if blackhole else 0, 0
-            )
-            return pack_msg(RTM_DELROUTE, base, seq, rtm + b"".join(attrs))
+            rtm = RTMSG.pack(fam, plen, 0, 0, table, 0, RT_SCOPE_NOWHERE, RTN_BLACKHOLE if blackhole else 0, 0)
+            return pack_msg(RTM_DELROUTE, base, seq, rtm + attrs)
         if blackhole:
-            rtm = RTMSG.pack(fam, o.dst.prefixlen, 0, 0, table, o.protocol, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE, 0)
-            return pack_msg(RTM_NEWROUTE, base | NLM_F_CREATE | NLM_F_REPLACE, seq, rtm + b"".join(attrs))
+            rtm = RTMSG.pack(fam, plen, 0, 0, table, o.protocol, RT_SCOPE_UNIVERSE, RTN_BLACKHOLE, 0)
+            return pack_msg(RTM_NEWROUTE, base | NLM_F_CREATE | NLM_F_REPLACE, seq, rtm + attrs)
         scope = RT_SCOPE_UNIVERSE if o.gateway is not None else RT_SCOPE_LINK
         flags = RTNH_F_ONLINK if o.onlink else 0
-        rtm = RTMSG.pack(fam, o.dst.prefixlen, 0, 0, table, o.protocol, scope, RTN_UNICAST, flags)
-        return pack_msg(RTM_NEWROUTE, base | NLM_F_CREATE | NLM_F_REPLACE, seq, rtm + b"".join(attrs))
+        rtm = RTMSG.pack(fam, plen, 0, 0, table, o.protocol, scope, RTN_UNICAST, flags)
+        return pack_msg(RTM_NEWROUTE, base | NLM_F_CREATE | NLM_F_REPLACE, seq, rtm + attrs)
     if isinstance(o, Neigh):
-        fam = _family(o.dst)
-        attrs = [pack_nla(NDA_DST, o.dst.packed)]
+        fam = AF_INET if o.dst.version == 4 else AF_INET6
+        attrs = _nla_ip(NDA_DST, o.dst)
         if op.action == "delete":
-            return pack_msg(RTM_DELNEIGH, base, seq, NDMSG.pack(fam, o.ifindex, 0, 0, 0) + b"".join(attrs))
+            return pack_msg(RTM_DELNEIGH, base, seq, NDMSG.pack(fam, o.ifindex, 0, 0, 0) + attrs)
         if o.lladdr is not None:
-            attrs.append(pack_nla(NDA_LLADDR, parse_mac(o.lladdr)))
+            attrs += _NLA_MAC.pack(10, NDA_LLADDR, parse_mac(o.lladdr))
         ndm = NDMSG.pack(fam, o.ifindex, o.state, 0, RTN_UNICAST)
-        return pack_msg(RTM_NEWNEIGH, base | NLM_F_CREATE | NLM_F_REPLACE, seq, ndm + b"".join(attrs))
-    attrs = [pack_nla(NDA_LLADDR, parse_mac(o.lladdr))]
+        return pack_msg(RTM_NEWNEIGH, base | NLM_F_CREATE | NLM_F_REPLACE, seq, ndm + attrs)
+    attrs = _NLA_MAC.pack(10, NDA_LLADDR, parse_mac(o.lladdr))
     if o.dst is not None:
-        attrs.append(pack_nla(NDA_DST, o.dst.packed))
+        attrs += _nla_ip(NDA_DST, o.dst)
     if op.action == "delete":
-        return pack_msg(RTM_DELNEIGH, base, seq, NDMSG.pack(AF_BRIDGE, o.ifindex, 0, o.flags, 0) + b"".join(attrs))
+        return pack_msg(RTM_DELNEIGH, base, seq, NDMSG.pack(AF_BRIDGE, o.ifindex, 0, o.flags, 0) + attrs)
     mode = NLM_F_APPEND if op.action == "append" else NLM_F_REPLACE
     ndm = NDMSG.pack(AF_BRIDGE, o.ifindex, o.state, o.flags, 0)
-    return pack_msg(RTM_NEWNEIGH, base | NLM_F_CREATE | mode, seq, ndm + b"".join(attrs))
+    return pack_msg(RTM_NEWNEIGH, base | NLM_F_CREATE | mode, seq, ndm + attrs)
 
 
 def decode_route(buf: bytes | memoryview, off: int, end: int) -> Route | None:

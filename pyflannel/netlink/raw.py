@@ -5,7 +5,9 @@ Worker thread only (see the package docstring): RawRoute is not thread safe and 
 
 Requests are packed by codec.encode_op; many of them go out in one send() without per-request acks (the
 kernel processes a multi-message buffer in order and replies only on error; the last request of a chunk asks
-for an ack, so we know the chunk is done), and dumps are decoded by the codec. pyroute2 spends ~0.3 ms per
+for an ack, so we know the chunk is done), and dumps are decoded by the codec. A batch is cut into chunks by
+encode_chunks (pure, so api.py may run it off the worker thread: see Netlink.apply) and each chunk is sent by
+RawRoute.send_chunk. pyroute2 spends ~0.3 ms per
 request in Python, which is 5 s for 5000 peers; this path does the same in a few tens of milliseconds.
 """
 
@@ -64,6 +66,40 @@ _TIMEOUT = 30.0
 T = TypeVar("T")
 
 
+class Batch:
+    """One apply(): a result per op (None = done), filled in chunk by chunk. Once a chunk raised, the chunks
+    after it are not sent (the batch has failed as a whole, and the caller re-reads the kernel)."""
+
+    __slots__ = ("failed", "first_seq", "ops", "results")
+
+    def __init__(self, ops: Sequence[Op], first_seq: int) -> None:
+        self.ops = ops
+        self.first_seq = first_seq
+        self.results: list[NetlinkError | None] = [None] * len(ops)
+        self.failed = False
+
+
+def encode_chunks(ops: Sequence[Op], first_seq: int, max_chunk: int = _CHUNK_BYTES) -> Iterator[tuple[bytes, int, int]]:
+    """(data, i, j): ops[i:j] packed for one send(), op k numbered first_seq + k; only the last request of a
+    chunk asks for an ack, which marks the chunk's end."""
+    i = 0
+    n = len(ops)
+    while i < n:
+        parts: list[bytes] = []
+        size = 0
+        j = i
+        while j < n:
+            last = j + 1 == n or size >= max_chunk - 512
+            m = encode_op(ops[j], first_seq + j, ack=last)
+            parts.append(m)
+            size += len(m)
+            j += 1
+            if last:
+                break
+        yield b"".join(parts), i, j
+        i = j
+
+
 def route_socket(netns: str | None, proto: int = NETLINK_ROUTE) -> socket.socket:
     if netns is None:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
@@ -110,6 +146,15 @@ class RawRoute:
         self.seq = (self.seq + 1) & 0x7FFFFFFF or 1
         return self.seq
 
+    def reserve(self, n: int) -> int:
+        """The first of `n` consecutive sequence numbers, taken for a batch (restarting at 1 rather than wrapping
+        inside it, so that replies are matched by one range)."""
+        if self.seq + n >= 0x7FFFFFFF:
+            self.seq = 0
+        first = self.seq + 1
+        self.seq += n
+        return first
+
     def _recv(self) -> bytes:
         try:
             return self.sock.recv(1 << 20)
@@ -145,24 +190,22 @@ class RawRoute:
         return NetlinkError(code, f"{what}: {text or errno.errorcode.get(code, code)}") if code else None
 
     def apply(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
-        results: list[NetlinkError | None] = [None] * len(ops)
-        i = 0
-        while i < len(ops):
-            # One chunk: requests without acks, the last one with an ack that marks the chunk's end.
-            seq0 = self.seq + 1
-            parts: list[bytes] = []
-            size = 0
-            j = i
-            while j < len(ops) and size < self.max_chunk:
-                last = j + 1 == len(ops) or size >= self.max_chunk - 512
-                m = encode_op(ops[j], self._next_seq(), ack=last)
-                parts.append(m)
-                size += len(m)
-                j += 1
-                if last:
-                    break
-            last_seq = self.seq
-            self._send(b"".join(parts))
+        """The whole batch on this thread: encoded and sent chunk by chunk."""
+        batch = Batch(ops, self.reserve(len(ops)))
+        for data, i, j in encode_chunks(ops, batch.first_seq, self.max_chunk):
+            self.send_chunk(batch, data, i, j)
+        return batch.results
+
+    def send_chunk(self, batch: Batch, data: bytes, i: int, j: int) -> None:
+        """Send one chunk of encode_chunks (ops i..j-1 of `batch`) and record the kernel's answer to each op;
+        nothing when an earlier chunk of the batch failed."""
+        if batch.failed:
+            return
+        try:
+            ops, results = batch.ops, batch.results
+            seq0 = batch.first_seq + i
+            last_seq = batch.first_seq + j - 1
+            self._send(data)
             for buf, mtype, flags, seq, a, b in self._answers(seq0, last_seq):
                 if mtype != NLMSG_ERROR:
                     continue
@@ -170,8 +213,9 @@ class RawRoute:
                 results[k] = self._error(buf, flags, a, b, f"{ops[k].action} {ops[k].obj}")
                 if seq == last_seq:
                     break
-            i = j
-        return results
+        except BaseException:
+            batch.failed = True
+            raise
 
     def request(self, encode: Callable[[int], bytes], what: str) -> None:
         """One request that asks for an ack (link and address changes); raises NetlinkError on refusal."""
