@@ -8,11 +8,18 @@ Figures printed for N in (1000, 5000) by default:
   rss_mb         the agent's resident memory once synced
 Goals (issue 2): 5000 peers <= 5 s, one peer <= 100 ms, RSS <= 80 MB. Not a test: nothing here asserts.
 
-usage: sudo .venv/bin/python bench/bench_convergence.py [N ...]
+With --base TREE (a checkout of another commit, e.g. `git worktree add /tmp/pfbase HEAD`) and --cold-repeats K,
+the cold path is then timed K times more per tree on one etcd holding the N leases, the trees alternating start
+by start, so that the ratio is taken in the same run under the same load; each tree's median is printed beside
+the ratio (this tree over the base).
+
+usage: sudo .venv/bin/python bench/bench_convergence.py [--base TREE] [--cold-repeats K] [--cold-only] [N ...]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +33,7 @@ from pyflannel.lab import netns
 from pyflannel.lab.testbed import Node, Testbed
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 
 def counts(ns: str) -> tuple[int, int, int]:
@@ -110,6 +118,42 @@ def one_peer(tb: Testbed, node: Node, idx: int) -> float:
         reader.join(timeout=5)
 
 
+def start_agent(tb: Testbed, node: Node, tree: Path) -> None:
+    """The agent of `tree`: -P keeps the working directory out of sys.path, so PYTHONPATH alone says which."""
+    cmd = tb.agent_cmd(node)
+    at = cmd.index(sys.executable)
+    cmd[at + 1 : at + 1] = ["-P"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)}
+    node.proc = tb.scope.spawn(node.ns, cmd, log=node.log_file, env=env)
+
+
+def cold_start(tb: Testbed, node: Node, tree: Path, want: int) -> tuple[float, float]:
+    """(seconds from the agent's start to every entry in, its RSS then) with no vxlan device to begin with."""
+    tb.stop_agent(node)
+    netns.run(["ip", "-n", node.ns, "link", "del", "flannel.1"], check=False)
+    start_agent(tb, node, tree)
+    took = wait_counts(node.ns, want, 120)
+    return took, rss_mb(node)
+
+
+def cold_interleaved(n: int, trees: list[Path], repeats: int) -> dict[Path, list[tuple[float, float]]]:
+    """The cold path `repeats` times per tree, alternating trees (and their order each round) on one etcd."""
+    out: dict[Path, list[tuple[float, float]]] = {t: [] for t in trees}
+    with netns.RunScope(tag=f"benchc{n}") as scope:
+        tb = Testbed(scope)
+        tb.start_etcd()
+        tb.put_config({"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": "vxlan"}})
+        gen(tb, 0, n)
+        node = tb.add_node("n1")
+        for tree in trees:  # unmeasured: the first start takes a new lease, every later one reuses it
+            cold_start(tb, node, tree, n)
+        for k in range(repeats):
+            for tree in trees if k % 2 == 0 else trees[::-1]:
+                out[tree].append(cold_start(tb, node, tree, n))
+        tb.stop_agent(node)
+    return out
+
+
 def run_one(n: int) -> dict[str, float]:
     with netns.RunScope(tag=f"bench{n}") as scope:
         tb = Testbed(scope)
@@ -147,11 +191,31 @@ def run_one(n: int) -> dict[str, float]:
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [1000, 5000]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", action="append", default=[], help="a checkout to compare with (repeatable)")
+    ap.add_argument("--cold-repeats", type=int, default=0, help="interleaved cold starts per tree (0: none)")
+    ap.add_argument("--cold-only", action="store_true", help="only the interleaved cold starts")
+    ap.add_argument("sizes", nargs="*", type=int, default=[1000, 5000])
+    args = ap.parse_args()
+    trees = [REPO, *(Path(b).resolve() for b in args.base)]
     netns.sweep(netns.STEM_TEST)
-    for n in sizes:
-        res = run_one(n)
-        print(" ".join(f"{k}={v}" for k, v in res.items()), flush=True)
+    for n in args.sizes:
+        if not args.cold_only:
+            res = run_one(n)
+            print(" ".join(f"{k}={v}" for k, v in res.items()), flush=True)
+        if args.cold_repeats:
+            runs = cold_interleaved(n, trees, args.cold_repeats)
+            ours = statistics.median(t for t, _ in runs[REPO])
+            for tree, samples in runs.items():
+                med = statistics.median(t for t, _ in samples)
+                name = "this tree" if tree == REPO else f"base {tree}"
+                ratio = "" if tree == REPO else f" this_tree/base={ours / med:.3f}"
+                print(
+                    f"{name:24} peers={n} cold_sync_s_median={med:.3f} "
+                    f"runs={','.join(f'{t:.3f}' for t, _ in samples)} rss_mb_max={max(r for _, r in samples):.1f}"
+                    + ratio,
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
