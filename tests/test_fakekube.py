@@ -140,6 +140,22 @@ def test_pod_cidrs_are_validated_and_pod_cidr_is_the_first(fake: tuple[FakeKube,
         assert e.value.code == 422
     assert "bad" not in {n["metadata"]["name"] for n in kube.request("GET", "/api/v1/nodes")["items"]}
     assert kube.node("old")["spec"]["podCIDRs"] == ["10.0.2.0/24"]
+    # Once set, podCIDRs never change (not even to add the other family, nor by a PUT); from none they may.
+    for cidrs in (["10.0.2.0/24", "fd00:0:0:2::/64"], ["10.0.7.0/24"], []):
+        with pytest.raises(ApiError) as e:
+            kube.set_pod_cidrs("old", cidrs)
+        assert (e.value.code, e.value.reason) == (422, "Invalid"), cidrs
+        assert (
+            'spec.podCIDRs: Forbidden: node updates may not change podCIDR except from "" to valid' in e.value.message
+        )
+    whole = kube.node("old")
+    whole["spec"]["podCIDRs"] = ["10.0.8.0/24"]
+    with pytest.raises(ApiError) as e:
+        kube.request("PUT", "/api/v1/nodes/old", whole)
+    assert e.value.code == 422
+    kube.create_node("late")
+    assert kube.set_pod_cidrs("late", ["10.0.9.0/24", "fd00:0:0:9::/64"])["spec"]["podCIDR"] == "10.0.9.0/24"
+    assert kube.set_pod_cidrs("late", ["10.0.9.0/24", "fd00:0:0:9::/64"])["spec"]["podCIDRs"][1] == "fd00:0:0:9::/64"
 
 
 def test_watch_streams_chunked_events_and_bookmarks(fake: tuple[FakeKube, KubeAdmin]) -> None:

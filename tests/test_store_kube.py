@@ -681,13 +681,15 @@ def test_watch_snapshot_then_add_change_delete(run: Any) -> None:
             removed = [ev for ev in f.events() if ev.type is EventType.REMOVED]
             assert [ev.lease.key for ev in removed] == ["10.244.1.0-24&fd00:10:0:1::-64"]
             # Losing the kube-subnet-manager annotation keeps the peer while its Node keeps its podCIDR, as upstream
-            # keeps it (a pyflannel peer annotates itself again); a new podCIDR or the Node's deletion removes it.
+            # keeps it (a pyflannel peer annotates itself again); the Node's deletion removes it, also when it is
+            # registered again at once with a new podCIDR (the only way a Node's podCIDRs change).
             key_bad = "10.244.3.0-24&fd00:10:0:3::-64"
             kube.patch_node("bad", {"metadata": {"annotations": {P + "kube-subnet-manager": None}}})
             kube.create_node("c", ["10.244.4.0/24", "fd00:10:0:4::/64"], ds_ann("192.168.77.14", "fd77::14", "aa::4"))
             await f.until(lambda: "10.244.4.0-24&fd00:10:0:4::-64" in f.peers)
             assert key_bad in f.peers
-            kube.set_pod_cidrs("bad", ["10.244.5.0/24", "fd00:10:0:5::/64"])
+            kube.delete_node("bad")
+            kube.create_node("bad", ["10.244.5.0/24", "fd00:10:0:5::/64"])
             await f.until(lambda: key_bad not in f.peers)
             kube.delete_node("c")
             await f.until(lambda: set(f.peers) == {key_b})

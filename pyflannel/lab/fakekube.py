@@ -11,7 +11,8 @@ Served: Nodes (create, get, list, watch, patch, patch of the `status` subresourc
   `type`), JSON merge patch, and the status subresource keeping `spec`;
 - 404 for missing objects, 409 for an existing name or a stale `metadata.resourceVersion`, 400 for
   annotations that are not strings, 422 for podCIDRs that are no CIDRs or no dual-stack pair (the real
-  validation); `spec.podCIDR` is always `spec.podCIDRs[0]` (the v1 conversion).
+  validation), 422 for an update that changes podCIDRs once set (they are immutable); `spec.podCIDR` is
+  always `spec.podCIDRs[0]` (the v1 conversion).
 
 Test side channel under `/_admin/`: `POST expire` (drop the event history; running watches get 410),
 `POST drop` (cut every watch stream mid-stream, without the terminating chunk), `POST fail`
@@ -220,6 +221,12 @@ class State:
         new["metadata"]["name"] = old["metadata"]["name"]
         new["metadata"]["uid"] = old["metadata"]["uid"]
         _validate(new)
+        old_cidrs = (old.get("spec") or {}).get("podCIDRs") or []
+        if resource == "nodes" and old_cidrs and old_cidrs != (new.get("spec") or {}).get("podCIDRs"):
+            # ValidateNodeUpdate: only the controller manager's first assignment; a new podCIDR means a new Node.
+            raise _invalid(
+                "Node", key, 'spec.podCIDRs: Forbidden: node updates may not change podCIDR except from "" to valid'
+            )
         if new == old:
             return copy.deepcopy(old)  # a no-op write does not bump the resourceVersion
         tab[key] = new
