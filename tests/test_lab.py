@@ -144,7 +144,7 @@ def test_up_defaults_and_status_json(vx: LabRun) -> None:
     assert len({n["subnet"] for n in st["nodes"]}) == 3
     subnet_of = {n["name"]: n["subnet"] for n in st["nodes"]}
     for p in st["pods"]:
-        assert set(p) == {"name", "node", "netns", "ip"}
+        assert set(p) == {"name", "node", "netns", "ip", "ip6"} and p["ip6"] is None
         assert p["netns"] in have
         # The address came from host-local through the flannel plugin, inside the node's subnet.
         assert p["ip"].rsplit(".", 1)[0] == subnet_of[p["node"]].rsplit(".", 1)[0]
@@ -177,6 +177,7 @@ def test_check_matrix_all_pairs(vx: LabRun) -> None:
     assert "30/30 pairs ok" in out
     assert "FAIL" not in out
     assert json.loads(vx.ok("check", "--json")) == {"ok": True, "failed": [], "pairs": 30}
+    assert "IPv6" not in out  # an IPv4 lab: one matrix, as before
 
 
 def test_exec_in_pod_and_node(vx: LabRun) -> None:
@@ -226,6 +227,8 @@ def test_trace_vxlan_with_capture(vx: LabRun) -> None:
     # Same node: the bridge, no tunnel.
     same = vx.ok("trace", "n1-p1", "n1-p2", "--no-capture")
     assert "same node" in same and "flannel.1" not in same
+    p = vx.cli("trace", "n1-p1", "n2-p1", "-6")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "has no IPv6 (up --ip-family ipv4)" in p.stderr
 
 
 def test_diagram(vx: LabRun, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ each point: the pod sends 64, each node that routes the packet takes one, the br
 
 from __future__ import annotations
 
+import ipaddress
 import select
 import shlex
 import subprocess
@@ -43,10 +44,10 @@ class Point:
         return shlex.join(["ip", "netns", "exec", self.ns, *self.command()])
 
 
-def underlay_filter(backend: str, src_ip: str) -> list[str]:
-    """What the underlay carries for a pod's packet, per backend."""
+def underlay_filter(backend: str, src_ip: str, family: int = 4) -> list[str]:
+    """What the underlay carries for a pod's packet, per backend (for an IPv6 pod: its VXLAN over IPv6)."""
     if backend == "vxlan":
-        return ["-T", "vxlan", "udp", "port", str(VXLAN_PORT)]
+        return ["-T", "vxlan", "ip6" if family == 6 else "ip", "and", "udp", "port", str(VXLAN_PORT)]
     if backend == "ipip":
         return ["ip", "proto", "4"]  # tcpdump prints the outer and the inner IPv4 header
     if backend == "udp":
@@ -55,12 +56,22 @@ def underlay_filter(backend: str, src_ip: str) -> list[str]:
     if backend == "wireguard":
         # tcpdump names WireGuard's message types; -X shows the payload is ciphertext (no 45 00, no pod address).
         return ["-X", "udp", "port", str(WIREGUARD_PORT)]
-    return ["icmp", "and", "host", src_ip]
+    return ["icmp6" if ":" in src_ip else "icmp", "and", "host", src_ip]
 
 
 def icmp_filter(src_ip: str, dst_ip: str) -> list[str]:
-    """The echo request alone, so one packet ends the capture."""
-    return ["icmp[icmptype] == icmp-echo", "and", "src", "host", src_ip, "and", "dst", "host", dst_ip]
+    """The echo request alone, so one packet ends the capture (ICMPv6 type 128 right after the IPv6 header: the
+    pod's ping carries no extension header)."""
+    echo = "icmp6 and ip6[40] == 128" if ":" in src_ip else "icmp[icmptype] == icmp-echo"
+    return [echo, "and", "src", "host", src_ip, "and", "dst", "host", dst_ip]
+
+
+def addresses_visible(out: str, addrs: Sequence[str]) -> list[str]:
+    """Which of `addrs` a tcpdump -X capture shows, as text or as their bytes in the hex dump: the proof that an
+    encrypting backend (wireguard, ipsec) let no pod address through in clear."""
+    dump = "".join(line.split("  ")[1] if "  " in line else "" for line in out.splitlines() if "0x0" in line)
+    dump = dump.replace(" ", "")
+    return [ip for ip in addrs if ip in out or ipaddress.ip_address(ip).packed.hex() in dump]
 
 
 def _start(p: Point) -> subprocess.Popen[str]:
@@ -107,8 +118,16 @@ def capture(points: Sequence[Point], send: Callable[[], object], timeout: float 
                 proc.wait(timeout=5)
 
 
-def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str) -> str:
-    """Why each point sees the TTL it sees."""
+def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str, family: int = 4) -> str:
+    """Why each point sees the TTL (IPv6: the hop limit, tcpdump's hlim) it sees."""
+    if family == 6:
+        outer = "inside the VXLAN packet on the underlay (the outer IPv6 header is the node's own)"
+        return (
+            f"hop limit (IPv6's TTL, hlim): {src} sends at 64 and its node's cni0 only bridges it; node {src_node} "
+            f"routes it, 63 from there on: on flannel-v6.1 and {outer if backend == 'vxlan' else 'on the underlay'}; "
+            f"the underlay bridge does not route; node {dst_node} routes it into its cni0, so {dst} receives it at "
+            "62. 64 -> 63 -> 62."
+        )
     tunnel = {
         "vxlan": "inside the VXLAN packet on the underlay (the outer IPv4 header is the node's own)",
         "ipip": "inside the IP-in-IP packet on the underlay (the outer header is the node's own)",

@@ -1,10 +1,10 @@
 """flannel-lab: a multi-node flannel cluster in network namespaces on one machine, and tools to look inside it.
 
-flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|wireguard|alloc|extension] [--pods-per-node K]
-               [--[no-]ip-masq] [--network CIDR] [--store etcd|kube]
+flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|wireguard|ipsec|alloc|extension] [--pods-per-node K]
+               [--[no-]ip-masq] [--network CIDR] [--store etcd|kube] [--ip-family ipv4|dual|ipv6] [--ipv6-network CIDR]
 flannel-lab status [--json] | check | show NODE [--services] | exec POD|NODE -- CMD...
 flannel-lab status NODE --agent [--json] | metrics NODE        (the agent's /status and /metrics)
-flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [--capture underlay|cni0|flannel.1|pod ...]
+flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [-6] [--capture underlay|cni0|flannel.1|pod ...]
 flannel-lab get nodes [-o wide|yaml|json] | get node NAME [-o yaml|json]        (--store kube)
 flannel-lab service add NAME --port P --to POD[:PORT][,POD...] [--nodeport N] [--mode iptables|ipvs]
 flannel-lab service list | service del NAME
@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--backend",
         default="vxlan",
-        help="vxlan, host-gw, ipip, udp, wireguard (kernel, else wireguard-go), alloc or extension (an example that "
-        "makes host-gw routes with ip route); default vxlan",
+        help="vxlan, host-gw, ipip, udp, wireguard (kernel, else wireguard-go), ipsec (strongSwan, needs the "
+        "kernel's esp4; a generated PSK), alloc or extension (an example that makes host-gw routes with ip route); "
+        "default vxlan",
     )
     u.add_argument("--pods-per-node", type=int, default=2)
     # On by default as kube-flannel runs it: flanneld masquerades only what leaves the pod network, so pods see
@@ -62,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--nftables", action="store_true", help="EnableNFTables in net-conf.json")
     u.add_argument("--network", default="10.244.0.0/16")
+    # Checked by the lab (one line naming the choices), not by argparse's choices (a usage block first).
+    u.add_argument(
+        "--ip-family",
+        default="ipv4",
+        help="the pod network's IP versions: ipv4 (default), dual (EnableIPv6 with --ipv6-network too) or ipv6 "
+        "(EnableIPv4 false); the underlay gets fd77:77::/64 beside its IPv4",
+    )
+    u.add_argument("--ipv6-network", default=LabOptions.ipv6_network, help="IPv6Network (default %(default)s)")
     u.add_argument(
         "--store",
         default="etcd",
@@ -90,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("src")
     t.add_argument("dst", help="a pod, or SERVICE:PORT (the DNAT and which backend answered)")
     t.add_argument("--no-capture", action="store_true")
+    t.add_argument("-6", dest="ipv6", action="store_true", help="trace the pods' IPv6 addresses (dual-stack lab)")
     t.add_argument(
         "--capture",
         action="append",
@@ -135,30 +145,51 @@ def _print_status(st: dict[str, object]) -> None:
         assert isinstance(etcd, dict)
         store = f"etcd ({etcd['endpoint']} in {etcd['netns']}, prefix {etcd['prefix']})"
     print(f"store {store}")
-    print(f"backend {st['backend']}, network {st['network']}, state {st['state_dir']}")
+    nets = ", ".join(str(x) for x in (st["network"], st.get("ipv6_network")) if x)
+    print(f"backend {st['backend']}, network {nets} ({st.get('ip_family', 'ipv4')}), state {st['state_dir']}")
     print(f"{'NODE':8} {'NETNS':14} {'UNDERLAY IP':15} {'SUBNET':16} {'AGENT PID':10} READY")
     for n in nodes:
-        print(f"{n['name']:8} {n['netns']:14} {n['ip']:15} {n['subnet'] or '-':16} {n['pid'] or '-'!s:10} {n['ready']}")
+        subnet = n["subnet"] or n.get("subnet6") or "-"
+        print(f"{n['name']:8} {n['netns']:14} {n['ip']:15} {subnet:16} {n['pid'] or '-'!s:10} {n['ready']}")
+        if n["subnet"] and n.get("subnet6"):  # dual-stack: the IPv6 address and subnet on a line of their own
+            print(f"{'':8} {'':14} {n.get('ip6') or '-':15} {n['subnet6']}")
     print()
     print(f"{'POD':10} {'NODE':8} {'NETNS':16} IP")
     for p in pods:
-        print(f"{p['name']:10} {p['node']:8} {p['netns']:16} {p['ip']}")
+        extra = f"  {p['ip6']}" if p.get("ip6") and p["ip6"] != p["ip"] else ""
+        print(f"{p['name']:10} {p['node']:8} {p['netns']:16} {p['ip']}{extra}")
 
 
 def _check(lab: Lab, as_json: bool) -> int:
-    res = lab.ping_matrix()
+    """The ping matrix over each IP version of the pod network (a dual-stack lab: one for IPv4, one for IPv6)."""
+    families = lab.st.options.families
     names = [p.name for p in lab.st.pods]
-    bad = [f"{a}->{b}" for (a, b), ok in res.items() if not ok]
+    failed: list[str] = []
+    pairs = 0
+    report: dict[str, dict[str, object]] = {}
+    for fam in families:
+        res = lab.ping_matrix(fam)
+        bad = [f"{a}->{b}" for (a, b), ok in res.items() if not ok]
+        # A one-family lab names pairs as before; a dual-stack one says which family failed.
+        failed += [f"{x} (IPv{fam})" for x in bad] if len(families) > 1 else bad
+        pairs += len(res)
+        report[f"ipv{fam}"] = {"ok": not bad, "failed": bad, "pairs": len(res)}
+        if as_json:
+            continue
+        w = max([len(n) for n in names] + [6])
+        title = f"   (row pings column over IPv{fam})" if len(families) > 1 or fam == 6 else "   (row pings column)"
+        print(" " * (w + 1) + " ".join(f"{n:>{w}}" for n in names) + title)
+        for a in names:
+            cells = ["-" if a == b else ("ok" if res[(a, b)] else "FAIL") for b in names]
+            print(f"{a:>{w}} " + " ".join(f"{c:>{w}}" for c in cells))
+        fam_note = f" over IPv{fam}" if len(families) > 1 or fam == 6 else ""
+        print(f"{len(res) - len(bad)}/{len(res)} pairs ok{fam_note}" + (f"; failed: {', '.join(bad)}" if bad else ""))
     if as_json:
-        print(json.dumps({"ok": not bad, "failed": bad, "pairs": len(res)}))
-        return 0 if not bad else 1
-    w = max([len(n) for n in names] + [6])
-    print(" " * (w + 1) + " ".join(f"{n:>{w}}" for n in names) + "   (row pings column)")
-    for a in names:
-        cells = ["-" if a == b else ("ok" if res[(a, b)] else "FAIL") for b in names]
-        print(f"{a:>{w}} " + " ".join(f"{c:>{w}}" for c in cells))
-    print(f"{len(res) - len(bad)}/{len(res)} pairs ok" + (f"; failed: {', '.join(bad)}" if bad else ""))
-    return 0 if not bad else 1
+        doc: dict[str, object] = {"ok": not failed, "failed": failed, "pairs": pairs}
+        if len(families) > 1 or families != (4,):
+            doc["families"] = report
+        print(json.dumps(doc))
+    return 0 if not failed else 1
 
 
 def _target_ns(lab: Lab, target: str) -> str:
@@ -210,6 +241,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             network=args.network,
             nftables=args.nftables,
             store=args.store,
+            ip_family=args.ip_family,
+            ipv6_network=args.ipv6_network,
         )
         lab = up(state_dir, prefix, opts, force=args.force, say=say)
         print()
@@ -262,7 +295,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(show.trace_service(lab, args.src, args.dst), flush=True)
         return 0
     if args.cmd == "trace":
-        print(show.trace(lab, args.src, args.dst, do_capture=not args.no_capture, captures=args.capture), flush=True)
+        out = show.trace(
+            lab, args.src, args.dst, do_capture=not args.no_capture, captures=args.capture, family=6 if args.ipv6 else 0
+        )
+        print(out, flush=True)
         return 0
     if args.cmd == "add-node":
         pods = args.pods if args.pods is not None else lab.st.options.pods_per_node

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cni.driver import KUBE_FLANNEL_CONFLIST
+from ..lease import make_subnet_key
 from .fakekube import ApiError, KubeAdmin
-from .netns import NetnsError, RunScope, wait_for
+from .netns import NetnsError, RunScope, url_host, wait_for
 from .state import LabError, LabState, NodeState
 
 NAMESPACE = "kube-flannel"  # where the kube-flannel manifest runs its DaemonSet
@@ -41,6 +42,7 @@ API_PORT = 6443
 P = "flannel.alpha.coreos.com/"
 KUBELET_VERSION = "v1.30.0"
 NODE_CIDR_MASK = 24
+NODE_CIDR_MASK_V6 = 64  # kube-controller-manager's --node-cidr-mask-size-ipv6 default
 
 
 def kube_dir(st: LabState) -> Path:
@@ -84,7 +86,7 @@ def start_api(scope: RunScope, ns: str, ip: str, st: LabState) -> int:
         token.chmod(0o600)
     p = scope.spawn(
         ns,
-        [sys.executable, "-m", "pyflannel.lab.fakekube", "--listen", f"{ip}:{API_PORT}", "--unix", st.kube_sock,
+        [sys.executable, "-m", "pyflannel.lab.fakekube", "--listen", f"{url_host(ip)}:{API_PORT}", "--unix", st.kube_sock,
          "--state", str(d / "objects.json"), "--tls-cert", str(d / "apiserver.crt"),
          "--tls-key", str(d / "apiserver.key"), "--token", token.read_text().strip()],
         log=d / "apiserver.log",
@@ -106,7 +108,11 @@ def write_configmap(st: LabState, net_conf: dict[str, Any]) -> None:
     """net-conf.json and cni-conf.json as the kube-flannel ConfigMap carries them."""
     d = configmap_dir(st)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "net-conf.json").write_text(json.dumps(net_conf, indent=2) + "\n")
+    path = d / "net-conf.json"
+    # 0600 from the start: an ipsec net-conf carries the PSK.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(net_conf, indent=2) + "\n")
     (d / "cni-conf.json").write_text(json.dumps(KUBE_FLANNEL_CONFLIST, indent=2) + "\n")
 
 
@@ -157,7 +163,11 @@ def register_node(st: LabState, node: NodeState) -> None:
         },
         "spec": {},
         "status": {
-            "addresses": [{"type": "InternalIP", "address": node.ip}, {"type": "Hostname", "address": node.name}],
+            # kubelet lists an InternalIP of each family (--node-ip with two addresses on a dual-stack node).
+            "addresses": [
+                *({"type": "InternalIP", "address": a} for a in dict.fromkeys((node.ip, node.ip6)) if a),
+                {"type": "Hostname", "address": node.name},
+            ],
             "conditions": [
                 {
                     "type": "Ready",
@@ -192,24 +202,41 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _cluster_cidrs(st: LabState) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]:
+    """--cluster-cidr (one per IP family, IPv4 first as kube-controller-manager takes them) and each one's
+    node mask."""
+    out: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]] = []
+    if 4 in st.options.families:
+        out.append((ipaddress.IPv4Network(st.options.network), NODE_CIDR_MASK))
+    if 6 in st.options.families:
+        out.append((ipaddress.IPv6Network(st.options.ipv6_network), NODE_CIDR_MASK_V6))
+    return out
+
+
+def _nth(net: ipaddress.IPv4Network | ipaddress.IPv6Network, mask: int, i: int) -> str:
+    """The i-th /mask of `net`, computed (an IPv6 cluster CIDR holds too many to list)."""
+    return f"{net.network_address + (i << (net.max_prefixlen - mask))}/{mask}"
+
+
 def allocate_pod_cidr(st: LabState, node: NodeState) -> str:
     """kube-controller-manager's range allocator: the next free /24 of the cluster CIDR after the last one
-    given, wrapping round; patched into the Node's spec."""
+    given, wrapping round (dual-stack: the same index's /64 of the IPv6 cluster CIDR as the second podCIDR);
+    patched into the Node's spec. Returns the podCIDRs, comma-separated."""
     kube = admin(st)
-    net = ipaddress.IPv4Network(st.options.network)
-    subnets = list(net.subnets(new_prefix=NODE_CIDR_MASK))
+    cidrs = _cluster_cidrs(st)
+    count = min(2 ** (mask - net.prefixlen) for net, mask in cidrs)
     taken: set[str] = set()
     for n in list_nodes(st):
         taken.update((n.get("spec") or {}).get("podCIDRs") or [])
     last = st.kube_last_cidr
-    for k in range(len(subnets)):
-        i = (last + 1 + k) % len(subnets)
-        if str(subnets[i]) not in taken:
+    for k in range(count):
+        i = (last + 1 + k) % count
+        mine = [_nth(net, mask, i) for net, mask in cidrs]
+        if not taken.intersection(mine):
             st.kube_last_cidr = i
-            cidr = str(subnets[i])
-            kube.set_pod_cidrs(node.name, [cidr])
-            return cidr
-    raise LabError(f"the cluster CIDR {net} has no free /{NODE_CIDR_MASK} left")
+            kube.set_pod_cidrs(node.name, mine)
+            return ",".join(mine)
+    raise LabError(f"the cluster CIDR {cidrs[0][0]} has no free /{cidrs[0][1]} left")
 
 
 def agent_command(st: LabState, node: NodeState) -> tuple[list[str], dict[str, str]]:
@@ -243,23 +270,36 @@ def delete_node(st: LabState, name: str) -> None:
 
 
 def leases(st: LabState) -> dict[str, dict[str, Any]]:
-    """The Nodes flannel annotated, in the etcd lease's shape (keyed `10.244.1.0-24`), for status and show."""
+    """The Nodes flannel annotated, in the etcd lease's shape (keyed as the lease key: `10.244.1.0-24`,
+    dual-stack `10.244.1.0-24&fd42:244:0:1::-64`), for status and show."""
     out: dict[str, dict[str, Any]] = {}
     for n in list_nodes(st):
         ann = (n.get("metadata") or {}).get("annotations") or {}
-        cidr = (n.get("spec") or {}).get("podCIDR")
-        if ann.get(P + "kube-subnet-manager") != "true" or not cidr:
+        spec = n.get("spec") or {}
+        cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+        if ann.get(P + "kube-subnet-manager") != "true" or not cidrs:
             continue
         try:
-            bd = json.loads(ann.get(P + "backend-data") or "null")
+            nets = [ipaddress.ip_network(c) for c in cidrs]
         except ValueError:
-            bd = None
-        out[cidr.replace("/", "-")] = {
+            continue
+        v4 = next((x for x in nets if isinstance(x, ipaddress.IPv4Network)), None)
+        v6 = next((x for x in nets if isinstance(x, ipaddress.IPv6Network)), None)
+        out[make_subnet_key(v4, v6)] = {
             "PublicIP": ann.get(P + "public-ip"),
+            "PublicIPv6": ann.get(P + "public-ipv6"),
             "BackendType": ann.get(P + "backend-type"),
-            "BackendData": bd,
+            "BackendData": _json(ann.get(P + "backend-data")),
+            "BackendV6Data": _json(ann.get(P + "backend-v6-data")),
         }
     return out
+
+
+def _json(text: str | None) -> Any:
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        return None
 
 
 def flannel_annotations(st: LabState, name: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import capture as cap
+from . import ipsec as labipsec
 from . import kubemode, kubeproxy, services
 from . import wireguard as labwg
 from .capture import UDP_PORT, VXLAN_PORT
@@ -21,6 +22,8 @@ from .netns import VAR_LIB_CNI, run
 from .state import LabError, NodeState, PodState
 
 IPIP_DEV = "flannel.ipip"
+VXLAN_DEV = "flannel.1"
+VXLAN6_DEV = "flannel-v6.1"
 UDP_DEV = "flannel0"
 
 
@@ -71,10 +74,12 @@ def nat_rules(ns: str) -> str:
     return "\n".join(keep)
 
 
-def lease_text(lab: Lab, subnet: str | None) -> str:
-    if subnet is None:
+def lease_text(lab: Lab, node: NodeState) -> str:
+    """The node's lease as etcdctl prints it (key, then value)."""
+    name = lab.lease_key(node)
+    if name is None:
         return "(no subnet yet)"
-    key = f"{lab.st.etcd_prefix}/subnets/{subnet.replace('/', '-')}"
+    key = f"{lab.st.etcd_prefix}/subnets/{name}"
     out = run(
         [
             "ip",
@@ -130,10 +135,25 @@ def _cached_result(p: Path) -> str:
     return f"{json.dumps(d.get('result'), separators=(',', ':'))}\n(and {rest})"
 
 
+def _vtep_sections(ns: str, fam: int) -> list[str]:
+    """flanneld's VXLAN device of IP version `fam`, its neighbours and its FDB, as the tutorials list them."""
+    dev = vxlan_dev(fam)
+    v = f"-{fam}"
+    what = "neighbours (NDP, all permanent)" if fam == 6 else "neighbours (ARP)"
+    return [
+        _section(
+            f"{dev} (the {'IPv6 ' if fam == 6 else ''}VTEP)",
+            f"ip -d link show {dev}",
+            sh(ns, "ip", "-d", "link", "show", dev),
+        ),
+        _section(f"{what} on {dev}", f"ip {v} neigh show dev {dev}", sh(ns, "ip", v, "neigh", "show", "dev", dev)),
+        _section(f"FDB of {dev}", f"bridge fdb show dev {dev}", sh(ns, "bridge", "fdb", "show", "dev", dev)),
+    ]
+
+
 def show_node(lab: Lab, name: str) -> str:
     n = lab.st.node(name)
     ns = n.netns
-    subnet = lab.subnet_of(n)
     vx = lab.st.options.backend == "vxlan"
     subnet_file = Path(n.dir) / "subnet.env"
     try:
@@ -151,26 +171,15 @@ def show_node(lab: Lab, name: str) -> str:
             )
         )
     else:
-        parts.append(_section("lease in etcd", "etcdctl get <prefix>/subnets/<subnet>", lease_text(lab, subnet)))
-    parts.append(_section("routes", "ip route", sh(ns, "ip", "route")))
+        parts.append(_section("lease in etcd", "etcdctl get <prefix>/subnets/<subnet>", lease_text(lab, n)))
+    families = lab.st.options.families
+    if 4 in families:
+        parts.append(_section("routes", "ip route", sh(ns, "ip", "route")))
+    if 6 in families:
+        parts.append(_section("IPv6 routes", "ip -6 route", sh(ns, "ip", "-6", "route")))
     if vx:
-        parts.append(
-            _section(
-                "flannel.1 (the VTEP)", "ip -d link show flannel.1", sh(ns, "ip", "-d", "link", "show", "flannel.1")
-            )
-        )
-        parts.append(
-            _section(
-                "neighbours (ARP) on flannel.1",
-                "ip neigh show dev flannel.1",
-                sh(ns, "ip", "neigh", "show", "dev", "flannel.1"),
-            )
-        )
-        parts.append(
-            _section(
-                "FDB of flannel.1", "bridge fdb show dev flannel.1", sh(ns, "bridge", "fdb", "show", "dev", "flannel.1")
-            )
-        )
+        for fam in families:
+            parts += _vtep_sections(ns, fam)
     elif lab.st.options.backend == "ipip":
         parts.append(
             _section(
@@ -203,10 +212,20 @@ def show_node(lab: Lab, name: str) -> str:
                 sh(ns, "ss", "-uanp", f"sport = :{UDP_PORT}"),
             )
         )
+    elif lab.st.options.backend == "ipsec":
+        parts += [_section(title, cmd, body) for title, cmd, body in labipsec.show_sections(ns)]
     else:
         parts.append(
             _section("neighbours (ARP) on eth0", "ip neigh show dev eth0", sh(ns, "ip", "neigh", "show", "dev", "eth0"))
         )
+        if 6 in families:
+            parts.append(
+                _section(
+                    "IPv6 neighbours (NDP) on eth0",
+                    "ip -6 neigh show dev eth0",
+                    sh(ns, "ip", "-6", "neigh", "show", "dev", "eth0"),
+                )
+            )
     parts.append(_section("cni0 bridge", "ip addr show cni0", sh(ns, "ip", "addr", "show", "cni0")))
     parts.append(
         _section("cni0 ports", "bridge link show master cni0", sh(ns, "bridge", "link", "show", "master", "cni0"))
@@ -240,15 +259,20 @@ class Hop:
 def _best_route(ns: str, dst: str) -> str:
     """The route entry that decides `dst` (longest prefix in the main table), as `ip route` prints it."""
     addr = ipaddress.ip_address(dst)
+    fam = f"-{addr.version}"
     best: tuple[int, str] | None = None
-    for r in ipj(ns, "route", "show"):
+    for r in ipj(ns, fam, "route", "show"):
         d = r.get("dst", "")
-        net = ipaddress.ip_network("0.0.0.0/0" if d == "default" else (d if "/" in d else f"{d}/32"), strict=False)
+        if d == "default":
+            d_net = "0.0.0.0/0" if addr.version == 4 else "::/0"
+        else:
+            d_net = d if "/" in d else f"{d}/{addr.max_prefixlen}"
+        net = ipaddress.ip_network(d_net, strict=False)
         if addr in net and (best is None or net.prefixlen > best[0]):
             best = (net.prefixlen, d)
     if best is None:
         return "(no route)"
-    return sh(ns, "ip", "route", "show", "exact", best[1]) or best[1]
+    return sh(ns, "ip", fam, "route", "show", "exact", best[1]) or best[1]
 
 
 def _route_get(ns: str, dst: str, src: str | None = None, iif: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -276,18 +300,42 @@ def _mac(ns: str, dev: str) -> str:
     return str(links[0].get("address", "?")) if links else "?"
 
 
-def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeState, NodeState]:
+def trace_family(lab: Lab, family: int) -> int:
+    """The IP version a trace follows: `family` (4 or 6; 0: IPv4 when the pod network has it, else IPv6)."""
+    families = lab.st.options.families
+    if family == 0:
+        return families[0]
+    if family not in families:
+        raise LabError(f"this lab's pod network has no IPv{family} (up --ip-family {lab.st.options.ip_family})")
+    return family
+
+
+def node_addr(n: NodeState, family: int) -> str:
+    """The node's underlay address of IP version `family`."""
+    return n.ip6 if family == 6 else n.ip
+
+
+def vxlan_dev(family: int) -> str:
+    """flanneld's VXLAN device for IP version `family` (VNI 1)."""
+    return VXLAN6_DEV if family == 6 else VXLAN_DEV
+
+
+def trace_hops(lab: Lab, src_name: str, dst_name: str, family: int = 0) -> tuple[list[Hop], NodeState, NodeState]:
     src, dst = lab.st.pod(src_name), lab.st.pod(dst_name)
     if src is dst:
         raise LabError("source and destination are the same pod")
     sn, dn = lab.st.node(src.node), lab.st.node(dst.node)
+    fam = trace_family(lab, family)
+    sip, dip = src.addr(fam), dst.addr(fam)
+    snip, dnip = node_addr(sn, fam), node_addr(dn, fam)
+    vdev = vxlan_dev(fam)
     hops: list[Hop] = []
-    txt, _ = _route_get(src.netns, dst.ip)
+    txt, _ = _route_get(src.netns, dip)
     hops.append(
         Hop(
             f"pod {src.name}",
-            f"its route to {dst.ip} (entry: {_best_route(src.netns, dst.ip)})",
-            f"ip route get {dst.ip}",
+            f"its route to {dip} (entry: {_best_route(src.netns, dip)})",
+            f"ip route get {dip}",
             txt,
         )
     )
@@ -312,65 +360,70 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
             )
         )
         return hops, sn, dn
-    txt, rg = _route_get(sn.netns, dst.ip, src.ip, "cni0")
+    txt, rg = _route_get(sn.netns, dip, sip, "cni0")
     hops.append(
         Hop(
             f"node {sn.name}",
-            f"cni0 hands it to the host, which routes it (entry: {_best_route(sn.netns, dst.ip)})",
-            f"ip route get {dst.ip} from {src.ip} iif cni0",
+            f"cni0 hands it to the host, which routes it (entry: {_best_route(sn.netns, dip)})",
+            f"ip route get {dip} from {sip} iif cni0",
             txt,
         )
     )
     if lab.st.options.backend == "vxlan":
         gw = str(rg.get("gateway", ""))
-        neigh = sh(sn.netns, "ip", "neigh", "show", gw, "dev", "flannel.1") if gw else ""
+        neigh = sh(sn.netns, "ip", "neigh", "show", gw, "dev", vdev) if gw else ""
         hops.append(
             Hop(
                 f"node {sn.name}",
-                f"flannel.1 needs the MAC of the next hop {gw} (the peer's VTEP): a permanent ARP entry",
-                f"ip neigh show {gw} dev flannel.1",
+                f"{vdev} needs the MAC of the next hop {gw} (the peer's VTEP): a permanent "
+                + ("neighbour entry (IPv6: no NDP is sent for it)" if fam == 6 else "ARP entry"),
+                f"ip neigh show {gw} dev {vdev}",
                 neigh or "(missing)",
             )
         )
         mac = neigh.split("lladdr ")[1].split()[0] if "lladdr " in neigh else ""
         fdb = "\n".join(
             line
-            for line in sh(sn.netns, "bridge", "fdb", "show", "dev", "flannel.1").splitlines()
+            for line in sh(sn.netns, "bridge", "fdb", "show", "dev", vdev).splitlines()
             if mac and line.startswith(mac)
         )
         hops.append(
             Hop(
                 f"node {sn.name}",
                 "the FDB says which underlay IP owns that MAC",
-                f"bridge fdb show dev flannel.1 | grep {mac or '<mac>'}",
+                f"bridge fdb show dev {vdev} | grep {mac or '<mac>'}",
                 fdb or "(missing)",
             )
         )
         peer_ip = fdb.split(" dst ")[1].split()[0] if " dst " in fdb else "?"
-        link = sh(sn.netns, "ip", "-d", "link", "show", "flannel.1").splitlines()
+        link = sh(sn.netns, "ip", "-d", "link", "show", vdev).splitlines()
         vxline = next((x.strip() for x in link if x.strip().startswith("vxlan")), "?").split(" ttl ")[0]
         out, _ = _route_get(sn.netns, peer_ip) if peer_ip != "?" else ("?", {})
         hops.append(
             Hop(
                 f"node {sn.name}",
-                f"flannel.1 encapsulates: UDP {sn.ip} -> {peer_ip}:{VXLAN_PORT} over the underlay",
-                f"ip -d link show flannel.1; ip route get {peer_ip}",
+                f"{vdev} encapsulates: UDP {snip} -> {peer_ip}:{VXLAN_PORT} over the underlay",
+                f"ip -d link show {vdev}; ip route get {peer_ip}",
                 f"{vxline}\n{out}",
             )
         )
         hops.append(
             Hop(
                 f"node {dn.name}",
-                f"flannel.1 (MAC {_mac(dn.netns, 'flannel.1')}) receives UDP {VXLAN_PORT} and decapsulates",
-                "ip -j link show flannel.1",
-                f"flannel.1 address {_mac(dn.netns, 'flannel.1')}",
+                f"{vdev} (MAC {_mac(dn.netns, vdev)}) receives UDP {VXLAN_PORT} and decapsulates",
+                f"ip -j link show {vdev}",
+                f"{vdev} address {_mac(dn.netns, vdev)}",
             )
         )
     elif lab.st.options.backend == "udp" and rg.get("dev") == UDP_DEV:
         hops += _udp_hops(lab, sn, dn, dst)
     elif lab.st.options.backend == "wireguard" and rg.get("dev") == labwg.DEV:
-        wg_hops = labwg.trace_hops(sn.netns, sn.ip, dn.netns, dst.ip, src.ip)
+        wg_hops = labwg.trace_hops(sn.netns, snip, dn.netns, dip, sip)
         for (what, cmd, entry), node in zip(wg_hops, (sn, dn), strict=True):
+            hops.append(Hop(f"node {node.name}", what, cmd, entry))
+    elif lab.st.options.backend == "ipsec":
+        sec_hops = labipsec.trace_hops(sn.netns, snip, dn.netns, dnip, sip, dip)
+        for (what, cmd, entry), node in zip(sec_hops, (sn, sn, dn), strict=True):
             hops.append(Hop(f"node {node.name}", what, cmd, entry))
     elif lab.st.options.backend == "ipip" and rg.get("dev") == IPIP_DEV:
         gw = str(rg.get("gateway", ""))
@@ -380,7 +433,7 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
         hops.append(
             Hop(
                 f"node {sn.name}",
-                f"{IPIP_DEV} encapsulates: a second IPv4 header {sn.ip} -> {gw} (protocol 4, IP-in-IP) goes in front "
+                f"{IPIP_DEV} encapsulates: a second IPv4 header {snip} -> {gw} (protocol 4, IP-in-IP) goes in front "
                 "of the pod's packet; no UDP, no MAC lookup (the route's next hop is the peer's underlay IP, onlink)",
                 f"ip -d link show {IPIP_DEV}; ip route get {gw}",
                 f"{ipline}\n{out}",
@@ -389,7 +442,7 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
         hops.append(
             Hop(
                 f"node {dn.name}",
-                f"{IPIP_DEV} (local {dn.ip}) receives protocol 4 for its address and strips the outer header",
+                f"{IPIP_DEV} (local {dnip}) receives protocol 4 for its address and strips the outer header",
                 f"ip -d link show {IPIP_DEV}",
                 next(
                     (x.strip() for x in sh(dn.netns, "ip", "-d", "link", "show", IPIP_DEV).splitlines() if "ipip" in x),
@@ -408,12 +461,12 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
                 sh(sn.netns, "ip", "neigh", "show", gw, "dev", "eth0") or "(not resolved yet)",
             )
         )
-    txt, _ = _route_get(dn.netns, dst.ip)
+    txt, _ = _route_get(dn.netns, dip)
     hops.append(
         Hop(
             f"node {dn.name}",
-            f"the host routes it to its own subnet (entry: {_best_route(dn.netns, dst.ip)})",
-            f"ip route get {dst.ip}",
+            f"the host routes it to its own subnet (entry: {_best_route(dn.netns, dip)})",
+            f"ip route get {dip}",
             txt,
         )
     )
@@ -421,8 +474,8 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str) -> tuple[list[Hop], NodeS
         Hop(
             f"node {dn.name}",
             "cni0 forwards it out of the pod's port",
-            f"ip neigh show {dst.ip} dev cni0; port of pod {dst.name}",
-            (sh(dn.netns, "ip", "neigh", "show", dst.ip, "dev", "cni0") or "(ARP not resolved yet)")
+            f"ip neigh show {dip} dev cni0; port of pod {dst.name}",
+            (sh(dn.netns, "ip", "neigh", "show", dip, "dev", "cni0") or "(ARP not resolved yet)")
             + f"\nport {_veth_peer(dst, dn)}",
         )
     )
@@ -455,7 +508,7 @@ def _udp_hops(lab: Lab, sn: NodeState, dn: NodeState, dst: PodState) -> list[Hop
             f"reads the packet, finds the lease whose subnet holds {dst.ip} and sends the packet, as it is, as "
             f"one UDP datagram to that node's PublicIP:{UDP_PORT} from its own socket",
             f"etcdctl get <prefix>/subnets/{(peer_subnet or '?').replace('/', '-')}; {sock}",
-            f"{lease_text(lab, peer_subnet)}\n{sh(sn.netns, 'ss', '-uanp', f'sport = :{UDP_PORT}')}",
+            f"{lease_text(lab, dn)}\n{sh(sn.netns, 'ss', '-uanp', f'sport = :{UDP_PORT}')}",
         ),
         Hop(
             f"flanneld on {dn.name} (userspace)",
@@ -467,44 +520,64 @@ def _udp_hops(lab: Lab, sn: NodeState, dn: NodeState, dst: PodState) -> list[Hop
     ]
 
 
-def capture_points(lab: Lab, src: PodState, dst: PodState, names: Sequence[str]) -> list[cap.Point]:
-    """The capture points `names` (cap.POINTS) for a packet from `src` to `dst`; LabError for one that does not
-    exist on this lab's path."""
+def _esp_note(out: str, src_pod: str, dst_pod: str) -> str:
+    """What the underlay capture of the ipsec backend proves: ESP between the nodes, no pod address in clear."""
+    seen = cap.addresses_visible(out, (src_pod, dst_pod))
+    if seen:
+        return f"     WARNING: {', '.join(seen)} visible on the underlay: this is not encrypted traffic"
+    if "ESP(" not in out and "UDP-encap" not in out and "NONESP-encap" not in out:
+        return "     note: no ESP was captured (no SA yet? `flannel-lab show <node>` lists them)"
+    return (
+        f"     encrypted: the underlay carries only ESP (protocol {labipsec.ESP_PROTO}, or UDP {labipsec.NATT_PORT} "
+        "with UDPEncap) between the nodes' own addresses; after the ESP header (SPI, sequence number) the payload is "
+        f"ciphertext, and neither pod address ({src_pod}, {dst_pod}) appears in it, as text or as bytes"
+    )
+
+
+def capture_points(lab: Lab, src: PodState, dst: PodState, names: Sequence[str], family: int = 4) -> list[cap.Point]:
+    """The capture points `names` (cap.POINTS) for a packet from `src` to `dst` over IP version `family`;
+    LabError for one that does not exist on this lab's path."""
     sn = lab.st.node(src.node)
     backend = lab.st.options.backend
+    sip, dip = src.addr(family), dst.addr(family)
     points = []
     for name in sorted(set(names), key=lambda x: cap.POINTS.index(x) if x in cap.POINTS else -1):
         if name == "underlay":
             # The underlay bridge port of a node carries the node's name; -c 2: the request and the reply.
-            filt = cap.underlay_filter(backend, src.ip)
+            filt = labipsec.underlay_filter() if backend == "ipsec" else cap.underlay_filter(backend, sip, family)
             points.append(cap.Point(name, f"the underlay port of {sn.name}", lab.st.ul_ns, sn.name, filt, 2))
         elif name == "cni0":
-            points.append(cap.Point(name, f"cni0 of {sn.name}", sn.netns, "cni0", cap.icmp_filter(src.ip, dst.ip)))
+            points.append(cap.Point(name, f"cni0 of {sn.name}", sn.netns, "cni0", cap.icmp_filter(sip, dip)))
         elif name == "flannel.1":
             if backend != "vxlan":
                 raise LabError(f"no flannel.1 with the {backend} backend: capture on cni0, pod or underlay")
-            filt = cap.icmp_filter(src.ip, dst.ip)
-            points.append(cap.Point(name, f"flannel.1 of {sn.name}", sn.netns, "flannel.1", filt))
+            dev = vxlan_dev(family)
+            points.append(cap.Point(name, f"{dev} of {sn.name}", sn.netns, dev, cap.icmp_filter(sip, dip)))
         elif name == "pod":
-            filt = cap.icmp_filter(src.ip, dst.ip)
+            filt = cap.icmp_filter(sip, dip)
             points.append(cap.Point(name, f"eth0 of pod {dst.name}", dst.netns, "eth0", filt))
         else:
             raise LabError(f"no capture point {name!r}: {', '.join(cap.POINTS)}")
     return points
 
 
-def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Sequence[str] = ()) -> str:
-    hops, sn, dn = trace_hops(lab, src, dst)
+def trace(
+    lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Sequence[str] = (), family: int = 0
+) -> str:
+    hops, sn, dn = trace_hops(lab, src, dst, family)
     s, d = lab.st.pod(src), lab.st.pod(dst)
+    fam = trace_family(lab, family)
+    sip, dip = s.addr(fam), d.addr(fam)
     backend = lab.st.options.backend
-    lines = [f"trace {s.name} ({s.ip} on {sn.name}) -> {d.name} ({d.ip} on {dn.name}), backend {backend}", ""]
+    over = f", over IPv{fam}" if len(lab.st.options.families) > 1 else ""
+    lines = [f"trace {s.name} ({sip} on {sn.name}) -> {d.name} ({dip} on {dn.name}), backend {backend}{over}", ""]
     lines += [h.render(i) for i, h in enumerate(hops, 1)]
     if not do_capture or (sn.name == dn.name and not captures):
         return "\n".join(lines)
-    points = capture_points(lab, s, d, captures or ["underlay"])
+    points = capture_points(lab, s, d, captures or ["underlay"], fam)
 
     def ping() -> None:
-        run(["ip", "netns", "exec", s.netns, "ping", "-c", "1", "-W", "2", d.ip], check=False)
+        run(["ip", "netns", "exec", s.netns, "ping", "-c", "1", "-W", "2", dip], check=False)
 
     outs = cap.capture(points, ping)
     decoded = backend != "udp"  # tcpdump shows udp's inner packet only as hex
@@ -514,21 +587,29 @@ def trace(lab: Lab, src: str, dst: str, *, do_capture: bool = True, captures: Se
         if p.name != "underlay":
             continue
         if backend == "wireguard":
-            lines.append(labwg.capture_note(out, s.ip, d.ip))
+            lines.append(labwg.capture_note(out, sip, dip))
             continue
+        if backend == "ipsec":
+            lines.append(_esp_note(out, sip, dip))
+            continue
+        if backend == "vxlan" and fam == 6:
+            lines.append(
+                f"     VXLAN over IPv6: the outer header is {node_addr(sn, 6)} -> {node_addr(dn, 6)} (the nodes' "
+                f"IPv6 underlay, {vxlan_dev(6)}'s local), UDP {VXLAN_PORT}; inside, the pod's own IPv6 packet"
+            )
         if not decoded:
             lines.append(
                 "     the UDP payload starts at byte 28 (0x001c, after the outer IPv4 and UDP headers) with 4500...: "
-                f"the pod's own IPv4 header, {s.ip} -> {d.ip} as hex further on unless SNATed"
+                f"the pod's own IPv4 header, {sip} -> {dip} as hex further on unless SNATed"
             )
-        elif f"{s.ip} > " not in out and " > " in out:
+        elif f"{sip} > " not in out and " > " in out:
             lines.append(
-                f"     note: the inner source is not {s.ip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
+                f"     note: the inner source is not {sip}: it was SNATed on {sn.name} (NAT section of `flannel-lab "
                 f"show {sn.name}`): without --ip-masq the bridge plugin masquerades all that leaves the node's "
                 "subnet; `up --ip-masq` keeps pod IPs between pods, as kube-flannel does"
             )
     if sn.name != dn.name:
-        lines += ["", cap.ttl_story(backend, s.name, d.name, sn.name, dn.name)]
+        lines += ["", cap.ttl_story(backend, s.name, d.name, sn.name, dn.name, fam)]
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ class NodeState:
     dir: str
     pid: int | None = None
     args: list[str] = field(default_factory=list)
+    ip6: str = ""  # the node's IPv6 underlay address (--ip-family dual or ipv6)
 
 
 @dataclass
@@ -37,8 +38,15 @@ class PodState:
     name: str
     node: str
     netns: str
-    ip: str
+    ip: str  # its IPv4 address; with --ip-family ipv6 its only address, the IPv6 one
     container_id: str
+    ip6: str = ""  # its IPv6 address (--ip-family dual or ipv6)
+
+    def addr(self, family: int) -> str:
+        """The pod's address of IP version `family` ("" when it has none)."""
+        if family == 6:
+            return self.ip6
+        return self.ip if ":" not in self.ip else ""
 
 
 @dataclass
@@ -68,6 +76,13 @@ class LabOptions:
     nftables: bool = False
     store: str = "etcd"  # or "kube": flanneld --kube-subnet-mgr against the lab's API server
     service_cidr: str = "10.96.0.0/12"
+    ip_family: str = "ipv4"  # "dual" (EnableIPv6 too) or "ipv6" (EnableIPv4 false)
+    ipv6_network: str = "fd42:244::/56"  # IPv6Network with IPv6 on: a ULA /56, a /64 per node
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions the pod network carries."""
+        return {"dual": (4, 6), "ipv6": (6,)}.get(self.ip_family, (4,))
 
 
 @dataclass

@@ -15,6 +15,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from .capture import addresses_visible
 from .netns import ns_pids
 
 DEV = "flannel-wg"
@@ -117,8 +118,7 @@ def trace_hops(src_ns: str, src_ip: str, dst_ns: str, dst_pod_ip: str, src_pod_i
 
 def capture_note(out: str, src_pod: str, dst_pod: str) -> str:
     """What the underlay capture proves: only UDP 51820 between the nodes, and neither pod address in clear."""
-    hexdump = "".join(line.split("  ")[1] if "  " in line else "" for line in out.splitlines() if "0x0" in line)
-    pods = [ip for ip in (src_pod, dst_pod) if ip in out or _hex_ip(ip) in hexdump.replace(" ", "")]
+    pods = addresses_visible(out, (src_pod, dst_pod))
     if pods:
         return f"     WARNING: {', '.join(pods)} visible on the underlay: this is not encrypted traffic"
     return (
@@ -126,7 +126,3 @@ def capture_note(out: str, src_pod: str, dst_pod: str) -> str:
         f"header (type 4: transport data) the payload is ciphertext, and neither pod address ({src_pod}, "
         f"{dst_pod}) appears in it, as text or as bytes"
     )
-
-
-def _hex_ip(ip: str) -> str:
-    return "".join(f"{int(x):02x}" for x in ip.split("."))
