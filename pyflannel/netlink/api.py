@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .codec import (
     AF_BRIDGE,
@@ -46,20 +46,9 @@ from .codec import (
 )
 from .monitor import MONITOR_RCVBUF, KernelMonitor, open_monitor_socket
 from .raw import Batch, RawRoute, encode_chunks
-from .wireguard import (
-    GENL_ID_CTRL,
-    NETLINK_GENERIC,
-    WG_GENL_NAME,
-    DeviceAccumulator,
-    WgDevice,
-    WgUpdate,
-    decode_device_message,
-    decode_family_id,
-    encode_get_device,
-    encode_get_family,
-    encode_set_device,
-    renumber,
-)
+
+if TYPE_CHECKING:
+    from .wireguard import WgDevice, WgUpdate
 
 T = TypeVar("T")
 # Batches this large are written with the monitors paused (see apply).
@@ -360,8 +349,13 @@ class Netlink:
 
     # ------------------------------------------------------------ WireGuard (generic netlink)
 
+    # The WireGuard codec is imported by the calls that need it: only the wireguard backend makes them, and its
+    # import (~10 ms, mostly dataclass creation) would otherwise be part of every agent's start.
+
     def _wg_w(self) -> tuple[RawRoute, int]:
         """The generic netlink socket and the id of the kernel's wireguard family (resolved once)."""
+        from .wireguard import GENL_ID_CTRL, NETLINK_GENERIC, WG_GENL_NAME, decode_family_id, encode_get_family
+
         if self._genl is None:
             try:
                 self._genl = RawRoute(self.netns, NETLINK_GENERIC)
@@ -383,6 +377,8 @@ class Netlink:
         return self._genl, self._wg_family
 
     def _wg_get_w(self, name: str) -> WgDevice:
+        from .wireguard import DeviceAccumulator, decode_device_message, encode_get_device
+
         sock, family = self._wg_w()
         acc = DeviceAccumulator()
 
@@ -403,6 +399,8 @@ class Netlink:
         return await self._run(self._wg_get_w, name)
 
     def _wg_set_w(self, name: str, update: WgUpdate) -> None:
+        from .wireguard import encode_set_device, renumber
+
         sock, family = self._wg_w()
         # What a failure names: never the keys (the update's repr redacts them, but say only what matters).
         what = f"wireguard set {name} ({len(update.peers)} peers, {len(update.remove)} removals)"
