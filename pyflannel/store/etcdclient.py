@@ -300,7 +300,9 @@ def _b64(data: bytes) -> str:
 def _unb64(text: Any) -> bytes:
     if not isinstance(text, str):
         raise TypeError("a bytes field is not a string")
-    return base64.b64decode(text, validate=True)
+    # Strict (only the alphabet, padding only at the end) in C: b64decode's validate=True checks with a regex
+    # first, a third of the time of listing 5000 leases' keys and values.
+    return binascii.a2b_base64(text, strict_mode=True)
 
 
 def _kv(obj: Any) -> KeyValue:
