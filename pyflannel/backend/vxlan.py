@@ -10,6 +10,13 @@ gets `<peer subnet> via <PublicIP> dev <external>` instead and no VXLAN entries.
 
 Beyond upstream: reconcile() sweeps entries of departed peers, and recreates the device (with the MAC we
 advertised, so peers' FDB/neighbour entries for us stay valid) if it was deleted under us.
+
+MTU: flannel.<VNI> is the external MTU - 50, flannel-v6.<VNI> - 70 (the outer IPv6 header is 20 bytes longer).
+With both families the MTU handed to the pods (subnet.env's FLANNEL_MTU) is the smaller one, 1430 on a 1500
+underlay, where upstream v0.20.2 writes the IPv4 device's 1450: the CNI bridge gives a pod one MTU for both
+families and IPv6 packets are never fragmented on the way, so at 1450 a pod's full-size IPv6 packets would be
+dropped at the node and depend on ICMPv6 Packet Too Big reaching the pod (a UDP sender or a filtered ICMPv6
+loses them for good). The 20 bytes IPv4 gives up per full packet buy a path on which every packet fits.
 """
 
 from __future__ import annotations
