@@ -133,6 +133,7 @@ def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str, fa
         "ipip": "inside the IP-in-IP packet on the underlay (the outer header is the node's own)",
         "udp": "inside flanneld's UDP datagram on the underlay (the outer header is the node's own)",
         "wireguard": "encrypted inside WireGuard's UDP datagram on the underlay (the outer header is the node's own)",
+        "ipsec": "encrypted inside ESP on the underlay (the outer header, of the SA's tunnel, is the node's own)",
     }.get(backend, "on the underlay, where host-gw sends it as it is")
     return (
         f"TTL: {src} sends at 64 and its node's cni0 only bridges it (64 on cni0); node {src_node} routes it, "

@@ -86,8 +86,8 @@ def start_api(scope: RunScope, ns: str, ip: str, st: LabState) -> int:
         token.chmod(0o600)
     p = scope.spawn(
         ns,
-        [sys.executable, "-m", "pyflannel.lab.fakekube", "--listen", f"{url_host(ip)}:{API_PORT}", "--unix", st.kube_sock,
-         "--state", str(d / "objects.json"), "--tls-cert", str(d / "apiserver.crt"),
+        [sys.executable, "-m", "pyflannel.lab.fakekube", "--listen", f"{url_host(ip)}:{API_PORT}",
+         "--unix", st.kube_sock, "--state", str(d / "objects.json"), "--tls-cert", str(d / "apiserver.crt"),
          "--tls-key", str(d / "apiserver.key"), "--token", token.read_text().strip()],
         log=d / "apiserver.log",
     )  # fmt: skip

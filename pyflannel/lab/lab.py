@@ -30,7 +30,7 @@ from .netns import NetnsError, RunScope
 from .state import MARKER, LabError, LabOptions, LabState, NodeState, PodState, load_state
 from .testbed import DEFAULT_UNDERLAY6, IP_FAMILIES, REF_PLUGINS, Node, Testbed, cni_runtime
 
-# Backends whose data plane carries IPv6 pods (ipip and udp are IPv4 only, upstream and here).
+# Backends whose data plane carries IPv6 pods (ipip, udp and ipsec are IPv4 only, upstream and here).
 IPV6_BACKENDS = ("vxlan", "host-gw", "wireguard")
 READY_TIMEOUT = 120.0  # bounded, but roomy: a loaded or emulated machine (the VM pass) starts Python slowly
 
@@ -130,6 +130,10 @@ class Lab:
             i += 1
         name = f"n{i}"
         node = self.tb.add_node(name)
+        if self.st.options.backend == "ipsec":
+            # ipsec programs no route: a pod's packet to another node's subnet takes the node's default route,
+            # where the out policy tunnels it. The lab's own, whatever the test bed's defaults are.
+            netns.run(["ip", "-n", node.ns, "route", "replace", "default", "via", self.tb.gateway])
         node.extra_args = tuple(self._agent_args())
         ns = NodeState(
             name=name, netns=node.ns, ip=node.ip, dir=str(node.dir), args=list(node.extra_args), ip6=node.ip6 or ""
@@ -570,7 +574,7 @@ def check_esp(prefix: str) -> None:
     finally:
         netns.delete_ns(ns)
     if r.returncode != 0:
-        why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        why = (r.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("Error: ").rstrip(".")
         raise LabError(
             f"the ipsec backend needs the kernel's esp4 module (ESP), which this kernel ({os.uname().release}) lacks "
             f"(an ESP xfrm state: {why}); use --backend wireguard for encryption, or a kernel with esp4 (Debian's "
@@ -598,7 +602,7 @@ def _validate(opts: LabOptions) -> None:
             raise LabError(f"--ipv6-network: {e}") from None
         if net6.prefixlen > 62:
             raise LabError("--ipv6-network must be /62 or larger (each node leases a /64)")
-        if opts.backend not in IPV6_BACKENDS and opts.backend != "ipsec":
+        if opts.backend not in IPV6_BACKENDS:
             raise LabError(
                 f"--ip-family {opts.ip_family}: the {opts.backend} backend carries IPv4 only; "
                 f"use {', '.join(IPV6_BACKENDS)}"
