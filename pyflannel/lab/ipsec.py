@@ -68,10 +68,16 @@ def show_sections(ns: str) -> list[tuple[str, str, str]]:
     """(title, command, body) for `show NODE`."""
     pid = charon_pid(ns)
     who = f"charon pid {pid}" if pid else "no charon running"
-    return [
+    out = [
         (f"IPsec SAs ({who}; keys hidden)", "ip xfrm state", xfrm(ns, "state") or "(none)"),
         ("IPsec policies (which traffic goes through which SA)", "ip xfrm policy", xfrm(ns, "policy") or "(none)"),
     ]
+    if pid is not None:
+        # charon's VICI socket is in its private /run, reached through its root (swanctl prints no key).
+        uri = f"unix:///proc/{pid}/root/run/charon.vici"
+        sas = redact(_run(["swanctl", "--list-sas", "--uri", uri]))
+        out.append(("charon's IKE_SAs and CHILD_SAs", f"swanctl --list-sas --uri {uri}", sas or "(none)"))
+    return out
 
 
 def policy_for(ns: str, direction: str, addr: str, *, match_src: bool = False) -> str:
