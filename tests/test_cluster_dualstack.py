@@ -107,9 +107,9 @@ def dual(request: pytest.FixtureRequest) -> Iterator[DsCluster]:
     yield from make_cluster(f"ds{request.param.replace('-', '')}", request.param, "dual")
 
 
-@pytest.fixture(scope="module")
-def v6only() -> Iterator[DsCluster]:
-    yield from make_cluster("v6o", "vxlan", "ipv6")
+@pytest.fixture(scope="module", params=["vxlan", "host-gw"])
+def v6only(request: pytest.FixtureRequest) -> Iterator[DsCluster]:
+    yield from make_cluster(f"v6{request.param.replace('-', '')}", request.param, "ipv6")
 
 
 def all_pairs_ping(tb: Testbed, family: int, timeout: float = 20) -> list[str]:
@@ -388,6 +388,23 @@ def test_dual_mtu_full_size_v6_packets_cross(dual: DsCluster) -> None:
             netns.run(["ip", "-n", pod1.ns, "-6", "route", "flush", "cache"], check=False)
 
 
+def test_dual_hand_deleted_v6_entries_come_back(dual: DsCluster) -> None:
+    """With no periodic pass in the test's time (--reconcile-interval=300), the repair comes from the kernel's
+    notifications, for the IPv6 entries as for the IPv4 ones."""
+    tb = dual.tb
+    n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
+    sn6 = dual.sn6(n2)
+    if dual.backend == "vxlan":
+        mac6 = json.loads(dual.raw_lease(n2))["BackendV6Data"]["VtepMAC"]
+        netns.run(["ip", "-n", n1.ns, "-6", "route", "del", str(sn6), "dev", "flannel-v6.1"])
+        netns.run(["ip", "-n", n1.ns, "-6", "neigh", "del", str(sn6.network_address), "dev", "flannel-v6.1"])
+        netns.run(["bridge", "-n", n1.ns, "fdb", "del", mac6, "dev", "flannel-v6.1", "dst", str(n2.ip6)])
+    else:
+        netns.run(["ip", "-n", n1.ns, "-6", "route", "del", str(sn6), "dev", "eth0"])
+    assert settles(dual, n1, 6), kernel_entries(dual, n1, 6)
+    assert tb.wait_ping(n1.pods[0].ns, str(n2.pods[0].ip6), timeout=10)
+
+
 def test_dual_node_leaving_removes_both_families_elsewhere(dual: DsCluster) -> None:
     tb = dual.tb
     n1, n3 = tb.nodes["n1"], tb.nodes["n3"]
@@ -415,6 +432,32 @@ def all_pairs_ping_between(tb: Testbed, names: list[str]) -> list[str]:
     return bad
 
 
+def test_vxlan_direct_routing_over_ipv6(scope: netns.RunScope) -> None:
+    """DirectRouting: a peer on the same L2 segment gets `<subnet6> via <PublicIPv6> dev eth0`, no VXLAN entries."""
+    need(files=("/usr/lib/cni/bridge", "/usr/lib/cni/host-local"))
+    tb = Testbed(scope, ip_family="dual")
+    tb.start_etcd()
+    tb.put_config({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": NETWORK6,
+                   "Backend": {"Type": "vxlan", "DirectRouting": True}})  # fmt: skip
+    cl = DsCluster(tb, "vxlan")
+    for name in ("n1", "n2"):
+        tb.start_agent(tb.add_node(name), "--reconcile-interval=300")
+    for node in tb.nodes.values():
+        cl.env[node.name] = tb.wait_ready(node)
+        tb.add_cni_pod(node)
+    n1, n2 = tb.nodes["n1"], tb.nodes["n2"]
+
+    def direct() -> bool:
+        routes = ip(n1.ns, "-6", "route", "show", "dev", "eth0")
+        return f"{cl.sn6(n2)} via {n2.ip6} metric 1024 pref medium" in routes
+
+    assert netns.wait_for(direct, timeout=10), ip(n1.ns, "-6", "route")
+    assert f"{cl.sn4(n2)} via {n2.ip} " in ip(n1.ns, "-4", "route", "show", "dev", "eth0")
+    assert lines(netns.run(["bridge", "-n", n1.ns, "fdb", "show", "dev", "flannel-v6.1"])) == set()
+    assert lines(ip(n1.ns, "-6", "neigh", "show", "dev", "flannel-v6.1")) == set()
+    assert all_pairs_ping(tb, 6) == [] and all_pairs_ping(tb, 4) == []
+
+
 # --- IPv6 only -------------------------------------------------------------------------------------------------
 def test_v6only_leases_subnet_env_and_no_ipv4_anywhere(v6only: DsCluster) -> None:
     tb = v6only.tb
@@ -424,14 +467,20 @@ def test_v6only_leases_subnet_env_and_no_ipv4_anywhere(v6only: DsCluster) -> Non
         sn6 = v6only.sn6(node)
         assert v6only.env[node.name].subnet is None
         assert v6only.key(node) == f"0.0.0.0-0&{sn6.network_address}-64"
-        mac6 = mac_of(node.ns, "flannel-v6.1")
-        assert v6only.raw_lease(node) == (
-            f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{node.ip6}","BackendType":"vxlan",'
-            f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}'
-        )
+        if v6only.backend == "vxlan":
+            mac6 = mac_of(node.ns, "flannel-v6.1")
+            assert v6only.raw_lease(node) == (
+                f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{node.ip6}","BackendType":"vxlan",'
+                f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}'
+            )
+        else:
+            assert (
+                v6only.raw_lease(node) == f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{node.ip6}","BackendType":"host-gw"}}'
+            )
+        mtu = 1430 if v6only.backend == "vxlan" else 1500
         assert node.subnet_file.read_text() == (
             f"FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET={sn6.network_address + 1}/64\n"
-            "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
+            f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
         )
         assert ip(node.ns, "link", "show", "flannel.1").strip() == ""
         assert ip(node.ns, "-4", "route").strip() == "" and ip(node.ns, "-4", "neigh").strip() == ""
@@ -519,7 +568,7 @@ def test_nftables_v6_masq_and_forward_rules_do_snat(scope: netns.RunScope) -> No
                    "Backend": {"Type": "vxlan"}})  # fmt: skip
     outside = tb.add_host("out", OUTSIDE4)
     node = tb.add_node("n1")
-    tb.start_agent(node, "--ip-masq")
+    tb.start_agent(node, "--ip-masq", "--iptables-resync=1")
     env = tb.wait_ready(node)
     sn6 = env.ipv6_subnet
     assert sn6 is not None
@@ -536,27 +585,42 @@ def test_nftables_v6_masq_and_forward_rules_do_snat(scope: netns.RunScope) -> No
         assert rule in table, (rule, table)
     assert "type nat hook postrouting" in table and "type filter hook forward" in table
     assert "FLANNEL" not in netns.ns_exec(node.ns, ["ip6tables-save"])
+    # Beyond upstream, the nft rules are checked too: a table deleted by hand is rebuilt within the resync period.
+    netns.ns_exec(node.ns, ["nft", "delete", "table", "ip6", "flannel-ipv6"])
+
+    def rebuilt() -> bool:
+        return (
+            netns.run(["ip", "netns", "exec", node.ns, "nft", "list", "table", "ip6", "flannel-ipv6"], check=False)
+            == table
+        )
+
+    assert netns.wait_for(rebuilt, timeout=15)
     pod = tb.add_cni_pod(node)
     assert pod.ip6 is not None
     assert seen_by(tb, outside, "::", pod.ns, OUTSIDE6)[0] == node.ip6
 
 
-def test_blackhole_route_for_both_families(scope: netns.RunScope) -> None:
-    tb = Testbed(scope, ip_family="dual")
+@pytest.mark.parametrize("family", ["dual", "ipv6"])
+def test_blackhole_route_for_ipv6(scope: netns.RunScope, family: str) -> None:
+    tb = Testbed(scope, ip_family=family)
     tb.start_etcd()
-    tb.put_config({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": "host-gw"}})
+    conf: dict[str, object] = {"EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": "host-gw"}}
+    tb.put_config({"Network": NETWORK, **conf} if family == "dual" else {"EnableIPv4": False, **conf})
     node = tb.add_node("n1")
-    tb.start_agent(node, "--ip-blackhole-route")
+    tb.start_agent(node, "--ip-blackhole-route", "--reconcile-interval=300")
     env = tb.wait_ready(node)
-    assert netns.wait_for(
-        lambda: f"blackhole {env.ipv6_subnet} " in ip(node.ns, "-6", "route", "show", "type", "blackhole"), timeout=10
-    ), ip(node.ns, "-6", "route")
-    assert f"blackhole {env.subnet} " in ip(node.ns, "-4", "route", "show", "type", "blackhole")
-    # Hand-deleted, it comes back (from the kernel's notification).
+
+    def has6() -> bool:
+        return f"blackhole {env.ipv6_subnet} dev lo metric 4096 " in ip(
+            node.ns, "-6", "route", "show", "type", "blackhole"
+        )
+
+    assert netns.wait_for(has6, timeout=10), ip(node.ns, "-6", "route")
+    v4 = ip(node.ns, "-4", "route", "show", "type", "blackhole").split("\n")[0].strip()
+    assert v4 == (f"blackhole {env.subnet} metric 4096" if family == "dual" else "")
+    # Hand-deleted, it comes back (from the kernel's notification: no periodic pass in the test's time).
     netns.run(["ip", "-n", node.ns, "-6", "route", "del", "blackhole", str(env.ipv6_subnet), "metric", "4096"])
-    assert netns.wait_for(
-        lambda: f"blackhole {env.ipv6_subnet} " in ip(node.ns, "-6", "route", "show", "type", "blackhole"), timeout=10
-    )
+    assert netns.wait_for(has6, timeout=10)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
