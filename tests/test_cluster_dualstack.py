@@ -664,3 +664,33 @@ def test_bad_v6_input_is_one_clear_line_and_nothing_half_built(
     assert "flannel" not in links and "cni0" not in links
     for tool in ("iptables-save", "ip6tables-save"):
         assert "FLANNEL" not in netns.ns_exec(node.ns, [tool])
+
+
+def test_no_free_ipv6_subnet_removes_only_what_this_run_made(scope: netns.RunScope) -> None:
+    """The vxlan devices are made before the lease is taken (the lease carries their MACs). An agent that then
+    finds no free subnet removes the devices it made, so a node that never joined keeps nothing; a node whose
+    devices a previous run left keeps them (their MACs are in its peers' entries)."""
+    tb = Testbed(scope, ip_family="dual")
+    tb.start_etcd()
+    tb.put_config({"Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd00::/62", "Backend": {"Type": "vxlan"}})
+    old, new = tb.add_node("n1"), tb.add_node("n2")
+    tb.start_agent(old, "--ip-masq")
+    env = tb.wait_ready(old)
+    assert tb.stop_agent(old) == 0
+    macs = (mac_of(old.ns, "flannel.1"), mac_of(old.ns, "flannel-v6.1"))
+    tb.etcdctl("del", f"{tb.prefix}/subnets/{make_subnet_key(env.subnet, env.ipv6_subnet)}")
+    for i in (1, 2, 3):  # reservations (no TTL) on all three IPv6 subnets of fd00::/62
+        value = json.dumps({"PublicIP": f"192.168.77.20{i}", "PublicIPv6": f"fd77:77::20{i}"})
+        tb.etcdctl("put", f"{tb.prefix}/subnets/10.244.{i}0.0-24&fd00:0:0:{i}::-64", value)
+    for node in (old, new):
+        node.subnet_file.unlink(missing_ok=True)
+        proc = tb.start_agent(node, "--ip-masq")
+        assert proc.wait(timeout=60) == 1
+        log = node.log_file.read_text()
+        assert "no free subnets between IPv6SubnetMin and IPv6SubnetMax" in log and "Traceback" not in log
+        tb.stop_agent(node)
+        assert not node.subnet_file.exists()
+    assert (mac_of(old.ns, "flannel.1"), mac_of(old.ns, "flannel-v6.1")) == macs
+    assert "flannel" not in ip(new.ns, "-o", "link", "show")
+    for tool in ("iptables-save", "ip6tables-save"):
+        assert "FLANNEL" not in netns.ns_exec(new.ns, [tool])
