@@ -115,3 +115,21 @@ def test_find_own_dual_stack_needs_both_ips() -> None:
     # A v4-only lease does not fit a dual-stack config.
     l4 = Lease(n4("10.5.3.0/24"), None, me6, expiration=1.0)
     assert find_own_leases(DUAL, me6, [l4]) == (None, [l4])
+
+
+def test_find_own_ipv6_only_goes_by_public_ipv6_not_the_shared_0000() -> None:
+    """Every IPv6-only lease says PublicIP 0.0.0.0 (upstream v0.20.2 matched on it, so a node took a peer's lease
+    as its own): ours is the one with our PublicIPv6, whatever the IPv4 half says."""
+    v6only = parse_net_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:5::/56"}')
+    a, b = (
+        LeaseAttrs.from_json(f'{{"PublicIP":"0.0.0.0","PublicIPv6":"fd77:77::{n}","BackendType":"vxlan"}}')
+        for n in (11, 12)
+    )
+    la = Lease(None, IPv6Network("fd00:5:0:3::/64"), a, expiration=1.0)
+    lb = Lease(None, IPv6Network("fd00:5:0:4::/64"), b, expiration=1.0)
+    assert la.key == "0.0.0.0-0&fd00:5:0:3::-64"
+    me = LeaseAttrs(public_ipv6=IPv6Address("fd77:77::12"))
+    assert find_own_leases(v6only, me, [la, lb]) == (lb, [])
+    assert find_own_leases(v6only, LeaseAttrs(public_ipv6=IPv6Address("fd77:77::13")), [la, lb]) == (None, [])
+    # Nor does an IPv4 address we happen to have make any IPv6-only lease ours.
+    assert find_own_leases(v6only, LeaseAttrs(public_ip=IPv4Address("0.0.0.0")), [la, lb]) == (None, [])

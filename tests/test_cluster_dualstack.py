@@ -388,6 +388,45 @@ def test_dual_mtu_full_size_v6_packets_cross(dual: DsCluster) -> None:
             netns.run(["ip", "-n", pod1.ns, "-6", "route", "flush", "cache"], check=False)
 
 
+def test_dual_upstream_written_lease_is_programmed_for_both_families(dual: DsCluster) -> None:
+    """A dual-stack lease as upstream writes it (key and JSON), of a node that is no pyflannel agent here."""
+    tb = dual.tb
+    n1 = tb.nodes["n1"]
+    key = "10.244.250.0-24&fd00:244:0:fa::-64"
+    if dual.backend == "vxlan":
+        value = (
+            '{"PublicIP":"192.168.77.250","PublicIPv6":"fd77:77::250","BackendType":"vxlan",'
+            '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:46"}}'
+        )
+        want = {
+            4: ("flannel.1", "10.244.250.0/24 via 10.244.250.0 onlink", "c6:d2:32:6f:8f:44 dst 192.168.77.250 "),
+            6: (
+                "flannel-v6.1",
+                "fd00:244:0:fa::/64 via fd00:244:0:fa:: metric 1024 onlink pref medium",
+                "c6:d2:32:6f:8f:46 dst fd77:77::250 ",
+            ),
+        }
+    else:
+        value = '{"PublicIP":"192.168.77.250","PublicIPv6":"fd77:77::250","BackendType":"host-gw"}'
+        want = {
+            4: ("eth0", "10.244.250.0/24 via 192.168.77.250", ""),
+            6: ("eth0", "fd00:244:0:fa::/64 via fd77:77::250 metric 1024 pref medium", ""),
+        }
+    tb.etcdctl("put", f"{tb.prefix}/subnets/{key}", value)
+    try:
+        for family, (dev, route, fdb) in want.items():
+
+            def programmed(f: int = family, d: str = dev, r: str = route, b: str = fdb) -> bool:
+                ok = r in lines(ip(n1.ns, f"-{f}", "route", "show", "dev", d))
+                return ok and (not b or b in netns.run(["bridge", "-n", n1.ns, "fdb", "show", "dev", d]))
+
+            assert netns.wait_for(programmed, timeout=10), (family, ip(n1.ns, f"-{family}", "route"))
+    finally:
+        tb.etcdctl("del", f"{tb.prefix}/subnets/{key}")
+    for family in (4, 6):
+        assert settles(dual, n1, family), (family, kernel_entries(dual, n1, family))
+
+
 def test_dual_hand_deleted_v6_entries_come_back(dual: DsCluster) -> None:
     """With no periodic pass in the test's time (--reconcile-interval=300), the repair comes from the kernel's
     notifications, for the IPv6 entries as for the IPv4 ones."""
