@@ -681,6 +681,32 @@ def test_first_watch_goes_on_from_the_acquires_list_and_loses_nothing(etcd: Etcd
     etcd.run(body)
 
 
+def test_acquire_after_the_early_list_went_stale(etcd: Etcd) -> None:
+    """The leases are listed as soon as the config is read; a subnet taken after that list costs the acquire a
+    lost race (its create-if-absent fails) and a fresh list, never another node's lease."""
+
+    async def body(c: Ctl) -> None:
+        await _config(c)
+        store = _store(c.endpoint)
+        it = store.watch_leases()
+        try:
+            cfg = await store.get_network_config()
+            await asyncio.sleep(0.5)  # the early list is in
+            theirs = '{"PublicIP":"192.0.2.50","PublicIPv6":null}'
+            await c.put(f"{PREFIX}/subnets/10.5.77.0-24", theirs)
+            got = await store.acquire_lease(cfg, ME, SubnetEnv(subnet=IPv4Network("10.5.77.0/24")))
+            assert got.subnet != IPv4Network("10.5.77.0/24")
+            assert await c.value(f"{PREFIX}/subnets/10.5.77.0-24") == theirs
+            snap = await _next(it)
+            assert isinstance(snap, LeaseSnapshot)
+            assert set(_by_subnet(snap.leases)) == {"10.5.77.0/24", str(got.subnet)}
+        finally:
+            await it.aclose()
+            await store.close()
+
+    etcd.run(body)
+
+
 def test_watch_survives_etcd_restart(etcd: Etcd) -> None:
     async def body(c: Ctl) -> None:
         await c.put(f"{PREFIX}/subnets/10.5.1.0-24", '{"PublicIP":"192.0.2.1"}')

@@ -9,7 +9,9 @@ time. Every broken or cancelled watch is followed by a full re-list and a fresh 
 view converges whatever was missed. The first watch needs no list of its own: the acquire's list (at revision R),
 with our own write applied, is the first snapshot and the watch starts at R + 1, so every change after that list
 (our write included, which the consumer knows as its own) arrives as an event; with thousands of leases a second
-list was a tenth of a cold start.
+list was a tenth of a cold start. And that list is asked for as soon as the config is read: etcd answers it while
+the agent sets up its interface and backend, which need no store (a stale list costs at most a lost race, which
+the acquire's compare-and-set writes detect, and a retry lists afresh).
 """
 
 from __future__ import annotations
@@ -220,6 +222,8 @@ class EtcdStore(Store):
         self._token: str | None = None
         # The last successful acquire's list, kept for the first watch (see the module docstring).
         self._listing: _Listing | None = None
+        # The list asked for once the config was read, for the acquire that follows (see the module docstring).
+        self._prefetch: asyncio.Task[tuple[list[_Entry], int]] | None = None
 
     # --- connection -------------------------------------------------------------------------------------
 
@@ -329,8 +333,16 @@ class EtcdStore(Store):
 
     async def close(self) -> None:
         self._closed = True
+        self._drop_prefetch()
         for m in self._members:
             self._drop(m)
+
+    def _drop_prefetch(self) -> None:
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            task.cancel()
+            # Retrieved, so that a failure nobody waits for is not reported as never retrieved.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # --- config -------------------------------------------------------------------------------------
 
@@ -354,9 +366,12 @@ class EtcdStore(Store):
                 await asyncio.sleep(1.0)
                 continue
             try:
-                return parse_net_config(resp.kvs[0].value)
+                cfg = parse_net_config(resp.kvs[0].value)
             except ConfigError as e:
                 raise ConfigError(f"{self._config_key}: {e}") from None
+            self._drop_prefetch()
+            self._prefetch = asyncio.create_task(self._list(), name="etcd-list-prefetch")
+            return cfg
 
     # --- decoding -------------------------------------------------------------------------------------
 
@@ -415,6 +430,18 @@ class EtcdStore(Store):
             log.info("another node changed the lease we were taking; trying again")
             await asyncio.sleep(random.uniform(0.05, 0.3))
 
+    async def _prefetched(self) -> tuple[list[_Entry], int] | None:
+        """The list asked for when the config was read, once (a retry lists afresh); None if there is none or
+        it failed (the caller lists itself, with its own retries)."""
+        task, self._prefetch = self._prefetch, None
+        if task is None:
+            return None
+        try:
+            return await task
+        except StoreError as e:
+            log.debug("etcd: the early list failed (%s); listing again", e)
+            return None
+
     def _kw(self, what: str) -> dict[str, Any]:
         return {"what": what, "timeout": self._opts.call_timeout}
 
@@ -424,7 +451,7 @@ class EtcdStore(Store):
     async def _try_acquire(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease | None:
         """One pass of upstream's order; None when a concurrent change made it lose a race."""
         self._listing = None
-        entries, revision = await self._list()
+        entries, revision = await self._prefetched() or await self._list()
         by_key = {e.key: e for e in entries}
         own, stale = find_own_leases(cfg, attrs, [e.lease for e in entries if e.lease is not None])
         if own is not None:
