@@ -352,13 +352,20 @@ class Testbed:
         TCP connections hang instead of being reset. Only inside the member's own namespace."""
         m = self.etcd_members[i]
         m.down = True
-        for chain in ("INPUT", "OUTPUT"):
-            ns_exec(m.ns, ["iptables", "-w", "-I", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
+        for tool in self._firewalls(m):
+            for chain in ("INPUT", "OUTPUT"):
+                ns_exec(m.ns, [tool, "-w", "-I", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
+
+    @staticmethod
+    def _firewalls(m: EtcdMember) -> tuple[str, ...]:
+        # A member with an IPv6 address is cut off on both families (on "ipv6" IPv6 is all it speaks).
+        return ("iptables", "ip6tables") if m.ip6 is not None else ("iptables",)
 
     def heal_member(self, i: int, timeout: float = 30) -> None:
         m = self.etcd_members[i]
-        for chain in ("INPUT", "OUTPUT"):
-            ns_exec(m.ns, ["iptables", "-w", "-D", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
+        for tool in self._firewalls(m):
+            for chain in ("INPUT", "OUTPUT"):
+                ns_exec(m.ns, [tool, "-w", "-D", chain, "!", "-i" if chain == "INPUT" else "-o", "lo", "-j", "DROP"])
         wait_etcd(self.scope, m.ns, m.ip, name=m.name, timeout=timeout)
         m.down = False
 
