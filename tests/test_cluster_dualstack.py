@@ -444,6 +444,24 @@ def test_dual_hand_deleted_v6_entries_come_back(dual: DsCluster) -> None:
     assert tb.wait_ping(n1.pods[0].ns, str(n2.pods[0].ip6), timeout=10)
 
 
+def test_dual_restart_reclaims_both_halves(dual: DsCluster) -> None:
+    """Restarted without its subnet.env, a node gets its own dual-stack lease back (found by its PublicIP and
+    PublicIPv6), and the data plane of both families keeps working."""
+    tb = dual.tb
+    n2 = tb.nodes["n2"]
+    key = dual.key(n2)
+    tb.stop_agent(n2)
+    n2.subnet_file.unlink()
+    since = time.time()
+    tb.start_agent(n2)
+    dual.env["n2"] = tb.wait_ready(n2, since=since)
+    assert dual.key(n2) == key, tb.log_tail(n2)
+    assert set(tb.leases()) == {dual.key(n) for n in tb.nodes.values()}
+    for family in (4, 6):
+        assert settles(dual, n2, family), (family, kernel_entries(dual, n2, family))
+    assert all_pairs_ping(tb, 4) == [] and all_pairs_ping(tb, 6) == []
+
+
 def test_dual_node_leaving_removes_both_families_elsewhere(dual: DsCluster) -> None:
     tb = dual.tb
     n1, n3 = tb.nodes["n1"], tb.nodes["n3"]
