@@ -7,6 +7,8 @@ Metrics are read back through prometheus_client's own text parser, as a Promethe
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from pyflannel.backend.base import Figure, kernel_view
 from pyflannel.health import MAX_HEADERS, MAX_LINE, HealthServer, _BadRequest, _read_head
 from pyflannel.lab.fakekube import FakeKube, KubeAdmin
 from pyflannel.lease import LeaseSnapshot
-from pyflannel.metrics import Metrics
+from pyflannel.metrics import CONTENT_TYPE, Metrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -98,6 +100,41 @@ def test_observer_calls_move_their_counters() -> None:
     assert value(s, "flannel_traffic_rule_resyncs_total", mode="nftables") == 1
     assert value(s, "flannel_traffic_rule_restores_total", mode="nftables", family="ipv6", outcome="error") == 1
     assert value(s, "flannel_kernel_repairs_total", kind="wireguard_peer") == 3
+
+
+def test_metrics_without_a_registry_import_prometheus_client_only_when_read() -> None:
+    # The agent's start records its calls; the library is loaded (and they are replayed) at the first read.
+    code = """
+import sys
+from pyflannel.metrics import MAX_RECORDED, Metrics
+m = Metrics()
+m.build_info("v0.1.0", "vxlan", "etcd")
+m.lease_operation("acquire", "ok")
+m.rules_restore("iptables", 4, True)
+m.kernel_repair("route", 2)
+assert "prometheus_client" not in sys.modules
+m.peers.set(7)
+assert "prometheus_client" in sys.modules
+text = m.render().decode()
+for line in ('flannel_build_info{backend="vxlan",store="etcd",version="v0.1.0"} 1.0',
+             'flannel_lease_operations_total{operation="acquire",outcome="ok"} 1.0',
+             'flannel_traffic_rule_restores_total{family="ipv4",mode="iptables",outcome="ok"} 1.0',
+             'flannel_kernel_repairs_total{kind="route"} 2.0', "flannel_peers_programmed 7.0"):
+    assert line in text, line
+# Recorded calls are bounded: past MAX_RECORDED the metrics are built.
+m2 = Metrics()
+for _ in range(MAX_RECORDED):
+    m2.store_error()
+assert m2._families is not None and not m2._recorded
+assert b"flannel_store_request_errors_total " + str(float(MAX_RECORDED)).encode() in m2.render()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_content_type_is_the_librarys() -> None:
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+    assert CONTENT_TYPE == CONTENT_TYPE_PLAIN_0_0_4
 
 
 def test_backend_figures_become_families_for_that_scrape_only() -> None:
