@@ -76,6 +76,9 @@ def test_dual_status_addresses_and_net_conf(dual: LabRun) -> None:
         assert f"inet6 {p['ip6']}/64" in netns.run(["ip", "-n", p["netns"], "-6", "addr", "show", "eth0"])
     text = dual.ok("status")
     assert "(dual)" in text and all(n["subnet6"] in text for n in st["nodes"])
+    picture = dual.ok("diagram")
+    assert all(n["subnet6"] in picture and n["ip6"] in picture for n in st["nodes"])
+    assert all(f"{p['ip']} {p['ip6']}" in picture for p in st["pods"])
 
 
 def test_dual_check_pings_over_both_families(dual: LabRun) -> None:
@@ -159,6 +162,8 @@ def test_ipv6_only_lab(lab_factory: Callable[[str], LabRun]) -> None:
     assert re.search(rf"{re.escape(n1['ip'])}\.\d+ > {re.escape(n2['ip'])}\.8472: VXLAN", out), out
     p = lab.cli("trace", "n1-p1", "n2-p1", "-6", "--no-capture")
     assert p.returncode == 0
+    p = lab.cli("service", "add", "web", "--port", "80", "--to", "n2-p1")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Services in the lab are IPv4" in p.stderr
     lab.ok("down")
     lab.assert_gone()
 

@@ -5,6 +5,7 @@ SVG is written by hand (no drawing library); PNG goes through a converter if one
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import subprocess
 import tempfile
@@ -63,12 +64,12 @@ def svg(status: dict[str, Any]) -> str:
         x = GAP + i * (NODE_W + GAP)
         cx = x + NODE_W / 2
         out.append(f'<line x1="{cx}" y1="{ul_y + 30}" x2="{cx}" y2="{node_y}" stroke="#555" stroke-width="2"/>')
-        out.append(_text(cx + 6, node_y - 10, f"eth0 {n['ip']}", 11))
+        out.append(_text(cx + 6, node_y - 10, f"eth0 {_addrs(n)}", 11))
         ok = "#2e7d32" if n["ready"] else "#c62828"
         out.append(_box(x, node_y, NODE_W, node_h, "#eef4ff", ok))
         out.append(_text(x + 10, node_y + 22, f"node {n['name']}", 14, "bold"))
         out.append(_text(x + 10, node_y + 40, f"netns {n['netns']}", 11))
-        out.append(_text(x + 10, node_y + 56, f"subnet {n['subnet']}", 12))
+        out.append(_text(x + 10, node_y + 56, f"subnet {_subnets(n)}", 12))
         agent = f"flanneld pid {n['pid']}" if n["running"] else "flanneld NOT RUNNING"
         out.append(_text(x + 10, node_y + 72, agent, 11))
         y = node_y + 84
@@ -81,17 +82,27 @@ def svg(status: dict[str, Any]) -> str:
             out.append(_text(x + 18, y + 16, "host-gw: routes via peers'", 11))
             out.append(_text(x + 18, y + 32, "underlay IPs (no tunnel)", 11))
         y += 52
-        gw = n["subnet"].split("/")[0].rsplit(".", 1)[0] + ".1" if n["subnet"] else "?"
+        gw = " ".join(str(ipaddress.ip_network(c).network_address + 1) for c in (n["subnet"], n.get("subnet6")) if c)
         out.append(_box(x + 10, y, NODE_W - 20, 30, "#fde7ef", "#b0476f", 4))
         out.append(_text(x + 18, y + 19, f"cni0 bridge {gw}", 11))
         y += 42
         for p in (p for p in pods if p["node"] == n["name"]):
             out.append(f'<line x1="{x + 30}" y1="{y - 12}" x2="{x + 30}" y2="{y}" stroke="#b0476f"/>')
             out.append(_box(x + 20, y, NODE_W - 40, POD_H, "#ffffff", "#888", 4))
-            out.append(_text(x + 28, y + 21, f"pod {p['name']}  {p['ip']}", 11))
+            out.append(_text(x + 28, y + 21, f"pod {p['name']}  {_addrs(p)}", 11))
             y += POD_H + 8
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _subnets(n: dict[str, Any]) -> str:
+    """A node's subnets, IPv4 then IPv6 (a dual-stack lab has both)."""
+    return " ".join(str(c) for c in (n["subnet"], n.get("subnet6")) if c) or "-"
+
+
+def _addrs(x: dict[str, Any]) -> str:
+    """A node's or pod's addresses, IPv4 then IPv6 (an IPv6-only one's `ip` is its IPv6 address)."""
+    return " ".join(dict.fromkeys(str(a) for a in (x["ip"], x.get("ip6")) if a))
 
 
 def text(status: dict[str, Any]) -> str:
@@ -105,12 +116,12 @@ def text(status: dict[str, Any]) -> str:
     for n in status["nodes"]:
         lines.append("  |")
         state = "ready" if n["ready"] else "NOT READY"
-        lines.append(f"  +-- eth0 {n['ip']}  node {n['name']} ({n['netns']}), subnet {n['subnet']}, {state}")
+        lines.append(f"  +-- eth0 {_addrs(n)}  node {n['name']} ({n['netns']}), subnet {_subnets(n)}, {state}")
         if vx:
             lines.append(f"  |     flannel.1 VTEP {n.get('vtep_mac') or '?'} (VNI 1, UDP 8472)")
         for p in status["pods"]:
             if p["node"] == n["name"]:
-                lines.append(f"  |     cni0 --- pod {p['name']} {p['ip']} ({p['netns']})")
+                lines.append(f"  |     cni0 --- pod {p['name']} {_addrs(p)} ({p['netns']})")
     return "\n".join(lines) + "\n"
 
 

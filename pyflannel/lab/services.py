@@ -272,6 +272,9 @@ def _stop_unused_backends(st: LabState) -> None:
 
 def add(lab: Lab, name: str, port: int, to: str, node_port: int | None = None, mode: str = "iptables") -> ServiceState:
     st = lab.st
+    if 4 not in st.options.families:
+        # kube-proxy's rules here are iptables' (IPv4) and the ClusterIPs come from an IPv4 service CIDR.
+        raise LabError("Services in the lab are IPv4 (ClusterIP, iptables/IPVS): not in an --ip-family ipv6 lab")
     svc, backends = validate(st, name, port, to, node_port, mode)
     previous = list(st.services)
     try:
