@@ -275,6 +275,7 @@ class Agent:
         backend = backend_cls(net, ext, self.netlink)
         backend.observer = self.metrics
         self.backend = backend
+        await self.store.preflight(net)
         backend.restore_backend_data(*await self.store.previous_backend_data(net.backend.type))
         battrs = await backend.prepare()
         attrs = LeaseAttrs(

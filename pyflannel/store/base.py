@@ -74,6 +74,11 @@ class Store(ABC):
         """A LeaseSnapshot first and after every re-list, then batches of LeaseEvents. Never ends by itself;
         survives compaction and lost connections (re-lists and sends a fresh snapshot)."""
 
+    async def preflight(self, cfg: NetConfig) -> None:
+        """Raise (a StoreError) when no lease of `cfg` can be acquired, before the backend creates anything: a
+        node that cannot join must leave no device behind. Stores that can only tell by trying keep this no-op."""
+        return None
+
     async def public_ip_overrides(self) -> tuple[IPv4Address | None, IPv6Address | None]:
         """Addresses the store says this node must advertise, winning over --public-ip(v6) (kube: the
         `<p>/node-public-ip(v6)` annotations). None: no override."""
