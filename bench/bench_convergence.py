@@ -11,7 +11,8 @@ Goals (issue 2): 5000 peers <= 5 s, one peer <= 100 ms, RSS <= 80 MB. Not a test
 With --base TREE (a checkout of another commit, e.g. `git worktree add /tmp/pfbase HEAD`) and --cold-repeats K,
 the cold path is then timed K times more per tree on one etcd holding the N leases, the trees alternating start
 by start, so that the ratio is taken in the same run under the same load; each tree's median is printed beside
-the ratio (this tree over the base).
+the ratio (this tree over the base), and so is the agent's CPU time (user + system) once synced, which a busy
+machine moves far less than the wall clock.
 
 usage: sudo .venv/bin/python bench/bench_convergence.py [--base TREE] [--cold-repeats K] [--cold-only] [N ...]
 """
@@ -127,18 +128,27 @@ def start_agent(tb: Testbed, node: Node, tree: Path) -> None:
     node.proc = tb.scope.spawn(node.ns, cmd, log=node.log_file, env=env)
 
 
-def cold_start(tb: Testbed, node: Node, tree: Path, want: int) -> tuple[float, float]:
-    """(seconds from the agent's start to every entry in, its RSS then) with no vxlan device to begin with."""
+def cpu_s(node: Node) -> float:
+    """The agent's CPU time so far (user + system, the kernel's work on its requests included): on a shared
+    machine it moves far less with the load than the wall-clock figures."""
+    assert node.proc is not None
+    fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cold_start(tb: Testbed, node: Node, tree: Path, want: int) -> tuple[float, float, float]:
+    """(seconds from the agent's start to every entry in, its CPU seconds and RSS then) with no vxlan device to
+    begin with."""
     tb.stop_agent(node)
     netns.run(["ip", "-n", node.ns, "link", "del", "flannel.1"], check=False)
     start_agent(tb, node, tree)
     took = wait_counts(node.ns, want, 120)
-    return took, rss_mb(node)
+    return took, cpu_s(node), rss_mb(node)
 
 
-def cold_interleaved(n: int, trees: list[Path], repeats: int) -> dict[Path, list[tuple[float, float]]]:
+def cold_interleaved(n: int, trees: list[Path], repeats: int) -> dict[Path, list[tuple[float, float, float]]]:
     """The cold path `repeats` times per tree, alternating trees (and their order each round) on one etcd."""
-    out: dict[Path, list[tuple[float, float]]] = {t: [] for t in trees}
+    out: dict[Path, list[tuple[float, float, float]]] = {t: [] for t in trees}
     with netns.RunScope(tag=f"benchc{n}") as scope:
         tb = Testbed(scope)
         tb.start_etcd()
@@ -205,15 +215,17 @@ def main() -> None:
             print(" ".join(f"{k}={v}" for k, v in res.items()), flush=True)
         if args.cold_repeats:
             runs = cold_interleaved(n, trees, args.cold_repeats)
-            ours = statistics.median(t for t, _ in runs[REPO])
+            ours = statistics.median(t for t, _, _ in runs[REPO])
+            ours_cpu = statistics.median(c for _, c, _ in runs[REPO])
             for tree, samples in runs.items():
-                med = statistics.median(t for t, _ in samples)
+                med = statistics.median(t for t, _, _ in samples)
+                cpu = statistics.median(c for _, c, _ in samples)
                 name = "this tree" if tree == REPO else f"base {tree}"
-                ratio = "" if tree == REPO else f" this_tree/base={ours / med:.3f}"
+                ratio = "" if tree == REPO else f" this_tree/base={ours / med:.3f} cpu_ratio={ours_cpu / cpu:.3f}"
                 print(
-                    f"{name:24} peers={n} cold_sync_s_median={med:.3f} "
-                    f"runs={','.join(f'{t:.3f}' for t, _ in samples)} rss_mb_max={max(r for _, r in samples):.1f}"
-                    + ratio,
+                    f"{name:24} peers={n} cold_sync_s_median={med:.3f} cpu_s_median={cpu:.3f} "
+                    f"runs={','.join(f'{t:.3f}' for t, _, _ in samples)} "
+                    f"rss_mb_max={max(r for _, _, r in samples):.1f}" + ratio,
                     flush=True,
                 )
 
