@@ -168,6 +168,28 @@ def test_ipv6_only_lab(lab_factory: Callable[[str], LabRun]) -> None:
     lab.assert_gone()
 
 
+def test_dual_wireguard_encrypts_both_families(lab_factory: Callable[[str], LabRun]) -> None:
+    """wireguard's default "separate" mode: flannel-wg (UDP 51820) for IPv4, flannel-wg-v6 (UDP 51821) for IPv6."""
+    lab = lab_factory("wgdual")
+    lab.ok("up", "--backend", "wireguard", "--ip-family", "dual", "--nodes", "2", "--pods-per-node", "1")
+    st = lab.status()
+    n1, n2 = st["nodes"]
+    src, dst = st["pods"][0]["ip6"], st["pods"][1]["ip6"]
+    out = lab.ok("check")
+    assert "2/2 pairs ok over IPv4" in out and "2/2 pairs ok over IPv6" in out
+    show = lab.ok("show", "n1")
+    assert "WireGuard peers of flannel-wg-v6 (private key hidden)" in show and "private key: (hidden)" in show
+    assert f"endpoint: [{n2['ip6']}]:51821" in show and f"allowed ips: {n2['subnet6']}" in show
+    out = lab.ok("trace", "n1-p1", "n2-p1", "-6")
+    assert f"sends it as UDP [{n1['ip6']}]:51821 -> [{n2['ip6']}]:51821" in out
+    capture = out.split("capture on underlay")[1]
+    assert f"{n1['ip6']}.51821 > {n2['ip6']}.51821" in capture, capture
+    assert src not in capture.split("encrypted:")[0] and dst not in capture.split("encrypted:")[0]
+    assert "encrypted: the underlay carries only UDP 51821" in capture
+    lab.ok("down")
+    lab.assert_gone()
+
+
 def test_kube_dual_stack_nodes_get_two_pod_cidrs(lab_factory: Callable[[str], LabRun]) -> None:
     lab = lab_factory("kdual")
     lab.ok("up", "--store", "kube", "--ip-family", "dual", "--nodes", "2", "--pods-per-node", "1")

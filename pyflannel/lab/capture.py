@@ -23,6 +23,7 @@ POINTS = ("cni0", "flannel.1", "underlay", "pod")  # in the order the packet pas
 VXLAN_PORT = 8472
 UDP_PORT = 8285
 WIREGUARD_PORT = 51820
+WIREGUARD_PORT6 = 51821  # flannel-wg-v6's (the wireguard backend's default "separate" mode)
 LISTEN_TIMEOUT = 5.0
 
 
@@ -55,7 +56,7 @@ def underlay_filter(backend: str, src_ip: str, family: int = 4) -> list[str]:
         return ["-X", "udp", "port", str(UDP_PORT)]
     if backend == "wireguard":
         # tcpdump names WireGuard's message types; -X shows the payload is ciphertext (no 45 00, no pod address).
-        return ["-X", "udp", "port", str(WIREGUARD_PORT)]
+        return ["-X", "udp", "port", str(WIREGUARD_PORT6 if family == 6 else WIREGUARD_PORT)]
     return ["icmp6" if ":" in src_ip else "icmp", "and", "host", src_ip]
 
 
@@ -124,7 +125,8 @@ def ttl_story(backend: str, src: str, dst: str, src_node: str, dst_node: str, fa
         outer = "inside the VXLAN packet on the underlay (the outer IPv6 header is the node's own)"
         return (
             f"hop limit (IPv6's TTL, hlim): {src} sends at 64 and its node's cni0 only bridges it; node {src_node} "
-            f"routes it, 63 from there on: on flannel-v6.1 and {outer if backend == 'vxlan' else 'on the underlay'}; "
+            f"routes it, 63 from there on: on {'flannel-v6.1' if backend == 'vxlan' else 'the way out of the node'} "
+            f"and {outer if backend == 'vxlan' else 'on the underlay'}; "
             f"the underlay bridge does not route; node {dst_node} routes it into its cni0, so {dst} receives it at "
             "62. 64 -> 63 -> 62."
         )

@@ -189,14 +189,24 @@ def show_node(lab: Lab, name: str) -> str:
             )
         )
     elif lab.st.options.backend == "wireguard":
-        parts.append(
-            _section(
-                f"{labwg.DEV} ({labwg.implementation(ns)}): the route into it",
-                f"ip addr show {labwg.DEV}; ip route show dev {labwg.DEV}",
-                sh(ns, "ip", "addr", "show", labwg.DEV) + "\n" + sh(ns, "ip", "route", "show", "dev", labwg.DEV),
+        for fam in families:
+            dev = labwg.device(fam)[0]
+            v = f"-{fam}"
+            parts.append(
+                _section(
+                    f"{dev} ({labwg.implementation(ns, dev)}): the route into it",
+                    f"ip addr show {dev}; ip {v} route show dev {dev}",
+                    sh(ns, "ip", "addr", "show", dev) + "\n" + sh(ns, "ip", v, "route", "show", "dev", dev),
+                )
             )
-        )
-        parts.append(_section("WireGuard peers (private key hidden)", labwg.shown_command(ns), labwg.wg_show(ns)))
+            parts.append(
+                _section(
+                    # IPv4's title as it always was (tests/test_cluster_wireguard.py reads it).
+                    f"WireGuard peers{'' if fam == 4 else f' of {dev}'} (private key hidden)",
+                    labwg.shown_command(ns, dev),
+                    labwg.wg_show(ns, dev),
+                )
+            )
     elif lab.st.options.backend == "udp":
         parts.append(
             _section(
@@ -417,8 +427,8 @@ def trace_hops(lab: Lab, src_name: str, dst_name: str, family: int = 0) -> tuple
         )
     elif lab.st.options.backend == "udp" and rg.get("dev") == UDP_DEV:
         hops += _udp_hops(lab, sn, dn, dst)
-    elif lab.st.options.backend == "wireguard" and rg.get("dev") == labwg.DEV:
-        wg_hops = labwg.trace_hops(sn.netns, snip, dn.netns, dip, sip)
+    elif lab.st.options.backend == "wireguard" and rg.get("dev") == labwg.device(fam)[0]:
+        wg_hops = labwg.trace_hops(sn.netns, snip, dn.netns, dip, sip, fam)
         for (what, cmd, entry), node in zip(wg_hops, (sn, dn), strict=True):
             hops.append(Hop(f"node {node.name}", what, cmd, entry))
     elif lab.st.options.backend == "ipsec":
@@ -587,7 +597,7 @@ def trace(
         if p.name != "underlay":
             continue
         if backend == "wireguard":
-            lines.append(labwg.capture_note(out, sip, dip))
+            lines.append(labwg.capture_note(out, sip, dip, fam))
             continue
         if backend == "ipsec":
             lines.append(_esp_note(out, sip, dip))
