@@ -55,6 +55,9 @@ def test_ipsec_where_the_kernel_has_no_esp(lab_factory: Callable[[str], LabRun])
     assert "use --backend wireguard" in p.stderr and "Traceback" not in p.stderr
     lab.assert_gone()
     assert _root_xfrm() == before
+    p = lab.cli("up", "--ipsec-udp-encap")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "an option of --backend ipsec" in p.stderr
+    lab.assert_gone()
     # IPv6 is refused before any probe: upstream's ipsec is IPv4 only.
     p = lab.cli("up", "--backend", "ipsec", "--ip-family", "dual")
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "the ipsec backend carries IPv4 only" in p.stderr
@@ -62,9 +65,11 @@ def test_ipsec_where_the_kernel_has_no_esp(lab_factory: Callable[[str], LabRun])
 
 
 @pytest.mark.vm_only
-def test_ipsec_lab(lab_factory: Callable[[str], LabRun]) -> None:
-    lab = lab_factory("ipsec")
-    up = lab.ok("up", "--backend", "ipsec", "--nodes", "2", "--pods-per-node", "1", timeout=600)
+@pytest.mark.parametrize("encap", [False, True], ids=["esp", "udpencap"])
+def test_ipsec_lab(lab_factory: Callable[[str], LabRun], encap: bool) -> None:
+    lab = lab_factory("ipsec" + ("u" if encap else ""))
+    extra = ("--ipsec-udp-encap",) if encap else ()
+    up = lab.ok("up", "--backend", "ipsec", "--nodes", "2", "--pods-per-node", "1", *extra, timeout=600)
     psk_file = lab.state_dir / "ipsec.psk"
     psk = psk_file.read_text().strip()
     assert len(psk) >= 96 and stat.S_IMODE(psk_file.stat().st_mode) == 0o600
@@ -89,7 +94,13 @@ def test_ipsec_lab(lab_factory: Callable[[str], LabRun]) -> None:
     assert f"tmpl src {n1['ip']} dst {n2['ip']}" in out  # the out policy's template
     capture = out.split("capture on underlay")[1]
     # Only ESP between the nodes' addresses; neither pod address in clear, as text or as bytes.
-    assert re.search(rf"{re.escape(n1['ip'])} > {re.escape(n2['ip'])}: ESP\(spi=0x[0-9a-f]+", capture), capture
+    if encap:  # ESP inside UDP 4500, as tcpdump decodes it
+        outer = rf"{re.escape(n1['ip'])}\.4500 > {re.escape(n2['ip'])}\.4500: UDP-encap: ESP\(spi=0x[0-9a-f]+"
+        assert '"UDPEncap": true' in up
+    else:
+        outer = rf"{re.escape(n1['ip'])} > {re.escape(n2['ip'])}: ESP\(spi=0x[0-9a-f]+"
+        assert "proto ESP (50)" in capture
+    assert re.search(outer, capture), capture
     assert src not in capture.split("encrypted:")[0] and dst not in capture.split("encrypted:")[0]
     assert "ICMP" not in capture and "encrypted: the underlay carries only ESP" in capture
     lab.ok("down")

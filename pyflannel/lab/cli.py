@@ -2,6 +2,7 @@
 
 flannel-lab up [--nodes N] [--backend vxlan|host-gw|ipip|udp|wireguard|ipsec|alloc|extension] [--pods-per-node K]
                [--[no-]ip-masq] [--network CIDR] [--store etcd|kube] [--ip-family ipv4|dual|ipv6] [--ipv6-network CIDR]
+               [--ipsec-udp-encap]
 flannel-lab status [--json] | check | show NODE [--services] | exec POD|NODE -- CMD...
 flannel-lab status NODE --agent [--json] | metrics NODE        (the agent's /status and /metrics)
 flannel-lab trace SRC_POD DST_POD|SERVICE:PORT [-6] [--capture underlay|cni0|flannel.1|pod ...]
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         "(EnableIPv4 false); the underlay gets fd77:77::/64 beside its IPv4",
     )
     u.add_argument("--ipv6-network", default=LabOptions.ipv6_network, help="IPv6Network (default %(default)s)")
+    u.add_argument("--ipsec-udp-encap", action="store_true", help="--backend ipsec with UDPEncap: ESP in UDP 4500")
     u.add_argument(
         "--store",
         default="etcd",
@@ -243,6 +245,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             store=args.store,
             ip_family=args.ip_family,
             ipv6_network=args.ipv6_network,
+            ipsec_udp_encap=args.ipsec_udp_encap,
         )
         lab = up(state_dir, prefix, opts, force=args.force, say=say)
         print()

@@ -128,5 +128,8 @@ def trace_hops(
 
 
 def underlay_filter() -> list[str]:
-    """ESP (protocol 50), or ESP in UDP 4500 (UDPEncap, NAT traversal); -X shows the payload is ciphertext."""
-    return ["-X", "ip", "proto", str(ESP_PROTO), "or", "udp", "port", str(NATT_PORT)]
+    """ESP (protocol 50), or ESP in UDP 4500 (UDPEncap): not IKE on 4500, whose payload starts with four zero bytes
+    (the non-ESP marker), nor NAT-T keepalives (one byte: the 4-byte test reads past them and rejects); -X shows
+    the payload is ciphertext."""
+    return ["-X", "ip", "proto", str(ESP_PROTO), "or", "(", "udp", "port", str(NATT_PORT), "and", "udp[8:4]", "!=",
+            "0", ")"]  # fmt: skip

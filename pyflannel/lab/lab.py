@@ -491,13 +491,15 @@ EXTENSION_EXAMPLE = {
 }
 
 
-def backend_conf(backend: str, psk: str | None = None) -> dict[str, Any]:
+def backend_conf(backend: str, psk: str | None = None, udp_encap: bool = False) -> dict[str, Any]:
     """net-conf.json's Backend for `up --backend`."""
     conf: dict[str, Any] = {"Type": backend}
     if backend == "extension":
         conf.update(EXTENSION_EXAMPLE)
     if backend == "ipsec" and psk is not None:
         conf["PSK"] = psk
+    if backend == "ipsec" and udp_encap:
+        conf["UDPEncap"] = True
     return conf
 
 
@@ -512,7 +514,7 @@ def net_conf(opts: LabOptions, psk: str | None = None) -> dict[str, Any]:
     if 6 in opts.families:
         conf["EnableIPv6"] = True
         conf["IPv6Network"] = opts.ipv6_network
-    conf["Backend"] = backend_conf(opts.backend, psk)
+    conf["Backend"] = backend_conf(opts.backend, psk, opts.ipsec_udp_encap)
     if opts.nftables:
         conf["EnableNFTables"] = True
     return conf
@@ -609,6 +611,8 @@ def _validate(opts: LabOptions) -> None:
             )
     if opts.store not in ("etcd", "kube"):
         raise LabError(f"--store must be etcd or kube, not {opts.store!r}")
+    if opts.ipsec_udp_encap and opts.backend != "ipsec":
+        raise LabError(f"--ipsec-udp-encap is an option of --backend ipsec, not of {opts.backend}")
 
 
 def _orphans(state_dir: Path) -> list[int]:

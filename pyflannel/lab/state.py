@@ -78,6 +78,7 @@ class LabOptions:
     service_cidr: str = "10.96.0.0/12"
     ip_family: str = "ipv4"  # "dual" (EnableIPv6 too) or "ipv6" (EnableIPv4 false)
     ipv6_network: str = "fd42:244::/56"  # IPv6Network with IPv6 on: a ULA /56, a /64 per node
+    ipsec_udp_encap: bool = False  # the ipsec backend's UDPEncap: ESP in UDP 4500
 
     @property
     def families(self) -> tuple[int, ...]:
