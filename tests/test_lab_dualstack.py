@@ -139,6 +139,21 @@ def test_dual_trace_ipv6_captures_vxlan_over_ipv6(dual: LabRun) -> None:
     assert "fd77:77::" not in out4.split("capture on underlay")[1]
 
 
+def test_dual_add_and_remove_node(dual: LabRun) -> None:
+    dual.ok("add-node", "--pods", "1")
+    n3 = _by_name(dual.status()["nodes"])["n3"]
+    assert n3["ip6"] == "fd77:77::13" and n3["subnet6"]
+    out = dual.ok("check")  # add-node returned once the peers reach the new node, over both families
+    assert "20/20 pairs ok over IPv4" in out and "20/20 pairs ok over IPv6" in out
+    key = f"{n3['subnet'].replace('/', '-')}&{n3['subnet6'].replace('/', '-')}"
+    assert _etcd_get(dual, f"/coreos.com/network/subnets/{key}")
+    dual.ok("remove-node", "n3")
+    assert _etcd_get(dual, f"/coreos.com/network/subnets/{key}") == ""  # the dual-stack lease key, dropped
+    n1 = _by_name(dual.status()["nodes"])["n1"]
+    assert netns.wait_for(lambda: n3["subnet6"] not in netns.run(["ip", "-n", n1["netns"], "-6", "route"]))
+    assert "12/12 pairs ok over IPv6" in dual.ok("check")
+
+
 def test_ipv6_only_lab(lab_factory: Callable[[str], LabRun]) -> None:
     lab = lab_factory("v6")
     lab.ok("up", "--ip-family", "ipv6", "--nodes", "2", "--pods-per-node", "1")
