@@ -6,6 +6,7 @@ A backend is one module of this package exposing `BACKEND`, its Backend subclass
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,10 +14,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..iface import ExternalInterface
 from ..lease import Lease
+from ..netlink import NetlinkError
 
 if TYPE_CHECKING:
     from ..config import NetConfig
     from ..netlink import KernelEvent, Netlink
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(RuntimeError):
@@ -98,7 +102,8 @@ class Backend(ABC):
     (its attrs go into the lease), start(own lease), then run() beside peer updates. reconcile() is the bulk path
     and the periodic repair: it makes the kernel hold exactly the entries for `peers` on the backend's own
     devices, adding what is missing and sweeping what matches no lease. close() releases resources but leaves the
-    data plane in place so pods keep talking."""
+    data plane in place so pods keep talking, except what an agent that never got a lease built (see
+    remove_half_built())."""
 
     def __init__(self, cfg: NetConfig, ext: ExternalInterface, nl: Netlink) -> None:
         """Reads and validates the backend's options (BackendError); touches no kernel state."""
@@ -107,6 +112,8 @@ class Backend(ABC):
         self.nl = nl
         # Told about repairs the backend makes by itself; the agent replaces it with its metrics.
         self.observer: RepairObserver = _Unobserved()
+        # The devices this run created, by name, with the ifindex each got: remove_half_built()'s ledger.
+        self._made: dict[str, int] = {}
 
     @classmethod  # noqa: B027
     def check_config(cls, cfg: NetConfig) -> None:
@@ -145,6 +152,40 @@ class Backend(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    def made_device(self, name: str, index: int) -> None:
+        """Record that this run created device `name`, which got ifindex `index` (a later recreation replaces the
+        record). Devices found and reused are never recorded: they are what a previous run left."""
+        self._made[name] = index
+
+    async def remove_half_built(self, own: Lease | None) -> list[str]:
+        """The one rule for what close() leaves of a backend's devices. Once a lease was handed to start() (`own`,
+        the backend's own lease, None while it has none) the data plane stays, as upstream: pods keep talking
+        while the agent restarts and the next start reuses it, so nothing is removed. An agent that never got a
+        lease (bad config found late, no free subnet, the IPv6 device refused after the IPv4 one, stopped while
+        waiting) has no data plane yet: the devices this run made are deleted, so that nothing half-built is
+        left. Devices a previous run left are kept (peers hold their MACs or keys), and so is a device that
+        replaced ours meanwhile (its ifindex differs). Returns the names of this run's devices not replaced since
+        (removed, already gone, or failing to be removed, which is logged), for whatever serves them (a userspace
+        process) to be stopped too."""
+        if own is not None:
+            return []
+        made, self._made = self._made, {}
+        ours: list[str] = []
+        for name, index in made.items():
+            try:
+                link = await self.nl.link_by_name(name)
+                if link is not None and link.index != index:
+                    continue
+                ours.append(name)
+                if link is not None:
+                    await self.nl.delete_link(index)
+                    log.info("removed %s: this run made it but never got a lease", name)
+            except NetlinkError as e:
+                if name not in ours:
+                    ours.append(name)
+                log.warning("cannot remove %s, which this run made but never got a lease for: %s", name, e)
+        return ours
 
     def status(self) -> str:
         """One line for /readyz once the node is ready (e.g. which implementation carries the traffic); "" for

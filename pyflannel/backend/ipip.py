@@ -84,6 +84,7 @@ class IpipBackend(RouteNetwork):
                 link = await self.nl.create_ipip(DEVICE, local=self.local, mtu=self._mtu, pmtudisc=False)
             except NetlinkError as e:
                 raise BackendError(f"failed to create the ipip device {DEVICE}: {e}") from e
+            self.made_device(DEVICE, link.index)
         elif link.mtu != self._mtu:
             log.info("current MTU of %s is %d, setting it to %d", DEVICE, link.mtu, self._mtu)
             try:
@@ -96,6 +97,11 @@ class IpipBackend(RouteNetwork):
             # The /32 gives the node a source address on the flannel network (for host-to-pod traffic) without
             # the broadcast routes a wider prefix would add.
             await configure_device(self.nl, link, IPv4Interface((own.subnet.network_address, 32)))
+
+    async def close(self) -> None:
+        await super().close()
+        # The data plane stays for the next start, unless this run never got a lease (Backend.remove_half_built).
+        await self.remove_half_built(self._own)
 
     def device_event_needs_repair(self, ev: KernelEvent) -> bool:
         return device_event_needs_repair(ev, DEVICE, self._index)

@@ -129,6 +129,7 @@ class UdpBackend(Backend):
         if link is None or self._tun < 0:
             if self._tun >= 0:
                 log.warning("TUN device %s is gone; recreating it", DEVICE)
+            created = link is None  # else a previous run's flannel0, which we attach to
             fd = self._open_tun()
             if self._fwd is not None:
                 self._fwd.replace_tun(fd)  # the thread closes the dead fd
@@ -138,6 +139,8 @@ class UdpBackend(Backend):
             link = await self.nl.link_by_name(DEVICE)
             if link is None:
                 raise BackendError(f"udp: {DEVICE} was opened but the kernel does not list it")
+            if created:
+                self.made_device(DEVICE, link.index)
         try:
             if link.mtu != self._mtu:
                 log.info("current MTU of %s is %d, setting it to %d", DEVICE, link.mtu, self._mtu)
@@ -277,7 +280,9 @@ class UdpBackend(Backend):
         return False
 
     async def close(self) -> None:
-        # flannel0 stays (persistent) with its address and route: the next start attaches to it.
+        # flannel0 stays (persistent) with its address and route: the next start attaches to it. Unless this run
+        # never got a lease (Backend.remove_half_built): then no forwarding thread was started, and the flannel0
+        # it made goes once our fd is closed.
         fwd, self._fwd = self._fwd, None
         if fwd is not None:
             await asyncio.get_running_loop().run_in_executor(None, fwd.stop)
@@ -289,6 +294,7 @@ class UdpBackend(Backend):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        await self.remove_half_built(self._own)
 
     async def inspect(self, peers: Sequence[Lease]) -> KernelView:
         """A peer's entry is its line in the data path's peer table (the kernel holds no per-peer state); the

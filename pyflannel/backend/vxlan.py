@@ -123,8 +123,6 @@ class VxlanBackend(Backend):
         if mtu_opt and mtu_opt < 68:
             raise BackendError(f"Backend.MTU: {mtu_opt} is below the minimum of 68")
         self._own: Lease | None = None
-        # Devices prepare() created (not reused): removed by close() if no lease ever came.
-        self._made_before_lease: list[_Dev] = []
         self._l2 = L2Segment(nl, ext)
         self._lock = asyncio.Lock()
         self.devs: dict[int, _Dev] = {}
@@ -211,6 +209,7 @@ class VxlanBackend(Backend):
             if dev.index:
                 log.warning("VXLAN device %s is gone; recreating it with MAC %s", dev.name, dev.mac)
             link = await self._create(dev)
+            self.made_device(dev.name, link.index)
             created = True
         elif link.mtu != dev.mtu:
             try:
@@ -236,8 +235,7 @@ class VxlanBackend(Backend):
     async def prepare(self) -> BackendAttrs:
         async with self._lock:
             for dev in self.devs.values():
-                if await self._ensure_device(dev):
-                    self._made_before_lease.append(dev)
+                await self._ensure_device(dev)
             await self._l2.refresh()
         d4, d6 = self.devs.get(4), self.devs.get(6)
         data = {"VNI": self.vni, "VtepMAC": d4.mac} if d4 is not None and self.ext.public_ip is not None else None
@@ -467,21 +465,8 @@ class VxlanBackend(Backend):
         )
 
     async def close(self) -> None:
-        # The data plane stays: pods keep talking while the agent restarts, and the next start reuses it. An agent
-        # that never got a lease (bad config found late, no free subnet, the IPv6 device refused after the IPv4 one
-        # was made, stopped while waiting) has no data plane yet: the devices this run made are removed, so that
-        # nothing half-built is left. Devices a previous run left are kept (their MACs are in peers' entries).
-        if self._own is not None:
-            return
-        for dev in self._made_before_lease:
-            link = await self.nl.link_by_name(dev.name)
-            if link is not None and link.index == dev.index:
-                try:
-                    await delete_device(self.nl, link)
-                    log.info("removed %s: this run made it but never got a lease", dev.name)
-                except BackendError as e:
-                    log.warning("%s", e)
-        self._made_before_lease.clear()
+        # The data plane stays for the next start, unless this run never got a lease (Backend.remove_half_built).
+        await self.remove_half_built(self._own)
 
 
 BACKEND = VxlanBackend

@@ -434,6 +434,7 @@ class WireguardBackend(Backend):
             if dev.index:
                 log.warning("wireguard: %s is gone; recreating it with all peers", dev.name)
             link = await self._create(dev)
+            self.made_device(dev.name, link.index)
             created = True
         dev.index = link.index
         if link.mtu != self._mtu:
@@ -681,9 +682,16 @@ class WireguardBackend(Backend):
 
     async def close(self) -> None:
         # The data plane stays, wireguard-go included: pods keep talking while the agent restarts, and the next
-        # agent adopts the devices (and the processes) as they are.
+        # agent adopts the devices (and the processes) as they are. Unless this run never got a lease
+        # (Backend.remove_half_built): the devices it made go, and so do the wireguard-go processes it started
+        # for them (deleting its TUN makes wireguard-go exit; stop() reaps it, or kills it if it lingers).
+        half_built = await self.remove_half_built(self._own)
         for dev in self.devs:
-            if dev.wg is not None:
+            if dev.wg is None:
+                continue
+            if dev.name in half_built:
+                await dev.wg.stop()
+            else:
                 dev.wg.close()
 
     async def figures(self) -> list[Figure]:
