@@ -10,7 +10,6 @@ every decoder takes (buf, off, end): the body of one message, after its 16-byte 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 import struct
 from collections.abc import Iterator
@@ -387,8 +386,9 @@ def decode_route(buf: bytes | memoryview, off: int, end: int) -> Route | None:
                 if k2 == RTA_GATEWAY:
                     gw_raw = bytes(buf[a2:b2])
     zero = b"\0" * (4 if fam == AF_INET else 16)
-    # The class itself, not ip_network(), which tries IPv4 first and catches the failure for IPv6.
-    dst: IPNetwork = (IPv4Network if fam == AF_INET else IPv6Network)((_ip(fam, dst_raw or zero), dst_len))
+    # The class itself, not ip_network(), which tries IPv4 first and catches the failure for IPv6; and from the
+    # packed bytes: given an address object, ipaddress formats it and parses the text again (3x the time).
+    dst: IPNetwork = (IPv4Network if fam == AF_INET else IPv6Network)((dst_raw or zero, dst_len))
     if fam == AF_INET6 and prio == IP6_RT_PRIO_USER:
         prio = 0
     if rtype == RTN_BLACKHOLE:
@@ -604,7 +604,9 @@ def decode_addr(buf: bytes | memoryview, off: int, end: int) -> Address | None:
     raw = local or addr
     if len(raw) != (4 if fam == AF_INET else 16):
         return None
-    return Address(index=index, address=ipaddress.ip_interface((_ip(fam, raw), plen)), scope=scope)
+    # From the packed bytes, as decode_route builds its networks.
+    iface: IPInterface = (IPv4Interface if fam == AF_INET else IPv6Interface)((raw, plen))
+    return Address(index=index, address=iface, scope=scope)
 
 
 def encode_route_get(seq: int, target: IPAddress) -> bytes:
