@@ -11,7 +11,7 @@ and kernel devices it outlives the agent (a session of its own), so an agent res
 adopts it, recognising it by its comm, its network namespace and the tmpfs on its /run (named TMPFS).
 
 Secrets: the PSK goes to charon only inside a load-shared request; no file holds it. charon logs to the agent's
-stderr at level 0 (and 1 for IKE), far below the level 4 at which strongSwan would print key material.
+stderr at level 0 (SAs established, deleted, failed), far below the level 4 at which strongSwan prints key material.
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ def strongswan_conf(vici_path: str = VICI_PATH) -> str:
         stderr {{
             path = /dev/stderr
             default = 0
-            ike = 1
             ike_name = yes
         }}
     }}
@@ -173,6 +172,7 @@ def conn_message(c: ConnSpec) -> dict[str, Any]:
             "keyingtries": "0",  # the initiator retries until the peer answers
             "dpd_delay": DPD_DELAY,
             "unique": "replace",  # a restarted peer's new IKE_SA replaces the one it forgot
+            "mobike": "no",  # the ends are the leases' PublicIPs; a change of address is a new lease
             "local": {"auth": "psk", "id": c.local_ip},
             "remote": {"auth": "psk", "id": c.remote_ip},
             "children": {c.child: child},
@@ -193,12 +193,13 @@ def _text(v: Any) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
-def established(sas: Iterable[Mapping[str, Any]]) -> dict[str, set[str]]:
-    """IKE_SA name -> the names of its installed CHILD_SAs, for every ESTABLISHED IKE_SA of a list-sas answer."""
+def established(sas: Iterable[Mapping[str, Any]], any_state: bool = False) -> dict[str, set[str]]:
+    """IKE_SA name -> the names of its installed CHILD_SAs, for every ESTABLISHED IKE_SA of a list-sas answer (with
+    `any_state`: every IKE_SA, also those still connecting, rekeying or being deleted)."""
     out: dict[str, set[str]] = {}
     for entry in sas:
         for name, sa in entry.items():
-            if _text(sa.get("state", b"")) != "ESTABLISHED":
+            if not any_state and _text(sa.get("state", b"")) != "ESTABLISHED":
                 continue
             children = sa.get("child-sas", {}) or {}
             kids = out.setdefault(_text(name), set())
@@ -263,8 +264,9 @@ class Vici:
         r = await self.call("get-conns", "get_conns")
         return {_text(k) for k in r.get("conns", [])}
 
-    async def sas(self) -> dict[str, set[str]]:
-        return established(await self.call("list-sas", "list_sas", {"noblock": "yes"}))
+    async def sas(self, any_state: bool = False) -> dict[str, set[str]]:
+        # Not noblock: an IKE_SA busy in a job would be left out, and look missing.
+        return established(await self.call("list-sas", "list_sas"), any_state)
 
     async def initiate(self, conn: str, child: str) -> None:
         # timeout -1: return at once and let charon go on; the periodic check looks at the result.

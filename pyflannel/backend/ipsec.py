@@ -18,8 +18,9 @@ them: its policies would come and go with its SAs and with charon itself.
 Both ends would initiate (upstream's), giving each pair two IKE_SAs and two CHILD_SAs; here only the end with the
 lower PublicIP initiates (start_action start, close_action start, dpd_action restart, retrying forever) and the other
 responds only. When the responder's charon restarts, its peer still holds the old IKE_SA and would learn of the loss
-only by DPD; so the periodic check has the responder initiate a connection that has had no established SA for two
-checks in a row (the initiator's `unique = replace` drops the stale one).
+only by DPD; so the periodic check has the responder initiate a connection that has had no established SA for
+RESPONDER_PATIENCE checks in a row (the initiator's `unique = replace` drops the stale one). Meanwhile the kernel
+keeps the SAs the old charon installed, so traffic goes on.
 
 charon: started as a child in the node's network namespace with a private /run (backend/charon.py), supervised by
 run(): restarted when it exits (growing pauses while it keeps dying), then given every key and connection again.
@@ -408,11 +409,13 @@ class IpsecBackend(Backend):
     async def _kick_responders(self) -> None:
         v = self._vici()
         try:
-            sas = await v.sas()
+            sas = await v.sas(any_state=True)
         except ViciError as e:
             raise BackendError(f"ipsec: {e}") from None
         for peer in self._state.peers.values():
-            up = peer.conn.child in sas.get(peer.conn.name, set())
+            # Any IKE_SA for the connection, even one still being negotiated, counts: initiating beside it would
+            # make a second one.
+            up = peer.conn.name in sas
             peer.missed = 0 if up else peer.missed + 1
             if not up and not peer.conn.initiator and peer.missed >= RESPONDER_PATIENCE:
                 log.info("ipsec: no SA with %s for %d checks; initiating from this end", peer.conn.remote_ip,
