@@ -4,9 +4,10 @@ device a previous successful run left is kept (peers hold its MAC or key, and po
 Every device backend is driven the same way, with real agents on real etcd: the net-conf has room for two subnets,
 a first node joins and stops, its lease is dropped and two reservations take both subnets. Then that node and a
 fresh one each start, make (or find) the device, fail to get a lease with one clear line, and exit. The kernel of
-each node says what was left: the old node's device (same ifindex, same MAC) and nothing on the new node. vxlan,
-udp (flannel0, a TUN) and wireguard (wireguard-go on this host's kernel) run on the host; ipip needs the stock
-kernel (`python -m pyflannel.lab.vm -- tests/test_cluster_halfbuilt.py -k ipip`).
+each node says what was left: the old node's device (same ifindex, same MAC) and nothing on the new node. The
+same holds for an agent stopped by SIGTERM while its lease cannot be got. vxlan, udp (flannel0, a TUN) and
+wireguard (wireguard-go on this host's kernel) run on the host; ipip needs the stock kernel
+(`python -m pyflannel.lab.vm -- tests/test_cluster_halfbuilt.py -k ipip`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,39 @@ def test_no_lease_removes_only_what_this_run_made(
         assert netns.wait_for(lambda: wg_go_pid(new) is None, timeout=10), "this run's wireguard-go is still running"
     # The device was made (so its absence is a removal, not a run that stopped before making it).
     assert removed in new_log, new_log
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stopped_while_waiting_for_a_lease_removes_what_this_run_made(
+    scope: netns.RunScope, case: Case, require_kernel_module: Callable[..., None]
+) -> None:
+    """SIGTERM while the lease cannot be got (the agent's etcd user may read the config but write nothing, so
+    every acquire is refused and retried): a clean exit 0 that leaves nothing of the device it made."""
+    need(tools=("ip", "etcd", "etcdctl", *case.tools))
+    if case.module:
+        require_kernel_module(case.module)
+    tb = Testbed(scope)
+    tb.start_etcd()
+    tb.put_config({**CONF, "Backend": {"Type": case.backend}})
+    node = tb.add_node("n1")
+    tb.etcdctl("user", "add", "root:rootpw")
+    tb.etcdctl("role", "add", "reader")
+    tb.etcdctl("role", "grant-permission", "reader", "--prefix=true", "read", f"{tb.prefix}/")
+    tb.etcdctl("user", "add", "flannel:flannelpw")
+    tb.etcdctl("user", "grant-role", "flannel", "reader")
+    tb.etcdctl("auth", "enable")
+    tb.start_agent(node, "--etcd-username=flannel", "--etcd-password=flannelpw")
+    waiting = "failed to acquire a lease, retrying"
+    assert netns.wait_for(lambda: waiting in tb.log_tail(node, 100_000), timeout=60), tb.log_tail(node)
+    assert link_id(node.ns, case.device) is not None, "prepare() made no device: nothing to test"
+    assert tb.stop_agent(node) == 0, tb.log_tail(node)
+    log = node.log_file.read_text(errors="replace")
+    assert "Traceback" not in log, log
+    links = netns.run(["ip", "-n", node.ns, "-o", "link", "show"])
+    assert "flannel" not in links, f"{node.name} never got a lease but keeps:\n{links}"
+    if case.backend == "wireguard":
+        assert netns.wait_for(lambda: wg_go_pid(node) is None, timeout=10), "this run's wireguard-go still runs"
+    assert f"removed {case.device}: this run made it but never got a lease" in log, log
 
 
 def test_the_rule_on_one_backend_object(scope: netns.RunScope) -> None:
