@@ -112,8 +112,8 @@ def strongswan_conf(vici_path: str = VICI_PATH) -> str:
         }}
     }}
     filelog {{
+        # The name `stderr` with no path: charon's own fd 2 (the agent's log), not whatever /dev/stderr opens to.
         stderr {{
-            path = /dev/stderr
             default = 0
             ike_name = yes
         }}
