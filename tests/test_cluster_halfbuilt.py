@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -64,13 +65,22 @@ def link_id(ns: str, dev: str) -> tuple[int, str] | None:
     return None
 
 
+def exit_code(tb: Testbed, node: Node, timeout: float = 90) -> int:
+    """The exit status of `node`'s agent, which must end by itself within `timeout` seconds."""
+    assert node.proc is not None
+    try:
+        return node.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flanneld on {node.name} still runs after {timeout}s:\n{tb.log_tail(node)}", pytrace=False)
+
+
 def fail_without_lease(tb: Testbed, node: Node) -> str:
     """Start the agent on `node`, which finds no free subnet: it exits 1 with exactly one error line and no
     traceback. The log of that run."""
     node.subnet_file.unlink(missing_ok=True)
     start = node.log_file.stat().st_size if node.log_file.exists() else 0
-    proc = tb.start_agent(node)
-    assert proc.wait(timeout=90) == 1, tb.log_tail(node)
+    tb.start_agent(node)
+    assert exit_code(tb, node) == 1, tb.log_tail(node)
     tb.stop_agent(node)
     with node.log_file.open("rb") as f:
         f.seek(start)
@@ -152,6 +162,32 @@ def test_stopped_while_waiting_for_a_lease_removes_what_this_run_made(
     if case.backend == "wireguard":
         assert netns.wait_for(lambda: wg_go_pid(node) is None, timeout=10), "this run's wireguard-go still runs"
     assert f"removed {case.device}: this run made it but never got a lease" in log, log
+
+
+def test_dual_stack_wireguard_go_leaves_neither_device(scope: netns.RunScope) -> None:
+    """Mode separate, both families: two devices, each served by a wireguard-go of its own, are made before the
+    lease; no IPv6 subnet is free, and both devices and both processes go."""
+    need(tools=("ip", "etcd", "etcdctl", "wireguard-go"))
+    tb = Testbed(scope, ip_family="dual")
+    tb.start_etcd()
+    conf = {**CONF, "EnableIPv6": True, "IPv6Network": "fd00::/62", "Backend": {"Type": "wireguard"}}
+    tb.put_config(conf)
+    for i in (1, 2, 3):  # reservations on all three IPv6 subnets of fd00::/62
+        value = json.dumps({"PublicIP": f"192.168.77.20{i}", "PublicIPv6": f"fd77:77::20{i}"})
+        tb.etcdctl("put", f"{tb.prefix}/subnets/10.244.{i}0.0-24&fd00:0:0:{i}::-64", value)
+    node = tb.add_node("n1")
+    tb.start_agent(node)
+    assert exit_code(tb, node) == 1, tb.log_tail(node)
+    tb.stop_agent(node)
+    log = node.log_file.read_text(errors="replace")
+    errors = [ln for ln in log.splitlines() if ln.startswith(("E", "F"))]
+    assert len(errors) == 1 and "no free subnets between IPv6SubnetMin and IPv6SubnetMax" in errors[0], log
+    assert "Traceback" not in log, log
+    links = netns.run(["ip", "-n", node.ns, "-o", "link", "show"])
+    assert "flannel" not in links, f"{node.name} never got a lease but keeps:\n{links}"
+    assert netns.wait_for(lambda: wg_go_pid(node) is None, timeout=10), "a wireguard-go of this run still runs"
+    for dev in ("flannel-wg", "flannel-wg-v6"):
+        assert f"removed {dev}: this run made it but never got a lease" in log, log
 
 
 def test_the_rule_on_one_backend_object(scope: netns.RunScope) -> None:
