@@ -95,7 +95,9 @@ def test_ipsec_lab(lab_factory: Callable[[str], LabRun], encap: bool) -> None:
     capture = out.split("capture on underlay")[1]
     # Only ESP between the nodes' addresses; neither pod address in clear, as text or as bytes.
     if encap:  # ESP inside UDP 4500, as tcpdump decodes it
-        outer = rf"{re.escape(n1['ip'])}\.4500 > {re.escape(n2['ip'])}\.4500: UDP-encap: ESP\(spi=0x[0-9a-f]+"
+        # tcpdump may put a checksum note first: "[no cksum] UDP-encap: ESP(spi=0x...,seq=0x5)".
+        ips = rf"{re.escape(n1['ip'])}\.4500 > {re.escape(n2['ip'])}\.4500: "
+        outer = ips + r"(?:\[[^]]*\] )?UDP-encap: ESP\(spi=0x[0-9a-f]+"
         assert '"UDPEncap": true' in up
     else:
         outer = rf"{re.escape(n1['ip'])} > {re.escape(n2['ip'])}: ESP\(spi=0x[0-9a-f]+"
