@@ -103,12 +103,8 @@ class Lab:
             next_host=st.next_host,
             underlay=st.options.underlay,
             prefix=st.etcd_prefix,
+            ip_family=st.options.ip_family,  # add-node's IPv6 address and route come from it
         )
-        if st.options.ip_family != "ipv4":
-            # attach() makes an IPv4 test bed: add-node needs the IPv6 underlay's too (its addresses, its gateway).
-            tb.ip_family = st.options.ip_family
-            tb.underlay6 = ipaddress.IPv6Network(DEFAULT_UNDERLAY6)
-            tb.gateway6 = str(tb.underlay6.network_address + 1)
         for n in st.nodes:
             tb.nodes[n.name] = Node(
                 name=n.name, ns=n.netns, ip=n.ip, dir=Path(n.dir), extra_args=tuple(n.args), ip6=n.ip6 or None
