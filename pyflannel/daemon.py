@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, NoReturn
 
-from prometheus_client import CollectorRegistry
-
 from . import VERSION
 from .backend.base import Backend, BackendError, Entries, ExternalInterface, KernelView, kernel_view
 from .backend.entries import OwnedEntries, describe
@@ -164,7 +162,7 @@ class Agent:
     # The --ip-blackhole-route routes, which kernel events are matched against like a backend's entries.
     blackholes: OwnedEntries[str] = field(default_factory=OwnedEntries)
     # The agent's own registry: nothing is registered anywhere global.
-    metrics: Metrics = field(default_factory=lambda: Metrics(CollectorRegistry()))
+    metrics: Metrics = field(default_factory=Metrics)
     # The /status being built, shared by the requests that arrive meanwhile (a burst of them costs one read of
     # the kernel).
     _status: asyncio.Task[bytes] | None = None
@@ -253,7 +251,7 @@ class Agent:
         log.info("network config: %s", _describe(net))
         backend_cls = backend_class(net.backend.type)
         backend_cls.check_config(net)
-        self.metrics.build.info({"version": VERSION, "backend": net.backend.type.lower(), "store": self.store.name})
+        self.metrics.build_info(VERSION, net.backend.type.lower(), self.store.name)
         # A store may name our public address (kube: <p>/node-public-ip); it wins over --public-ip, as upstream.
         ip4, ip6 = await self.store.public_ip_overrides()
         if ip4 or ip6:
@@ -667,7 +665,7 @@ def run_daemon(opts: Options) -> NoReturn:
     log.info("flanneld version %s (pyflannel)", VERSION)
 
     async def _run() -> int:
-        metrics = Metrics(CollectorRegistry())
+        metrics = Metrics()
         try:
             netlink = Netlink()
             options = kube_options_from_cli(opts, os.environ) if opts["kube-subnet-mgr"] else cfg.etcd
