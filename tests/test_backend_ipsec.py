@@ -26,6 +26,7 @@ from pyflannel.backend.charon import (
 )
 from pyflannel.backend.ipsec import DEFAULT_ESP_PROPOSAL, IpsecBackend, parse_options
 from pyflannel.backend.registry import backend_class
+from pyflannel.backend.sandbox import run_tmpfs_in
 from pyflannel.config import parse_net_config
 from pyflannel.lab.netns import RunScope
 from pyflannel.lease import Lease, LeaseAttrs
@@ -203,6 +204,16 @@ def test_established_reads_list_sas() -> None:
         {"c": {"state": "ESTABLISHED"}},
     ]
     assert established(sas) == {"a": {"k"}, "c": set()}
+
+
+def test_our_charon_is_recognised_under_a_machine_run_mount() -> None:
+    # The VM's own /run is a tmpfs too, listed before the one the sandbox puts on top of it.
+    machine = "25 1 0:22 / /run rw,nosuid,nodev shared:5 - tmpfs tmpfs rw,size=403000k,mode=755"
+    ours = "40 38 0:45 / /run rw,nosuid,nodev,noexec - tmpfs flannel-charon rw,size=4096k,mode=700"
+    other = "41 38 0:46 / /var rw - tmpfs flannel-charon rw"
+    assert run_tmpfs_in([machine, ours], "flannel-charon")
+    assert not run_tmpfs_in([machine, other], "flannel-charon")
+    assert not run_tmpfs_in([machine], "flannel-charon")
 
 
 # ---------------------------------------------------------------- a real charon

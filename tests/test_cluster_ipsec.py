@@ -40,14 +40,22 @@ def _need() -> None:
     need(tools=("ip", "etcd", "etcdctl", "swanctl", "tcpdump"), files=("/usr/lib/ipsec/charon",))
 
 
-def charon_pid(node: Node) -> int | None:
+def charon_pids(node: Node) -> list[int]:
+    out = []
     for pid in netns.ns_pids(node.ns):
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() == "charon":
-                return pid
+                out.append(pid)
         except OSError:
             continue
-    return None
+    return out
+
+
+def charon_pid(node: Node) -> int | None:
+    """The node's one charon (two would fight over UDP 500)."""
+    pids = charon_pids(node)
+    assert len(pids) <= 1, f"{node.name} runs several charons: {pids}"
+    return pids[0] if pids else None
 
 
 def swanctl(node: Node, *args: str) -> str:

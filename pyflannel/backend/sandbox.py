@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 # The environment variable that hands the sandbox the files to write under the new /run before the exec (a
 # daemon's configuration); the sandbox removes it from the daemon's environment.
@@ -55,13 +55,19 @@ def run_mounted_as(pid: int | str, tmpfs: str) -> bool:
     """Whether process `pid` has a tmpfs named `tmpfs` on its /run: the mark of a daemon this module started."""
     try:
         with open(f"/proc/{pid}/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields, extra = left.split(), right.split()
-                if len(fields) > 4 and fields[4] == "/run" and len(extra) > 1 and extra[0] == "tmpfs":
-                    return extra[1] == tmpfs
+            return run_tmpfs_in(f, tmpfs)
     except OSError:
         return False
+
+
+def run_tmpfs_in(mountinfo: Iterable[str], tmpfs: str) -> bool:
+    """Whether a mountinfo listing has a tmpfs named `tmpfs` on /run. Any of the /run mounts: the machine's own
+    /run may be a mount too, listed first, with ours on top of it."""
+    for line in mountinfo:
+        left, _, right = line.partition(" - ")
+        fields, extra = left.split(), right.split()
+        if len(fields) > 4 and fields[4] == "/run" and extra[:2] == ["tmpfs", tmpfs]:
+            return True
     return False
 
 
@@ -69,4 +75,4 @@ def own_netns() -> str:
     return os.readlink("/proc/self/ns/net")
 
 
-__all__ = ["FILES_ENV", "SANDBOX", "own_netns", "run_mounted_as", "sandbox_argv", "sandbox_env"]
+__all__ = ["FILES_ENV", "SANDBOX", "own_netns", "run_mounted_as", "run_tmpfs_in", "sandbox_argv", "sandbox_env"]
