@@ -688,14 +688,29 @@ def test_acquire_after_the_early_list_went_stale(etcd: Etcd) -> None:
     async def body(c: Ctl) -> None:
         await _config(c)
         store = _store(c.endpoint)
+        lists = 0
+        list_leases = store._list
+
+        async def counted_list() -> Any:
+            nonlocal lists
+            lists += 1
+            return await list_leases()
+
+        store._list = counted_list
         it = store.watch_leases()
         try:
             cfg = await store.get_network_config()
-            await asyncio.sleep(0.5)  # the early list is in
+            # The early list is in (awaiting the task leaves its result for the acquire to take).
+            early = store._prefetch
+            assert early is not None
+            await early
+            assert lists == 1
             theirs = '{"PublicIP":"192.0.2.50","PublicIPv6":null}'
             await c.put(f"{PREFIX}/subnets/10.5.77.0-24", theirs)
             got = await store.acquire_lease(cfg, ME, SubnetEnv(subnet=IPv4Network("10.5.77.0/24")))
             assert got.subnet != IPv4Network("10.5.77.0/24")
+            # The acquire took the stale early list, lost the race for 10.5.77.0/24 and listed afresh.
+            assert lists == 2
             assert await c.value(f"{PREFIX}/subnets/10.5.77.0-24") == theirs
             snap = await _next(it)
             assert isinstance(snap, LeaseSnapshot)
