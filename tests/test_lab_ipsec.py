@@ -5,6 +5,7 @@ VM a real lab: check, show with every key hidden and never the PSK, trace whose 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import stat
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import pytest
 from test_lab import LabRun, lab_factory
 
+from pyflannel.lab.ipsec import redact
 from pyflannel.lab.lab import check_esp
 from pyflannel.lab.state import LabError
 
@@ -30,9 +32,14 @@ def _kernel_has_esp(prefix: str) -> bool:
     return True
 
 
-def _root_xfrm() -> tuple[str, str]:
-    def ip(*args: str) -> str:
-        return subprocess.run(["ip", "xfrm", *args], capture_output=True, text=True, timeout=10).stdout
+def _root_xfrm() -> tuple[tuple[str, str], tuple[str, str]]:
+    """The machine's own `ip xfrm state` and `ip xfrm policy` (read only), each as its redaction (a readable
+    diff should they differ) and the sha256 of the raw text (a change in key material alone still shows), so a
+    failed comparison never prints a real SA key."""
+
+    def ip(*args: str) -> tuple[str, str]:
+        out = subprocess.run(["ip", "xfrm", *args], capture_output=True, text=True, timeout=10).stdout
+        return redact(out), hashlib.sha256(out.encode()).hexdigest()
 
     return ip("state"), ip("policy")
 
