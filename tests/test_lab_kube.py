@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import yaml
 from needs import require
 from test_lab import LabRun, _new_lab
 
-from pyflannel.lab import netns
+from pyflannel.lab import kubemode, netns
+from pyflannel.lab.state import LabOptions, LabState
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,18 @@ def kube() -> Iterator[LabRun]:
         shutil.rmtree(lab.state_dir, ignore_errors=True)
         # The node's /var/lib/cni lived in its own mount namespaces only.
         assert HOST_VAR_LIB_CNI.exists() == host_had
+
+
+def test_configmap_net_conf_is_0600_even_over_a_looser_one(tmp_path: Path) -> None:
+    """An ipsec net-conf carries the PSK: net-conf.json is 0600 also where an earlier run left one readable."""
+    st = LabState(prefix="t", state_dir=str(tmp_path), options=LabOptions())
+    d = kubemode.configmap_dir(st)
+    d.mkdir(parents=True)
+    (d / "net-conf.json").write_text("{}\n")
+    (d / "net-conf.json").chmod(0o644)
+    kubemode.write_configmap(st, {"Network": "10.244.0.0/16", "Backend": {"Type": "ipsec", "PSK": "x" * 96}})
+    assert stat.S_IMODE((d / "net-conf.json").stat().st_mode) == 0o600
+    assert json.loads((d / "net-conf.json").read_text())["Backend"]["PSK"] == "x" * 96
 
 
 def _nodes(lab: LabRun) -> dict[str, dict[str, Any]]:

@@ -109,8 +109,10 @@ def write_configmap(st: LabState, net_conf: dict[str, Any]) -> None:
     d = configmap_dir(st)
     d.mkdir(parents=True, exist_ok=True)
     path = d / "net-conf.json"
-    # 0600 from the start: an ipsec net-conf carries the PSK.
+    # 0600 from the start: an ipsec net-conf carries the PSK. The mode of open() applies only to a new file: one
+    # left from an earlier run with a looser mode is tightened before anything is written to it.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(net_conf, indent=2) + "\n")
     (d / "cni-conf.json").write_text(json.dumps(KUBE_FLANNEL_CONFLIST, indent=2) + "\n")
