@@ -286,6 +286,7 @@ class Agent:
         prev = read_subnet_env(self.cfg.subnet_file)
         own = await self._acquire(net, attrs, prev)
         self.own = own
+        backend.lease_taken()
         self.metrics.lease_operation("acquire", "ok")
         log.info("acquired lease %s", _describe_lease(own))
         await backend.start(own)

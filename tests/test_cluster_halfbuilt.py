@@ -192,7 +192,8 @@ def test_dual_stack_wireguard_go_leaves_neither_device(scope: netns.RunScope) ->
 
 def test_the_rule_on_one_backend_object(scope: netns.RunScope) -> None:
     """Backend.remove_half_built, driven directly: a device this run made goes at close() without a lease, one
-    that replaced it meanwhile (another ifindex) stays, and nothing goes once start() was handed a lease."""
+    that replaced it meanwhile (another ifindex) stays, and nothing goes once start() was handed a lease or the agent
+    said it holds one (Backend.lease_taken, right after the acquire)."""
     need(tools=("ip",))
     ns = scope.add_ns("n1")
     netns.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
@@ -244,6 +245,15 @@ def test_the_rule_on_one_backend_object(scope: netns.RunScope) -> None:
         await be.start(lease)
         await be.close()
         assert link_id(ns, dev) == made, "close() after a lease removed the data plane"
+
+        # Stopped between the acquire and start(): the lease (with our VtepMAC) is in the store, so it stays.
+        be = VxlanBackend(cfg, ext, nl)
+        netns.run(["ip", "-n", ns, "link", "del", dev])
+        await be.prepare()
+        made = link_id(ns, dev)
+        be.lease_taken()
+        await be.close()
+        assert link_id(ns, dev) == made, "close() right after the acquire removed the data plane"
 
     async def main() -> None:
         nl = Netlink(netns=ns)

@@ -158,6 +158,12 @@ class Backend(ABC):
         record). Devices found and reused are never recorded: they are what a previous run left."""
         self._made[name] = index
 
+    def lease_taken(self) -> None:
+        """The agent now holds a lease advertising this backend's attrs (called right after the acquire, before
+        start()): from here its devices are the node's data plane, which close() leaves in place even if the agent
+        is stopped before start() ran (peers may already hold our VtepMAC or key)."""
+        self._made.clear()
+
     async def remove_half_built(self, own: Lease | None) -> list[str]:
         """The one rule for what close() leaves of a backend's devices. Once a lease was handed to start() (`own`,
         the backend's own lease, None while it has none) the data plane stays, as upstream: pods keep talking

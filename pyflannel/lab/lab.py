@@ -418,7 +418,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
     st.save()
     scope = RunScope(stem=netns.STEM_LAB, prefix=prefix, tmpdir=state_dir)
     try:
-        tb = Testbed(scope, underlay=opts.underlay, ip_family=opts.ip_family)
+        tb = Testbed(scope, underlay=opts.underlay, prefix=st.etcd_prefix, ip_family=opts.ip_family)
         st.ul_ns = tb.ul_ns
         st.save()
         nets = {"ipv4": opts.underlay, "dual": f"{opts.underlay} and {DEFAULT_UNDERLAY6}"}
@@ -449,8 +449,7 @@ def up(state_dir: Path, prefix: str, opts: LabOptions, *, force: bool = False, s
             st.etcd_pid = scope.procs[-1].pid
             st.save()
             say(f"etcd {tb.endpoint} in {tb.etcd_ns}")
-            # On etcdctl's stdin, not its command line, where any user's `ps` would show an ipsec PSK.
-            tb.etcdctl("put", f"{st.etcd_prefix}/config", input=json.dumps(conf))
+            tb.put_config(conf)  # on etcdctl's stdin: never an ipsec PSK in argv
             say(f"net-conf.json: {shown}")
         lab = Lab(st, scope, tb, say)
         made = [lab._new_node() for _ in range(opts.nodes)]
@@ -562,6 +561,7 @@ _ESP_PROBE = ["xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "p
 def check_esp(prefix: str) -> None:
     """The ipsec backend needs ESP (esp4) in the kernel: probe it in a namespace of the lab's own, never in the
     machine's, and refuse in one line without it."""
+    check_prefix(prefix)  # the probe namespace must carry the lab's prefix, or `down` would never sweep it
     ns = f"{prefix}espprobe"
     try:
         netns.run(["ip", "netns", "add", ns])

@@ -403,7 +403,9 @@ class Testbed:
 
     def put_config(self, conf: dict[str, Any] | str) -> None:
         text = conf if isinstance(conf, str) else json.dumps(conf)
-        self.etcdctl("put", f"{self.prefix}/config", "--", text)
+        # On etcdctl's stdin, not its command line: any user's `ps` shows argv, and a failed command is quoted in
+        # NetnsError; the config may hold an ipsec PSK.
+        self.etcdctl("put", f"{self.prefix}/config", input=text)
 
     def leases(self) -> dict[str, dict[str, Any]]:
         out = self.etcdctl("get", "--prefix", f"{self.prefix}/subnets/", "-w", "json")
