@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_lab import LabRun, _new_lab, lab_factory
 
-from pyflannel.lab import netns
+from pyflannel.lab import capture, netns
 
 pytestmark = pytest.mark.integration
 __all__ = ["lab_factory"]  # the fixture, imported for the tests below
@@ -35,6 +35,30 @@ def dual() -> Iterator[LabRun]:
         for ns in lab.namespaces():
             netns.delete_ns(ns)
         shutil.rmtree(lab.state_dir, ignore_errors=True)
+
+
+def test_addresses_visible_reads_the_hex_dump_only() -> None:
+    """A pod address counts as seen in a tcpdump -X capture as text or as its bytes in the hex dump; only the
+    dump's own lines (offset, colon) are read as bytes, never header text such as IPv6's "flowlabel 0x0..."."""
+    a6, b6 = "fd42:244::1", "fd42:244:0:1::2"
+    header = (
+        "00:00:00.000000 04:04:04:04:04:04 > 02:02:02:02:02:02, ethertype IPv6 (0x86dd), length 150: "
+        "(flowlabel 0x0abcd, hlim 64, next-header ESP (50) payload length: 96)  fd42 0244 0000 0000 0000 "
+        "0000 0000 0001 ESP(spi=0x00000101,seq=0x1), length 96"
+    )  # hex-looking header text after a double space: no address in it as text, and no part of the dump
+    encrypted = "\n".join(
+        [header, "\t0x0000:  6000 abcd 0060 3240 fd77 0077 0000 0000  `....`2@.w.w....", "\t0x0010:  9a3c 11e0  .<.."]
+    )
+    assert capture.addresses_visible(encrypted, [a6, b6]) == []
+    # The bytes of an address split over two dump lines, past offset 0xfff; the other as text.
+    clear = "\n".join(
+        [
+            f"IP6 {b6} > fd42:244::9: ICMP6, echo request",
+            "\t0x0ff0:  0000 0000 0000 0000 0000 0000 fd42 0244  ...............B.D",
+            "\t0x1000:  0000 0000 0000 0000 0000 0001 0000 0000  ................",
+        ]
+    )
+    assert capture.addresses_visible(clear, [a6, b6, "10.244.1.2"]) == [a6, b6]
 
 
 def _by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

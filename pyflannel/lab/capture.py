@@ -12,6 +12,7 @@ each point: the pod sends 64, each node that routes the packet takes one, the br
 from __future__ import annotations
 
 import ipaddress
+import re
 import select
 import shlex
 import subprocess
@@ -25,6 +26,9 @@ UDP_PORT = 8285
 WIREGUARD_PORT = 51820
 WIREGUARD_PORT6 = 51821  # flannel-wg-v6's (the wireguard backend's default "separate" mode)
 LISTEN_TIMEOUT = 5.0
+# A line of tcpdump -X's hex dump: "\t0x0010:  c0a8 4d0b ...  ..M." (the offset, two spaces, the bytes, two
+# spaces, the ASCII). Header text such as IPv6's "flowlabel 0x0..." or "tos 0x0" is no part of the dump.
+_HEX_LINE = re.compile(r"^\s*0x[0-9a-f]{4,}:  ")
 
 
 @dataclass
@@ -70,7 +74,7 @@ def icmp_filter(src_ip: str, dst_ip: str) -> list[str]:
 def addresses_visible(out: str, addrs: Sequence[str]) -> list[str]:
     """Which of `addrs` a tcpdump -X capture shows, as text or as their bytes in the hex dump: the proof that an
     encrypting backend (wireguard, ipsec) let no pod address through in clear."""
-    dump = "".join(line.split("  ")[1] if "  " in line else "" for line in out.splitlines() if "0x0" in line)
+    dump = "".join(line.split("  ")[1] for line in out.splitlines() if _HEX_LINE.match(line))
     dump = dump.replace(" ", "")
     return [ip for ip in addrs if ip in out or ipaddress.ip_address(ip).packed.hex() in dump]
 
