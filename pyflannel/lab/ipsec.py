@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import subprocess
 
-from .netns import ns_pids
+from .netns import ns_pids, output_or_error
 
 ESP_PROTO = 50
 NATT_PORT = 4500
@@ -23,14 +22,6 @@ _KEY = re.compile(r"^(\s*(?:enc|auth|auth-trunc|aead|comp)\s+\S+\s+)0x[0-9a-fA-F
 _LONG_HEX = re.compile(r"0x[0-9a-fA-F]{24,}")
 
 
-def _run(cmd: list[str]) -> str:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"({e})"
-    return (p.stdout if p.returncode == 0 else p.stderr or p.stdout).rstrip()
-
-
 def redact(text: str) -> str:
     """`ip xfrm state` output with every key replaced by "(key hidden)"."""
     return _LONG_HEX.sub("(key hidden)", _KEY.sub(r"\1(key hidden)", text))
@@ -38,7 +29,7 @@ def redact(text: str) -> str:
 
 def xfrm(ns: str, *args: str) -> str:
     """`ip xfrm ARGS` in the node namespace, keys hidden."""
-    return redact(_run(["ip", "-n", ns, "xfrm", *args]))
+    return redact(output_or_error(["ip", "-n", ns, "xfrm", *args]))
 
 
 def charon_pid(ns: str) -> int | None:
@@ -75,7 +66,7 @@ def show_sections(ns: str) -> list[tuple[str, str, str]]:
     if pid is not None:
         # charon's VICI socket is in its private /run, reached through its root (swanctl prints no key).
         uri = f"unix:///proc/{pid}/root/run/charon.vici"
-        sas = redact(_run(["swanctl", "--list-sas", "--uri", uri]))
+        sas = redact(output_or_error(["swanctl", "--list-sas", "--uri", uri]))
         out.append(("charon's IKE_SAs and CHILD_SAs", f"swanctl --list-sas --uri {uri}", sas or "(none)"))
     return out
 

@@ -38,6 +38,16 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 30, input: s
     return p.stdout
 
 
+def output_or_error(cmd: Sequence[str], *, timeout: float = 20) -> str:
+    """A command's output for the reader (`show`, `trace`), never an exception: its stdout when it succeeded,
+    else what it said (stderr, or stdout), or why it could not run, stripped."""
+    try:
+        p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"({e})"
+    return (p.stdout if p.returncode == 0 else p.stderr or p.stdout).rstrip()
+
+
 def wait_for(pred: Callable[[], bool], timeout: float = 20, step: float = 0.2) -> bool:
     """Poll `pred` until it holds or `timeout` seconds pass; the last answer is returned either way."""
     deadline = time.monotonic() + timeout

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import subprocess
 from pathlib import Path
 
 from .capture import WIREGUARD_PORT, WIREGUARD_PORT6, addresses_visible
-from .netns import ns_pids, url_host
+from .netns import ns_pids, output_or_error, url_host
 
 DEV = "flannel-wg"
 PORT = WIREGUARD_PORT
@@ -39,16 +38,8 @@ def wireguard_go_pid(ns: str, dev: str = DEV) -> int | None:
     return None
 
 
-def _run(cmd: list[str]) -> str:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"({e})"
-    return (p.stdout if p.returncode == 0 else p.stderr or p.stdout).rstrip()
-
-
 def implementation(ns: str, dev: str = DEV) -> str:
-    kind = _run(["ip", "-n", ns, "-d", "link", "show", dev])
+    kind = output_or_error(["ip", "-n", ns, "-d", "link", "show", dev])
     if "wireguard" in kind:
         return "kernel WireGuard"
     pid = wireguard_go_pid(ns, dev)
@@ -69,7 +60,7 @@ def redact(text: str) -> str:
 
 def wg_show(ns: str, dev: str = DEV) -> str:
     """`wg show DEV`: interface, public key, port, and each peer's endpoint, allowed IPs, handshake, transfer."""
-    return redact(_run([*wg_command(ns, dev), "show", dev])) or "(no such device)"
+    return redact(output_or_error([*wg_command(ns, dev), "show", dev])) or "(no such device)"
 
 
 def shown_command(ns: str, dev: str = DEV) -> str:
@@ -82,7 +73,7 @@ def shown_command(ns: str, dev: str = DEV) -> str:
 def peer_for(ns: str, dst_ip: str, dev: str = DEV) -> tuple[str, str, str]:
     """(public key, endpoint, allowed IPs) of the peer whose allowed IPs hold `dst_ip` (wg's cryptokey routing)."""
     addr = ipaddress.ip_address(dst_ip)
-    out = _run([*wg_command(ns, dev), "show", dev, "dump"])
+    out = output_or_error([*wg_command(ns, dev), "show", dev, "dump"])
     for line in out.splitlines()[1:]:  # the first line is the interface's own, with its private key
         f = line.split("\t")
         if len(f) < 4:
