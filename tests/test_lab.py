@@ -6,6 +6,7 @@ Each lab here has its own state dir and a namespace prefix `pflt<pytest pid>lab<
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -83,6 +84,14 @@ class LabRun:
     def node_route(self, node_ns: str) -> str:
         return netns.run(["ip", "-n", node_ns, "route"], check=False)
 
+    def teardown(self) -> None:
+        """What a test's lab leaves once the test is done, whatever state it got to: nothing (`down`, then any
+        namespace of its prefix deleted and its state dir removed, should `down` have failed)."""
+        self.cli("down", timeout=60)
+        for ns in self.namespaces():
+            netns.delete_ns(ns)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
     def assert_gone(self) -> None:
         assert self.namespaces() == []
         assert netns.wait_for(lambda: self.processes() == [], timeout=10), self.processes()
@@ -93,6 +102,18 @@ def _new_lab(tag: str) -> LabRun:
     require(_skip_reason())
     prefix = f"{netns.STEM_TEST}{os.getpid()}lab{tag}-"
     return LabRun(prefix=prefix, state_dir=Path(tempfile.gettempdir()) / prefix.rstrip("-"))
+
+
+@contextlib.contextmanager
+def running_lab(tag: str, *up: str) -> Iterator[LabRun]:
+    """A lab brought up with `flannel-lab up UP...` for a module's tests, torn down after them (or after a failed
+    up)."""
+    lab = _new_lab(tag)
+    try:
+        lab.ok("up", *up)
+        yield lab
+    finally:
+        lab.teardown()
 
 
 @pytest.fixture
@@ -106,23 +127,13 @@ def lab_factory() -> Iterator[Callable[[str], LabRun]]:
 
     yield make
     for lab in made:
-        lab.cli("down", timeout=60)
-        for ns in lab.namespaces():
-            netns.delete_ns(ns)
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
+        lab.teardown()
 
 
 @pytest.fixture(scope="module")
 def vx() -> Iterator[LabRun]:
-    lab = _new_lab("vx")
-    try:
-        lab.ok("up")  # the defaults: 3 nodes, vxlan, 2 pods per node
+    with running_lab("vx") as lab:  # the defaults: 3 nodes, vxlan, 2 pods per node
         yield lab
-    finally:
-        lab.cli("down", timeout=60)
-        for ns in lab.namespaces():
-            netns.delete_ns(ns)
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
 
 
 # ---- the default vxlan lab ------------------------------------------------------------------------------

@@ -8,12 +8,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from test_lab import LabRun, _new_lab, lab_factory
+from test_lab import LabRun, lab_factory, running_lab
 
 from pyflannel.lab import capture, netns
 
@@ -26,15 +25,8 @@ UNDERLAY6 = ipaddress.IPv6Network("fd77:77::/64")
 
 @pytest.fixture(scope="module")
 def dual() -> Iterator[LabRun]:
-    lab = _new_lab("dual")
-    try:
-        lab.ok("up", "--ip-family", "dual", "--nodes", "2", "--pods-per-node", "2")
+    with running_lab("dual", "--ip-family", "dual", "--nodes", "2", "--pods-per-node", "2") as lab:
         yield lab
-    finally:
-        lab.cli("down", timeout=60)
-        for ns in lab.namespaces():
-            netns.delete_ns(ns)
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
 
 
 def test_addresses_visible_reads_the_hex_dump_only() -> None:

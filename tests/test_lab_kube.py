@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from needs import require
-from test_lab import LabRun, _new_lab
+from test_lab import LabRun, running_lab
 
 from pyflannel.lab import kubemode, netns
 from pyflannel.lab.state import LabOptions, LabState
@@ -29,16 +29,11 @@ HOST_VAR_LIB_CNI = Path("/var/lib/cni")
 @pytest.fixture(scope="module")
 def kube() -> Iterator[LabRun]:
     require(None if shutil.which("openssl") else "needs openssl (run scripts/setup.sh)")
-    lab = _new_lab("kube")
     host_had = HOST_VAR_LIB_CNI.exists()
     try:
-        lab.ok("up", "--store", "kube", "--nodes", "3", "--pods-per-node", "1")
-        yield lab
+        with running_lab("kube", "--store", "kube", "--nodes", "3", "--pods-per-node", "1") as lab:
+            yield lab
     finally:
-        lab.cli("down", timeout=60)
-        for ns in lab.namespaces():
-            netns.delete_ns(ns)
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
         # The node's /var/lib/cni lived in its own mount namespaces only.
         assert HOST_VAR_LIB_CNI.exists() == host_had
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from needs import require
-from test_lab import LabRun, _new_lab, lab_factory  # noqa: F401 (the fixture)
+from test_lab import LabRun, lab_factory, running_lab  # noqa: F401 (the fixture)
 
 from pyflannel.lab import netns
 
@@ -47,15 +47,8 @@ def _kube_lines(save: str) -> list[str]:
 @pytest.fixture(scope="module")
 def svc() -> Iterator[LabRun]:
     require(None if shutil.which("curl") else "needs curl (run scripts/setup.sh)")
-    lab = _new_lab("svc")
-    try:
-        lab.ok("up", "--nodes", "3", "--pods-per-node", "2")
+    with running_lab("svc", "--nodes", "3", "--pods-per-node", "2") as lab:
         yield lab
-    finally:
-        lab.cli("down", timeout=60)
-        for ns in lab.namespaces():
-            netns.delete_ns(ns)
-        shutil.rmtree(lab.state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
