@@ -8,11 +8,12 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_network
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -35,6 +36,7 @@ from pyflannel.netlink import (
     is_missing,
     parse_mac,
 )
+from pyflannel.netlink.raw import Batch, encode_chunks
 
 pytestmark = pytest.mark.integration
 
@@ -318,14 +320,81 @@ def test_bulk_apply_in_chunks_reports_each_ops_error(scope: RunScope) -> None:
                 ops.append(Op.delete(Route(sn)))
             else:
                 ops.append(Op.replace(Route(sn, IPv4Address("192.168.0.2"), eth.index)))
+        # One more on a middle chunk's last op, the one that asks for the ack: the kernel's error answers it
+        # instead, and the chunk still counts as done (the same encoded size, so the chunks stay as they were).
+        chunks = [(i, j) for _, i, j in encode_chunks(ops, 1, raw.max_chunk)]
+        assert len(chunks) > 10
+        last = next(j - 1 for _, j in chunks[len(chunks) // 2 :] if j - 1 not in bad)
+        bad[last] = errno.ENETUNREACH
+        ops[last] = Op.replace(Route(ops[last].obj.dst, IPv4Address("10.99.0.1"), eth.index))
+        assert [(i, j) for _, i, j in encode_chunks(ops, 1, raw.max_chunk)] == chunks
         errs = await nl.apply(ops)
         assert {k: e.errno for k, e in enumerate(errs) if e is not None} == bad
+        assert errs[last + 1] is None  # the next chunk's first op went in
         assert str(ops[5].obj.dst) in str(errs[5])
         routes = {r.dst for r in await nl.routes(oif=eth.index)}
         assert routes >= {op.obj.dst for k, op in enumerate(ops) if k not in bad}
         assert not routes & {op.obj.dst for k, op in enumerate(ops) if k in bad}
         # The socket goes on with the next request's numbers.
         assert await nl.apply([Op.delete(ops[0].obj)]) == [None]
+
+    in_ns(a, go)
+
+
+def test_bulk_apply_stops_at_a_chunk_that_raised(scope: RunScope) -> None:
+    # A chunk whose send raises (the socket refused it, no reply): the chunks after it are not sent, even the one
+    # already queued on the worker behind it, and apply raises that error; the chunks before it are in.
+    a, _ = two_ns(scope)
+
+    async def go(nl: Netlink) -> None:
+        eth = await nl.link_by_name("eth0")
+        assert eth is not None
+        raw = await nl._run(nl._raw_w)
+        raw.max_chunk = 2048
+        dsts = [IPv4Network(f"10.{64 + (i >> 8)}.{i & 255}.0/24") for i in range(1500)]
+        ops = [Op.replace(Route(sn, IPv4Address("192.168.0.2"), eth.index)) for sn in dsts]
+        chunks = [(i, j) for _, i, j in encode_chunks(ops, 1, raw.max_chunk)]
+        k = len(chunks) // 2
+        assert k >= 5
+        send_chunk, send, submit = raw.send_chunk, raw._send, nl._submit
+        sent: list[int] = []  # the first op of each chunk whose bytes reached the socket
+        current = -1
+        queued = threading.Event()  # chunk k + 1 is on the worker's queue, behind chunk k
+
+        def sending(data: bytes) -> None:
+            sent.append(current)
+            send(data)
+
+        def failing_chunk(batch: Batch, data: bytes, i: int, j: int) -> None:
+            nonlocal current
+            current = i
+            if i == chunks[k][0]:
+                # Once the next chunk waits behind this one (the worker takes it as soon as this one ends), fail
+                # as a failure inside send_chunk does: the batch marked failed on the worker, then the raise.
+                queued.wait(10)
+                batch.failed = True
+                raise NetlinkError(errno.ENOBUFS, "forced: chunk refused")
+            send_chunk(batch, data, i, j)
+
+        def submitting(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            f = submit(fn, *args)
+            if fn is failing_chunk and args[2] == chunks[k + 1][0]:
+                queued.set()
+            return f
+
+        raw.send_chunk, raw._send, nl._submit = failing_chunk, sending, submitting
+        try:
+            with pytest.raises(NetlinkError, match="forced: chunk refused"):
+                await nl.apply(ops)
+        finally:
+            raw.send_chunk, raw._send, nl._submit = send_chunk, send, submit
+        assert queued.is_set()
+        assert sent == [i for i, _ in chunks[:k]]
+        routes = {r.dst for r in await nl.routes(oif=eth.index)}
+        assert routes & set(dsts) == set(dsts[: chunks[k][0]])
+        # The socket goes on: the next batch is sent whole.
+        assert await nl.apply(ops) == [None] * len(ops)
+        assert {r.dst for r in await nl.routes(oif=eth.index)} >= set(dsts)
 
     in_ns(a, go)
 
