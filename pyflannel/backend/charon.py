@@ -23,12 +23,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .sandbox import own_netns, run_mounted_as, sandbox_argv, sandbox_env
+from .sandbox import ChildDaemon, own_netns, run_mounted_as, sandbox_argv, sandbox_env
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +307,11 @@ class CharonError(RuntimeError):
     """charon could not be started."""
 
 
-class Charon:
-    """One charon process: start or adopt it, reach its VICI socket, notice when it dies."""
+class Charon(ChildDaemon):
+    """One charon process: start or adopt it, reach its VICI socket, notice when it dies (SIGTERM makes it close
+    its SAs on the way out)."""
+
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
@@ -339,35 +341,21 @@ class Charon:
         pid = find_ours()
         if pid is None:
             return False
-        self._forget()
-        self.pid = pid
-        self._watch()
+        self._adopt(pid)
         return True
 
     async def start(self) -> None:
         """Start charon in its own mount namespace; returns once its VICI socket answers."""
-        self._forget()
         env = sandbox_env(
             {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "STRONGSWAN_CONF": f"/run/{CONF_NAME}"},
             {CONF_NAME: strongswan_conf()},
         )
-        out = sys.stderr.fileno() if _is_open(sys.stderr) else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            sandbox_argv(TMPFS, self.binary),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=env,
-            start_new_session=True,  # outlives the agent; not signalled with the agent's process group
-            close_fds=True,
-        )
-        self.pid = self._proc.pid
-        self._watch()
+        proc = self._spawn(sandbox_argv(TMPFS, self.binary), env)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
-            if self._proc.poll() is not None:
-                status = self._proc.returncode
+            if proc.poll() is not None:
+                status = proc.returncode
                 self._forget()
                 raise CharonError(f"charon ({self.binary}) exited at start with status {status}")
             if os.path.exists(self.vici_path):
@@ -377,68 +365,6 @@ class Charon:
             await asyncio.sleep(0.1)
         await self.stop()
         raise CharonError(f"charon did not open its VICI socket within {START_TIMEOUT:.0f}s")
-
-    def _watch(self) -> None:
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            self._pidfd = -1
-
-    async def wait_exit(self) -> None:
-        """Return when the process ends (the pidfd turns readable); reaps it if it is our child."""
-        if self._pidfd < 0:
-            await asyncio.Future()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        fd = self._pidfd
-
-        def ready() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-        if self._proc is not None:
-            self._proc.poll()
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL: charon closes its SAs on the way out."""
-        if not self.pid or not self.alive():
-            self._forget()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, 15)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOP_TIMEOUT
-        while self.alive() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-        self._forget()
-
-    def close(self) -> None:
-        """Stop watching; the process keeps running."""
-        self._forget(keep_child=True)
-
-    def _forget(self, keep_child: bool = False) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._proc is not None and not keep_child:
-            self._proc.poll()
-        self._proc = None
-        self.pid = 0
-
-
-def _is_open(stream: object) -> bool:
-    try:
-        return stream is not None and not getattr(stream, "closed", True) and stream.fileno() >= 0  # type: ignore[attr-defined]
-    except (OSError, ValueError):
-        return False
 
 
 __all__ = [

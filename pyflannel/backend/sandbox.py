@@ -2,12 +2,18 @@
 (a UAPI socket, a VICI socket, a pid file), so several nodes sharing one filesystem (network namespaces, as in the
 tests and the lab) would otherwise take each other's. The host's mounts are untouched: the new namespace's mounts
 are private, so nothing propagates back, and the agent reaches the daemon's files as /proc/<pid>/root/run/....
+
+ChildDaemon is the rest both share: a session of its own (it outlives the agent and is adopted by the next one),
+a pidfd to notice its exit, stop by pid.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -75,4 +81,113 @@ def own_netns() -> str:
     return os.readlink("/proc/self/ns/net")
 
 
-__all__ = ["FILES_ENV", "SANDBOX", "own_netns", "run_mounted_as", "run_tmpfs_in", "sandbox_argv", "sandbox_env"]
+def stream_is_open(stream: object) -> bool:
+    try:
+        return stream is not None and not getattr(stream, "closed", True) and stream.fileno() >= 0  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        return False
+
+
+class ChildDaemon:
+    """What wireguard-go and charon share as supervised children: started in a session of their own (they outlive
+    the agent, as kernel state does, and are adopted by the next one), watched through a pidfd, stopped by pid.
+    A subclass says what `alive` means for it (its comm, what it holds)."""
+
+    pid: int
+    _proc: subprocess.Popen[bytes] | None
+    _pidfd: int
+    stop_timeout: float = 5.0
+
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """Start `argv` with the agent's stderr as its stdout and stderr, and watch it."""
+        self._forget()
+        out = sys.stderr.fileno() if stream_is_open(sys.stderr) else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=dict(env),
+            start_new_session=True,  # outlives the agent; not signalled with the agent's process group
+            close_fds=True,
+        )
+        self._proc = proc
+        self.pid = proc.pid
+        self._watch()
+        return proc
+
+    def _adopt(self, pid: int) -> None:
+        self._forget()
+        self.pid = pid
+        self._watch()
+
+    def _watch(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            self._pidfd = -1
+
+    async def wait_exit(self) -> None:
+        """Return when the process ends (the pidfd turns readable); reaps it if it is our child."""
+        if self._pidfd < 0:
+            await asyncio.Future()  # nothing to watch: only a cancel ends this
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        fd = self._pidfd
+
+        def ready() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+        if self._proc is not None:
+            self._proc.poll()
+
+    async def stop(self) -> None:
+        """End the process (SIGTERM, then SIGKILL after stop_timeout)."""
+        if not self.pid or not self.alive():
+            self._forget()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, 15)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout
+        while self.alive() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+        self._forget()
+
+    def close(self) -> None:
+        """Stop watching; the process keeps running."""
+        self._forget(keep_child=True)
+
+    def _forget(self, keep_child: bool = False) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self._proc is not None and not keep_child:
+            self._proc.poll()
+        self._proc = None
+        self.pid = 0
+
+
+__all__ = [
+    "FILES_ENV",
+    "SANDBOX",
+    "ChildDaemon",
+    "own_netns",
+    "run_mounted_as",
+    "run_tmpfs_in",
+    "sandbox_argv",
+    "sandbox_env",
+    "stream_is_open",
+]

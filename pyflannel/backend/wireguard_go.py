@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -36,7 +35,7 @@ from ..netlink.wireguard import (
     format_endpoint,
     parse_endpoint,
 )
-from .sandbox import sandbox_argv
+from .sandbox import ChildDaemon, sandbox_argv
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 MAX_UAPI_REPLY = 16 << 20
 UAPI_TIMEOUT = 10.0
 START_TIMEOUT = 10.0
-STOP_TIMEOUT = 5.0
 
 
 class UapiError(RuntimeError):
@@ -215,7 +213,7 @@ def find_wireguard_go(name: str) -> int | None:
 
 
 @dataclass
-class WireguardGo:
+class WireguardGo(ChildDaemon):
     """One wireguard-go process for one device: start or adopt it, talk to it, notice when it dies."""
 
     name: str
@@ -249,9 +247,7 @@ class WireguardGo:
         pid = find_wireguard_go(self.name)
         if pid is None:
             return False
-        self._forget()
-        self.pid = pid
-        self._watch()
+        self._adopt(pid)
         return True
 
     async def start(self) -> None:
@@ -259,30 +255,18 @@ class WireguardGo:
         binary = self.available(self.binary)
         if binary is None:
             raise UapiError(f"wireguard-go is not installed (no {self.binary} in PATH): apt-get install wireguard-go")
-        self._forget()
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "LOG_LEVEL": "error",
             # With -f: no "the kernel has WireGuard" banner, no re-exec into the background.
             "WG_PROCESS_FOREGROUND": "1",
         }
-        out = sys.stderr.fileno() if _is_open(sys.stderr) else subprocess.DEVNULL
-        self._proc = subprocess.Popen(
-            sandbox_argv("flannel-wg", binary, ["-f", self.name]),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env=env,
-            start_new_session=True,  # outlives the agent; not signalled with the agent's process group
-            close_fds=True,
-        )
-        self.pid = self._proc.pid
-        self._watch()
+        proc = self._spawn(sandbox_argv("flannel-wg", binary, ["-f", self.name]), env)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while loop.time() < deadline:
-            if self._proc.poll() is not None:
-                status = self._proc.returncode
+            if proc.poll() is not None:
+                status = proc.returncode
                 # Reaped and unwatched: a dead process's pidfd stays readable, and the supervisor would take it
                 # for a fresh exit at once, again and again.
                 self._forget()
@@ -292,32 +276,6 @@ class WireguardGo:
             await asyncio.sleep(0.02)
         await self.stop()
         raise UapiError(f"wireguard-go for {self.name} did not open its UAPI socket within {START_TIMEOUT:.0f}s")
-
-    def _watch(self) -> None:
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except OSError:
-            self._pidfd = -1
-
-    async def wait_exit(self) -> None:
-        """Return when the process ends (the pidfd turns readable); reaps it if it is our child."""
-        if self._pidfd < 0:
-            await asyncio.Future()  # nothing to watch: only a cancel ends this
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        fd = self._pidfd
-
-        def ready() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-        if self._proc is not None:
-            self._proc.poll()
 
     async def get(self) -> WgDevice:
         return decode_get(await uapi_call(self.socket_path, b"get=1\n\n", self.name), self.name)
@@ -331,42 +289,6 @@ class WireguardGo:
                 raise UapiError(f"wireguard-go {self.name}: set failed with {line}")
         if "errno=" not in text:
             raise UapiError(f"wireguard-go {self.name}: no answer to a set request")
-
-    async def stop(self) -> None:
-        """End the process (SIGTERM, then SIGKILL): it deletes its device on the way out."""
-        if not self.pid or not self.alive():
-            self._forget()
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, 15)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOP_TIMEOUT
-        while self.alive() and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-        self._forget()
-
-    def close(self) -> None:
-        """Stop watching; the process keeps running."""
-        self._forget(keep_child=True)
-
-    def _forget(self, keep_child: bool = False) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._proc is not None and not keep_child:
-            self._proc.poll()
-        self._proc = None
-        self.pid = 0
-
-
-def _is_open(stream: object) -> bool:
-    try:
-        return stream is not None and not getattr(stream, "closed", True) and stream.fileno() >= 0  # type: ignore[attr-defined]
-    except (OSError, ValueError):
-        return False
 
 
 __all__ = ["UapiError", "WireguardGo", "decode_get", "encode_set", "find_wireguard_go", "uapi_call"]
