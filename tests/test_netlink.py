@@ -306,7 +306,7 @@ def test_bulk_apply_in_chunks_reports_each_ops_error(scope: RunScope) -> None:
     async def go(nl: Netlink) -> None:
         eth = await nl.link_by_name("eth0")
         assert eth is not None
-        raw = await nl._run(nl._raw_w)
+        raw = await nl.on_worker(nl._raw_w)
         raw.max_chunk = 2048  # ~35 routes a chunk: dozens of chunks
         ops: list[Op] = []
         bad: dict[int, int] = {}
@@ -349,7 +349,7 @@ def test_bulk_apply_stops_at_a_chunk_that_raised(scope: RunScope) -> None:
     async def go(nl: Netlink) -> None:
         eth = await nl.link_by_name("eth0")
         assert eth is not None
-        raw = await nl._run(nl._raw_w)
+        raw = await nl.on_worker(nl._raw_w)
         raw.max_chunk = 2048
         dsts = [IPv4Network(f"10.{64 + (i >> 8)}.{i & 255}.0/24") for i in range(1500)]
         ops = [Op.replace(Route(sn, IPv4Address("192.168.0.2"), eth.index)) for sn in dsts]

@@ -11,10 +11,10 @@ Layout:
 Concurrency model (the only one; do not add a third way):
 1. Requests run on one worker thread per Netlink instance. The socket that sends requests (the RawRoute of
    raw.py) is opened, used and closed on that thread alone, and every public coroutine of Netlink gets there
-   through Netlink._run (loop.run_in_executor on a one-thread pool). One thread serialises the requests, which
+   through Netlink.on_worker (loop.run_in_executor on a one-thread pool). One thread serialises the requests, which
    keeps the socket's sequence numbers and reply stream trivially consistent, and a slow kernel never blocks
    the event loop. raw.py therefore holds plain blocking functions, never coroutines; a new request kind is a
-   codec encoder plus a coroutine in api.py that sends it through Netlink._run.
+   codec encoder plus a coroutine in api.py that sends it through Netlink.on_worker.
 2. Notifications are read on the event loop. The monitor's socket (monitor.py) is opened on the worker thread
    (entering a namespace blocks), then read only by the event loop through add_reader; it never sends a
    request. So a long dump or batch on the worker does not delay events, and a burst of events does not

@@ -1,6 +1,6 @@
 """Netlink: the async API over the package's sockets, and the one owner of its worker thread.
 
-Each public coroutine hands a plain blocking function (of raw.py) to Netlink._run, which runs it
+Each public coroutine hands a plain blocking function (of raw.py) to Netlink.on_worker, which runs it
 on the instance's single worker thread; the monitor's socket is opened there too and then read by the event
 loop (monitor.py). The package docstring explains why, and is the place to change that model.
 """
@@ -75,9 +75,10 @@ class Netlink:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    async def on_worker(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """The one way onto the worker thread: every socket call of a request goes through here (or through
-        _submit, which it awaits)."""
+        _submit, which it awaits), also those of the package's other protocol families (xfrm.py), whose sockets
+        live on the same thread."""
         return await self._submit(fn, *args, **kw)
 
     def _submit(self, fn: Callable[..., T], *args: Any, **kw: Any) -> asyncio.Future[T]:
@@ -106,7 +107,7 @@ class Netlink:
         for mon in list(self._monitors):
             mon.close()
         with contextlib.suppress(RuntimeError):
-            await self._run(self._close_w)
+            await self.on_worker(self._close_w)
         self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------ kernel-change monitor
@@ -117,7 +118,7 @@ class Netlink:
         Iterate the result for KernelEvents; our own writes are announced too. A "resync" event means
         notifications were lost. The socket is open (subscribed) when this returns; close() or Netlink.close()
         ends the iteration."""
-        sock = await self._run(open_monitor_socket, self.netns, rcvbuf)
+        sock = await self.on_worker(open_monitor_socket, self.netns, rcvbuf)
         mon = KernelMonitor(sock, asyncio.get_running_loop(), self._monitors.discard)
         self._monitors.add(mon)
         return mon
@@ -128,16 +129,16 @@ class Netlink:
         return self._raw_w().links()
 
     async def links(self) -> list[Link]:
-        return await self._run(self._links_w)
+        return await self.on_worker(self._links_w)
 
     def _link_get_w(self, index: int = 0, name: str | None = None) -> Link | None:
         return self._raw_w().link(index=index, name=name)
 
     async def link_by_name(self, name: str) -> Link | None:
-        return await self._run(self._link_get_w, name=name)
+        return await self.on_worker(self._link_get_w, name=name)
 
     async def link_by_index(self, index: int) -> Link | None:
-        return await self._run(self._link_get_w, index=index)
+        return await self.on_worker(self._link_get_w, index=index)
 
     def _create_w(self, name: str, kind: str, mtu: int | None, mac: str | None, info_data: bytes) -> Link:
         what = f"create {kind} {name}"
@@ -171,7 +172,7 @@ class Netlink:
 
         port 0 leaves the destination port to the kernel (8472)."""
         data = vxlan_info_data(vni, local, dev_index, port, learning, gbp)
-        return await self._run(self._create_w, name, "vxlan", mtu, mac, data)
+        return await self.on_worker(self._create_w, name, "vxlan", mtu, mac, data)
 
     async def create_ipip(
         self, name: str, *, local: IPv4Address | None, mtu: int | None = None, pmtudisc: bool = True
@@ -180,26 +181,26 @@ class Netlink:
         back carries `.ipip`.
 
         A kernel without the ipip module raises NetlinkError EOPNOTSUPP saying so."""
-        return await self._run(self._create_w, name, "ipip", mtu, None, ipip_info_data(local, pmtudisc))
+        return await self.on_worker(self._create_w, name, "ipip", mtu, None, ipip_info_data(local, pmtudisc))
 
     async def create_wireguard(self, name: str, *, mtu: int | None = None) -> Link:
         """`ip link add NAME type wireguard` (keys and peers are set over generic netlink, not here).
 
         A kernel without the wireguard module raises NetlinkError EOPNOTSUPP saying so."""
-        return await self._run(self._create_w, name, "wireguard", mtu, None, b"")
+        return await self.on_worker(self._create_w, name, "wireguard", mtu, None, b"")
 
     def _request_w(self, encode: Callable[[int], bytes], what: str) -> None:
         self._raw_w().request(encode, what)
 
     async def delete_link(self, index: int) -> None:
-        await self._run(self._request_w, lambda seq: encode_link_del(seq, index), f"link del index {index}")
+        await self.on_worker(self._request_w, lambda seq: encode_link_del(seq, index), f"link del index {index}")
 
     async def set_up(self, index: int) -> None:
-        await self._run(self._request_w, lambda seq: encode_link_set(seq, index, up=True), f"link set {index} up")
+        await self.on_worker(self._request_w, lambda seq: encode_link_set(seq, index, up=True), f"link set {index} up")
 
     async def set_mtu(self, index: int, mtu: int) -> None:
         what = f"link set {index} mtu {mtu}"
-        await self._run(self._request_w, lambda seq: encode_link_set(seq, index, mtu=mtu), what)
+        await self.on_worker(self._request_w, lambda seq: encode_link_set(seq, index, mtu=mtu), what)
 
     # ------------------------------------------------------------ addresses
 
@@ -207,11 +208,11 @@ class Netlink:
         return [a for a in self._raw_w().addresses(family) if index is None or a.index == index]
 
     async def addresses(self, index: int | None = None, family: int | None = None) -> list[Address]:
-        return await self._run(self._addresses_w, index, family)
+        return await self.on_worker(self._addresses_w, index, family)
 
     async def _addr(self, action: Literal["add", "replace", "del"], index: int, iface: IPInterface) -> None:
         what = f"addr {action} {iface} dev {index}"
-        await self._run(self._request_w, lambda seq: encode_addr(seq, action, index, iface), what)
+        await self.on_worker(self._request_w, lambda seq: encode_addr(seq, action, index, iface), what)
 
     async def add_address(self, index: int, iface: IPInterface) -> None:
         await self._addr("add", index, iface)
@@ -229,7 +230,7 @@ class Netlink:
             addrs = self._addresses_w(None, None)
             return [(ln, [a for a in addrs if a.index == ln.index]) for ln in self._links_w()]
 
-        return await self._run(work)
+        return await self.on_worker(work)
 
     # ------------------------------------------------------------ routes, neighbours, FDB
 
@@ -245,7 +246,7 @@ class Netlink:
         self, family: int = AF_INET, *, table: int | None = RT_TABLE_MAIN, oif: int | None = None
     ) -> list[Route]:
         """Unicast and other routes of `family` (table None: every table), optionally only those leaving by `oif`."""
-        return await self._run(self._routes_w, family, table, oif)
+        return await self.on_worker(self._routes_w, family, table, oif)
 
     def _neigh_w(self, ifindex: int | None, family: int) -> list[Neigh]:
         return [
@@ -255,7 +256,7 @@ class Netlink:
         ]
 
     async def neighbours(self, ifindex: int | None = None, family: int = AF_INET) -> list[Neigh]:
-        return await self._run(self._neigh_w, ifindex, family)
+        return await self.on_worker(self._neigh_w, ifindex, family)
 
     def _fdb_w(self, ifindex: int | None) -> list[Fdb]:
         return [
@@ -265,7 +266,7 @@ class Netlink:
         ]
 
     async def fdb(self, ifindex: int | None = None) -> list[Fdb]:
-        return await self._run(self._fdb_w, ifindex)
+        return await self.on_worker(self._fdb_w, ifindex)
 
     def _snapshot_w(self, family: int, neigh_ifindex: int | None, fdb_ifindex: int | None) -> DeviceState:
         routes = self._routes_w(family, RT_TABLE_MAIN, None)
@@ -277,7 +278,7 @@ class Netlink:
         self, family: int = AF_INET, *, neigh_ifindex: int | None = None, fdb_ifindex: int | None = None
     ) -> DeviceState:
         """The main routing table of `family`, plus the neighbours/FDB of the given devices, in one hop."""
-        return await self._run(self._snapshot_w, family, neigh_ifindex, fdb_ifindex)
+        return await self.on_worker(self._snapshot_w, family, neigh_ifindex, fdb_ifindex)
 
     async def apply(self, ops: Sequence[Op]) -> list[NetlinkError | None]:
         """Send many route/neighbour/FDB requests in a few batched writes; one result per op (None = done).
@@ -286,7 +287,7 @@ class Netlink:
         if not ops:
             return []
         if len(ops) < BULK_OPS:
-            return await self._run(lambda: self._raw_w().apply(ops))
+            return await self.on_worker(lambda: self._raw_w().apply(ops))
         # A bulk write (a sync of thousands of peers) is announced back entry by entry: decoding those on the loop
         # while the batch goes in made the two contend for the interpreter, and the kernel got its last entry
         # later. The monitors read them (all queued by the kernel meanwhile) once the batch is in.
@@ -303,8 +304,8 @@ class Netlink:
         """A large batch, pipelined: the kernel processes a chunk inside the worker's send(), with the interpreter
         free, so the loop encodes the next chunk meanwhile (codec work, no socket: the concurrency model holds).
         One chunk is queued behind the one being sent, so the worker never waits for the loop."""
-        raw = await self._run(self._raw_w)
-        batch = Batch(ops, await self._run(raw.reserve, len(ops)))
+        raw = await self.on_worker(self._raw_w)
+        batch = Batch(ops, await self.on_worker(raw.reserve, len(ops)))
         sending: list[asyncio.Future[None]] = []
         try:
             for data, i, j in encode_chunks(ops, batch.first_seq, raw.max_chunk):
@@ -396,7 +397,7 @@ class Netlink:
     async def wireguard_device(self, name: str) -> WgDevice:
         """`wg show NAME`: key, port and peers of a kernel WireGuard device (NetlinkError ENODEV if there is no
         such device, EOPNOTSUPP if it is not a kernel WireGuard device or the kernel has none)."""
-        return await self._run(self._wg_get_w, name)
+        return await self.on_worker(self._wg_get_w, name)
 
     def _wg_set_w(self, name: str, update: WgUpdate) -> None:
         from .wireguard import encode_set_device, renumber
@@ -410,7 +411,7 @@ class Netlink:
     async def configure_wireguard(self, name: str, update: WgUpdate) -> None:
         """`wg set NAME ...`: apply `update` to a kernel WireGuard device (large ones in several requests)."""
         if update:
-            await self._run(self._wg_set_w, name, update)
+            await self.on_worker(self._wg_set_w, name, update)
 
     # ------------------------------------------------------------ interface selection
 
@@ -421,7 +422,7 @@ class Netlink:
 
     async def route_get_index(self, target: IPAddress) -> int | None:
         """`ip route get TARGET`: the ifindex the kernel would send to `target` by (for --iface-can-reach)."""
-        route = await self._run(lambda: self._raw_w().route_get(target))
+        route = await self.on_worker(lambda: self._raw_w().route_get(target))
         return route.oif if route is not None and route.oif else None
 
     async def default_route(self, family: int = AF_INET) -> DefaultRouteInfo | None:
@@ -442,4 +443,4 @@ class Netlink:
                 return None
             return DefaultRouteInfo(link=link, gateway=best.gateway, addresses=self._addresses_w(best.oif, None))
 
-        return await self._run(work)
+        return await self.on_worker(work)

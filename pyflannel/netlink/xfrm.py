@@ -200,7 +200,7 @@ def _upd(p: XfrmPolicy, seq: int) -> bytes:
 
 class Xfrm:
     """The xfrm policies of the namespace `nl` is bound to. Its socket is opened, used and closed on `nl`'s worker
-    thread, through Netlink._run like every other request of the package."""
+    thread, through Netlink.on_worker like every other request of the package."""
 
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
@@ -236,14 +236,14 @@ class Xfrm:
         request (the others are done)."""
         if not update and not delete:
             return []
-        return await self.nl._run(self._apply_w, update, delete)
+        return await self.nl.on_worker(self._apply_w, update, delete)
 
     def _dump_w(self) -> list[XfrmPolicy]:
         return self._sock_w().dump_decoded(encode_policy_dump, decode_policy, "xfrm policy dump")
 
     async def policies(self) -> list[XfrmPolicy]:
         """`ip xfrm policy`: every main-type policy of the namespace (socket policies are not listed by the kernel)."""
-        return await self.nl._run(self._dump_w)
+        return await self.nl.on_worker(self._dump_w)
 
     def _close_w(self) -> None:
         if self._sock is not None:
@@ -253,7 +253,7 @@ class Xfrm:
     async def close(self) -> None:
         # RuntimeError: the Netlink is closed already (its pool shut down), and the socket with it.
         with contextlib.suppress(RuntimeError):
-            await self.nl._run(self._close_w)
+            await self.nl.on_worker(self._close_w)
 
 
 __all__ = [
