@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .sandbox import ChildDaemon, own_netns, run_mounted_as, sandbox_argv, sandbox_env
+from .sandbox import ChildDaemon, pids_in_own_netns, run_mounted_as, sandbox_argv, sandbox_env
 
 log = logging.getLogger(__name__)
 
@@ -286,18 +286,7 @@ def find_charon(explicit: str = "") -> str | None:
 
 def find_ours() -> int | None:
     """The pid of a charon the agent started in this network namespace (left running by the previous agent)."""
-    own = own_netns()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read(64).strip() != "charon":
-                    continue
-            if os.readlink(f"/proc/{pid}/ns/net") != own:
-                continue
-        except OSError:
-            continue
+    for pid in pids_in_own_netns("charon"):
         if run_mounted_as(pid, TMPFS):
             return int(pid)
     return None

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 # The environment variable that hands the sandbox the files to write under the new /run before the exec (a
 # daemon's configuration); the sandbox removes it from the daemon's environment.
@@ -79,6 +79,24 @@ def run_tmpfs_in(mountinfo: Iterable[str], tmpfs: str) -> bool:
 
 def own_netns() -> str:
     return os.readlink("/proc/self/ns/net")
+
+
+def pids_in_own_netns(comm: str) -> Iterator[str]:
+    """The pids (as /proc names them) of the processes called `comm` in this network namespace: a child a
+    previous agent left running, for the next one to adopt."""
+    own = own_netns()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read(64).strip() != comm:
+                    continue
+            if os.readlink(f"/proc/{pid}/ns/net") != own:
+                continue
+        except OSError:
+            continue
+        yield pid
 
 
 def stream_is_open(stream: object) -> bool:
@@ -185,6 +203,7 @@ __all__ = [
     "SANDBOX",
     "ChildDaemon",
     "own_netns",
+    "pids_in_own_netns",
     "run_mounted_as",
     "run_tmpfs_in",
     "sandbox_argv",

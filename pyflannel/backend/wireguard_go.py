@@ -35,7 +35,7 @@ from ..netlink.wireguard import (
     format_endpoint,
     parse_endpoint,
 )
-from .sandbox import ChildDaemon, sandbox_argv
+from .sandbox import ChildDaemon, pids_in_own_netns, sandbox_argv
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,6 @@ async def uapi_call(path: str, request: bytes, name: str) -> str:
 # ---------------------------------------------------------------- the process
 
 
-def _own_netns() -> str:
-    return os.readlink("/proc/self/ns/net")
-
-
 def _tun_names(pid: str) -> Iterator[str]:
     """The TUN device names of the fds of process `pid` (what /proc/<pid>/fdinfo says: `iff: NAME`)."""
     fd_dir = f"/proc/{pid}/fd"
@@ -195,18 +191,7 @@ def _tun_names(pid: str) -> Iterator[str]:
 
 def find_wireguard_go(name: str) -> int | None:
     """The pid of the wireguard-go serving device `name` in this network namespace, or None."""
-    own = _own_netns()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read(64).strip() != "wireguard-go":
-                    continue
-            if os.readlink(f"/proc/{pid}/ns/net") != own:
-                continue
-        except OSError:
-            continue
+    for pid in pids_in_own_netns("wireguard-go"):
         if name in _tun_names(pid):
             return int(pid)
     return None
