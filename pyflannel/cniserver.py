@@ -12,17 +12,29 @@ WORKERS threads (its delegates are blocking subprocesses; the event loop only st
 with the client's environment, stdin and stderr (the delegates write there), and its exit status, stdout and
 stderr go back.
 
-Who is served: a client whose SO_PEERCRED uid is 0 or the agent's own, in the agent's network namespace,
-under its root directory and in its working directory: the delegates make their links where the agent runs,
-and the paths a call names (CNI_PATH, dataDir, subnetFile, the delegates' own, relative ones too) must lead
-where they lead for the client. Any other connection is closed unread; its client then runs the standalone
-plugin, as it does when nothing listens (and as a client that is not root does when the 0600 mode stops its
-connect()). Runtimes and agents run as system services from /, so the working directories agree. Mount
-namespaces as such are not compared (`ip netns exec` makes one per command); instead the directories CNI keeps
-its files in by convention (CNI_DIRS) and the call's CNI_PATH and netns directories must be the same files for
-the client as for flanneld (a request where they are not is refused), which catches a client whose own mounts
-cover them, such as the lab's per-node /var/lib/cni. Paths only the network config names (a dataDir elsewhere)
-are not checked.
+Who is served: a client whose SO_PEERCRED uid is 0 or the agent's own, whose pid flanneld can see, in the
+agent's network namespace (the delegates make their links where the agent runs). Any other connection is closed
+unread; its client then runs the standalone plugin, as it does when nothing listens (and as a client that is not
+root does when the 0600 mode stops its connect()).
+
+The client's files: the paths a call names (CNI_PATH, dataDir, subnetFile, the netns file, relative ones, the
+delegates' own) must lead where they lead for the client. A client in flanneld's mount namespace, root and
+working directory (the agent on the host, beside the runtime) sees what flanneld sees, and its call runs as it
+is. Otherwise (kube-flannel's DaemonSet: flanneld in a container, with a mount namespace and root of its own;
+`ip netns exec`, which makes a mount namespace per command) the worker thread enters the client's view for the
+call and leaves it afterwards: it has its own fs_struct (unshare(CLONE_FS), once per thread: a thread sharing it
+cannot setns into a mount namespace), opens the client's /proc/<pid>/ns/mnt, root and cwd through flanneld's
+view, then setns(CLONE_NEWNS) (which resets the thread's root and cwd), fchdir+chroot to the client's root and
+fchdir to its cwd; it leaves the same way with descriptors of flanneld's own, opened at start. The call then
+sees exactly the client's files, and its delegates inherit that view (a fork copies the calling thread's
+fs_struct and namespaces). Comparing a few directories instead, as before, could not tell what a container's
+flanneld sees anywhere else, and refused every call there. Entering needs CAP_SYS_ADMIN and CAP_SYS_CHROOT, and
+opening a more privileged client's /proc files CAP_SYS_PTRACE and an LSM that allows the read (containerd's
+default AppArmor profile does not): without them the call is refused with the reason (logged at warning the
+first time) and the client runs the standalone plugin. A thread that cannot leave a client's view serves no
+more (logged as an error) and the event loop starts another in its place. While a thread is in a client's
+view no module may be imported (it would be read from the client's files): the plugin's modules are imported
+before the first switch, and an import that would happen there fails instead.
 
 Protocol, version 1 (integers unsigned, big-endian):
   request  0  4  "FCNI"
@@ -49,10 +61,10 @@ At most WORKERS calls run at once; past them connections wait in the listen back
 the client's connect() fails at once, so a flood falls back to the standalone plugin instead of queueing
 without bound.
 
-What a served call's delegates get from flanneld rather than from the runtime: the working directory, the
-resource limits, the cgroup and the capabilities. The environment is the one the standalone plugin would hand
-them: the client sends it as Python would have it (its C-locale coercion included) and falls back where
-Python would decode it otherwise (a locale whose encoding is not UTF-8).
+What a served call's delegates get from flanneld rather than from the runtime: the umask, the resource limits,
+the cgroup, the capabilities, the PID namespace and the LSM profile. The environment is the one the standalone
+plugin would hand them: the client sends it as Python would have it (its C-locale coercion included) and falls
+back where Python would decode it otherwise (a locale whose encoding is not UTF-8).
 
 `python -m pyflannel.cniserver --socket PATH` serves without an agent (tests, bench/bench_cni.py).
 """
@@ -73,13 +85,13 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .log import setup_logging
 
 # The plugin's modules (~0.7 MB) are imported by the first request read, not with the agent: an agent that never
-# serves (in kube-flannel's DaemonSet its own PID namespace hides every client) never loads them.
+# serves (a PID namespace of its own hides every client) never loads them; ctypes too waits for a client in
+# another view (Views).
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +116,12 @@ REPLY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 4.0
 SOCKET_MODE = 0o600
 DIR_MODE = 0o700
-# Where CNI keeps its files by convention: flannel's and host-local's state, the plugins, pod netns files,
-# subnet.env. (/opt/cni/bin is in CNI_PATH as a rule.)
-CNI_DIRS = ("/var/lib/cni", "/opt/cni/bin", "/run/netns", "/run/flannel")
-MAX_VIEW_PATHS = 32
-MAX_REALPATHS = 256
+CLONE_FS = 0x200
+CLONE_NEWNS = 0x20000
+# What a served call may import lazily (the plugin's error paths, rare numbers): loaded before a thread first
+# enters a client's view, where an import would read the client's files.
+PLUGIN_MODULES = ("pyflannel.cni.plugin", "pyflannel.cni.conf", "pyflannel.cni._goerr", "pyflannel.cni._fastjson",
+                  "codecs", "decimal", "io", "json", "signal", "_socket")  # fmt: skip
 
 
 class CniServerError(Exception):
@@ -232,32 +245,151 @@ def _ns_id(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _file_id(path: str) -> tuple[int, int] | str:
-    try:
-        return _ns_id(path)
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, "error")
+class ViewError(Exception):
+    """The thread cannot enter a client's view: (kind, reason) for the refusal."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
-def view_difference(pid: int, env: Mapping[str, str], realpaths: dict[str, str]) -> str | None:
-    """The first of the call's directories (CNI_DIRS, CNI_PATH's, the netns file's) that is another file, or
-    none, for process `pid` than for flanneld; None when they all agree. `realpaths` caches our own view of
-    their symlinks (os.path.realpath is most of the check's time; symlinks there do not move)."""
-    paths = dict.fromkeys([*CNI_DIRS, *(d for d in env.get("CNI_PATH", "").split(":") if d.startswith("/"))])
-    netns = env.get("CNI_NETNS", "")
-    if netns.startswith("/"):
-        paths[os.path.dirname(netns)] = None
-    root = f"/proc/{pid}/root"
-    for path in list(paths)[:MAX_VIEW_PATHS]:
-        # /proc/<pid>/root resolves the path in pid's mounts, but an absolute symlink on the way from ours.
-        real = realpaths.get(path)
-        if real is None:
-            if len(realpaths) >= MAX_REALPATHS:
-                realpaths.clear()
-            real = realpaths[path] = os.path.realpath(path)
-        if _file_id(real) != _file_id(root + real):
-            return path
-    return None
+class _Libc:
+    """setns and unshare through ctypes (Python 3.11 has neither), loaded with the first switch: an agent whose
+    clients all share its view never imports ctypes."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._get_errno = ctypes.get_errno
+        self._setns = libc.setns
+        self._setns.argtypes = (ctypes.c_int, ctypes.c_int)
+        self._setns.restype = ctypes.c_int
+        self._unshare = libc.unshare
+        self._unshare.argtypes = (ctypes.c_int,)
+        self._unshare.restype = ctypes.c_int
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            e = self._get_errno()
+            raise OSError(e, os.strerror(e))
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._check(self._setns(fd, nstype))
+
+    def unshare(self, flags: int) -> None:
+        self._check(self._unshare(flags))
+
+
+_tls = threading.local()  # .switched: this thread is in a client's view
+
+
+class _NoImportInAClientsView:
+    """On sys.meta_path while switching is in use: an import in a switched thread would run the client's files
+    as flanneld's code; it fails instead (PLUGIN_MODULES lists what must be loaded before)."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> None:
+        if getattr(_tls, "switched", False):
+            raise ImportError(f"flannel: {name} is not imported in a client's view (the CNI server's preload)")
+
+
+class Views:
+    """Entering a client's filesystem view in the calling worker thread and leaving it (module docstring).
+    Made at start() with descriptors of flanneld's own view; the ctypes part with the first switch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._libc: _Libc | None = None
+        self.own_error: str | None = None
+        self._own: tuple[int, int, int] | None = None
+        fds: list[int] = []
+        try:
+            fds.append(os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            fds.append(os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            self.own_error = f"flanneld cannot open its own view (mount namespace, root, working directory): {e}"
+        else:
+            self._own = (fds[0], fds[1], fds[2])
+
+    def close(self) -> None:
+        if self._own is not None:
+            for fd in self._own:
+                os.close(fd)
+            self._own = None
+
+    def _ready(self) -> _Libc:
+        with self._lock:
+            if self._libc is None:
+                import importlib
+
+                for name in PLUGIN_MODULES:
+                    importlib.import_module(name)
+                self._libc = _Libc()
+                sys.meta_path.insert(0, _NoImportInAClientsView)
+            return self._libc
+
+    def enter(self, pid: int) -> None:
+        """This thread into pid's view, or ViewError with nothing changed. A thread whose way back fails is
+        left switched: BrokenView (it must serve no more)."""
+        if self._own is None:
+            raise ViewError("switch", self.own_error or "no view of flanneld's own")
+        libc = self._ready()
+        if not getattr(_tls, "unshared", False):
+            try:
+                libc.unshare(CLONE_FS)
+            except OSError as e:
+                raise ViewError("switch", f"cannot give the worker thread its own root and cwd: {e.strerror}") from None
+            _tls.unshared = True
+        fds: list[int] = []
+        try:
+            try:
+                fds.append(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
+                fds.append(os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                fds.append(os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except PermissionError as e:
+                raise ViewError("ptrace", f"cannot open pid {pid}'s mount namespace, root or cwd: {e.strerror} "
+                                "(flanneld needs CAP_SYS_PTRACE, and an LSM profile that lets it read its "
+                                "clients' /proc files)") from None  # fmt: skip
+            except OSError as e:
+                raise ViewError("proc", f"cannot open pid {pid}'s mount namespace, root or cwd: {e.strerror}") from None
+            try:
+                libc.setns(fds[0], CLONE_NEWNS)
+            except OSError as e:
+                hint = " (flanneld needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)" if e.errno == errno.EPERM else ""
+                raise ViewError("setns", f"cannot enter pid {pid}'s mount namespace: {e.strerror}{hint}") from None
+            _tls.switched = True
+            try:
+                os.fchdir(fds[1])
+                os.chroot(".")
+                os.fchdir(fds[2])
+            except OSError as e:
+                self.leave()
+                hint = " (flanneld needs CAP_SYS_CHROOT)" if e.errno == errno.EPERM else ""
+                raise ViewError("chroot", f"cannot take pid {pid}'s root and cwd: {e.strerror}{hint}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def leave(self) -> None:
+        """Back to flanneld's view; BrokenView when that fails (the thread then stays switched)."""
+        assert self._own is not None and self._libc is not None
+        mnt, root, cwd = self._own
+        try:
+            self._libc.setns(mnt, CLONE_NEWNS)
+            os.fchdir(root)
+            os.chroot(".")
+            os.fchdir(cwd)
+        except OSError as e:
+            raise BrokenView(f"cannot return to flanneld's own view: {e.strerror}") from None
+        _tls.switched = False
+
+
+class BrokenView(Exception):
+    """A worker thread that is not back in flanneld's view."""
 
 
 class CniServer:
@@ -280,11 +412,14 @@ class CniServer:
         self._net = (0, 0)
         self._root = (0, 0)
         self._cwd = (0, 0)
+        self._mnt = (0, 0)
+        self._views: Views | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = 0  # worker threads started, for their names
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # the counters and _warned, from the workers
         self._warned: set[str] = set()
-        self._realpaths: dict[str, str] = {}  # for view_difference
 
     # ---- the socket --------------------------------------------------------------------------------
 
@@ -303,6 +438,8 @@ class CniServer:
             self._net = _ns_id("/proc/self/ns/net")
             self._root = _ns_id("/proc/self/root")
             self._cwd = _ns_id("/proc/self/cwd")
+            self._mnt = _ns_id("/proc/self/ns/mnt")
+            self._views = Views()
         except BaseException:
             sock.close()
             self._unlink()
@@ -350,11 +487,20 @@ class CniServer:
     async def serve_forever(self) -> None:
         """Run the workers until cancelled (close() stops them)."""
         assert self._sock is not None, "start() first"
-        for i in range(self.workers):
-            t = threading.Thread(target=self._worker, args=(self._sock,), name=f"cni-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self.workers):
+            self._start_worker()
         await asyncio.Event().wait()
+
+    def _start_worker(self) -> None:
+        """In the event loop's thread, never a worker's: a new thread starts with its creator's fs_struct and
+        namespaces, and a replacement must not inherit a stuck worker's view."""
+        if self._stopping.is_set() or self._sock is None:
+            return
+        t = threading.Thread(target=self._worker, args=(self._sock,), name=f"cni-{self._started}", daemon=True)
+        self._started += 1
+        t.start()
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def _worker(self, listener: socket.socket) -> None:
         delay = 0.1
@@ -382,27 +528,36 @@ class CniServer:
                     self.served += 1
                 else:
                     self.refused += 1
+            if getattr(_tls, "broken", False):
+                # Every later call on this thread would run in a stranger's view: it ends, another starts.
+                log.error("CNI server: worker %s stops, stuck in a client's view; starting another",
+                          threading.current_thread().name)  # fmt: skip
+                if self._loop is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping
+                        self._loop.call_soon_threadsafe(self._start_worker)
+                return
 
-    def _peer(self, conn: socket.socket) -> tuple[int, tuple[str, str] | None]:
-        """The client's pid, and (kind, reason) when it is not to be served. The pid stays the client's: it
-        waits for the answer."""
+    def _peer(self, conn: socket.socket) -> tuple[int, tuple[str, str] | None, bool]:
+        """The client's pid, (kind, reason) when it is not to be served, and whether its call must run in its
+        view (another mount namespace, root or cwd). The pid stays the client's: it waits for the answer."""
         pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         if uid not in (0, self._uid):
-            return pid, ("uid", f"uid {uid} is neither root nor flanneld's ({self._uid})")
+            return pid, ("uid", f"uid {uid} is neither root nor flanneld's ({self._uid})"), False
         if pid <= 0:
-            return pid, ("pid", "the client's process is not visible in flanneld's PID namespace")
+            return pid, ("pid", "the client's process is not visible in flanneld's PID namespace"), False
         try:
-            net, root = _ns_id(f"/proc/{pid}/ns/net"), _ns_id(f"/proc/{pid}/root")
+            net = _ns_id(f"/proc/{pid}/ns/net")
+            if net != self._net:
+                return pid, ("net", f"pid {pid} is in another network namespace"), False
+            mnt, root = _ns_id(f"/proc/{pid}/ns/mnt"), _ns_id(f"/proc/{pid}/root")
             cwd = _ns_id(f"/proc/{pid}/cwd")
+        except PermissionError as e:
+            why = (f"cannot read pid {pid}'s namespaces: {e.strerror} (flanneld needs CAP_SYS_PTRACE, and an LSM "
+                   "profile that lets it read its clients' /proc files)")  # fmt: skip
+            return pid, ("ptrace", why), False
         except OSError as e:
-            return pid, ("proc", f"cannot read pid {pid}'s namespaces: {e.strerror}")
-        if net != self._net:
-            return pid, ("net", f"pid {pid} is in another network namespace")
-        if root != self._root:
-            return pid, ("root", f"pid {pid} has another root directory")
-        if cwd != self._cwd:
-            return pid, ("cwd", f"pid {pid} runs in another working directory")
-        return pid, None
+            return pid, ("proc", f"cannot read pid {pid}'s namespaces: {e.strerror}"), False
+        return pid, None, (mnt, root, cwd) != (self._mnt, self._root, self._cwd)
 
     def _not_serving(self, kind: str, why: str) -> None:
         """Logged at warning the first time for each kind of reason, then at debug: a client set up so is
@@ -413,9 +568,13 @@ class CniServer:
         log.log(logging.WARNING if first else logging.DEBUG, "CNI server: not serving a client (it runs the "
                 "standalone plugin): %s", why)  # fmt: skip
 
+    def _broken(self, e: BrokenView) -> None:
+        _tls.broken = True
+        log.error("CNI server: %s", e)
+
     def _serve_one(self, conn: socket.socket) -> bool:
         """One connection, in a worker thread: True when the plugin ran and its answer was sent."""
-        pid, refusal = self._peer(conn)
+        pid, refusal, switch = self._peer(conn)
         if refusal is not None:
             self._not_serving(*refusal)
             return False  # closed unread
@@ -430,17 +589,29 @@ class CniServer:
         except (ClientGone, OSError) as e:
             log.debug("CNI server: no whole request: %s", e)
             return False
+        what = f"{req.env.get('CNI_COMMAND', '-')} {req.env.get('CNI_CONTAINERID', '-')}"
+        t = time.monotonic()
         try:
-            seen = view_difference(pid, req.env, self._realpaths)
-            if seen is not None:
-                why = f"pid {pid} sees another {seen} than flanneld"
-                self._not_serving("view", why)
-                with contextlib.suppress(OSError):
-                    conn.sendall(encode_refusal(why))
-                return False
-            what = f"{req.env.get('CNI_COMMAND', '-')} {req.env.get('CNI_CONTAINERID', '-')}"
-            t = time.monotonic()
-            rc, out, err = run_call(req)
+            if switch:
+                assert self._views is not None
+                try:
+                    self._views.enter(pid)
+                except (ViewError, BrokenView) as e:
+                    if isinstance(e, ViewError):
+                        self._not_serving(e.kind, str(e))
+                    else:
+                        self._broken(e)
+                    with contextlib.suppress(OSError):
+                        conn.sendall(encode_refusal(str(e)))
+                    return False
+            try:
+                rc, out, err = run_call(req)
+            finally:
+                if switch:
+                    try:
+                        self._views.leave()  # type: ignore[union-attr]
+                    except BrokenView as e:
+                        self._broken(e)  # the answer is still good: it goes out, then the thread ends
         finally:
             os.close(req.stderr)
         log.debug("CNI server: %s: exit %d in %.1f ms", what, rc, (time.monotonic() - t) * 1000)
@@ -469,6 +640,9 @@ class CniServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._views is not None and not late:  # a late call may still need the way back
+            self._views.close()
+            self._views = None
 
 
 async def serve_cni(path: str) -> None:

@@ -248,13 +248,14 @@ def test_socket_life(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert "not serving the CNI plugin on" in caplog.text
 
 
-def test_a_client_with_other_files_at_the_cni_paths_is_not_served(
+def test_a_client_with_other_files_at_the_cni_paths_is_served_in_its_view(
     srv: ServerThread, cni_paths: CniPaths, tmp_path: Path
 ) -> None:
     """A client in a mount namespace of its own that mounts another directory over one of its CNI_PATH entries
-    (as the lab's nodes do over /var/lib/cni): served, flanneld would run the delegate it sees there."""
+    (as the lab's nodes do over /var/lib/cni): its call runs in its view, so the delegate is the one it sees
+    there; and the worker is back in flanneld's view for the next client."""
     need(tools=("unshare", "mount"))
-    bed = Bed(tmp_path, "fallback", cni_paths)
+    bed = Bed(tmp_path, "served", cni_paths)
     bed.write_env(IPV4_ENV)
     theirs = tmp_path / "their-bin"
     theirs.mkdir()
@@ -264,17 +265,17 @@ def test_a_client_with_other_files_at_the_cni_paths_is_not_served(
     env = bed.env("ADD", FLANNEL_CNI_SOCKET=srv.server.path)
     script = 'mount --bind "$1" "$2" && exec "$3"'
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "-", str(theirs), str(bed.bin),
-           str(cni_paths.fallback)]  # fmt: skip
+           str(cni_paths.served)]  # fmt: skip
     p = subprocess.run(cmd, input=json.dumps(bed.conf()).encode(), env=env, capture_output=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert (bed.fake / "who").read_text() == "client-view\n"
-    assert wait_for(lambda: (srv.server.served, srv.server.refused) == (0, 1), 5)
-    # The same client without the mount is served.
+    assert wait_for(lambda: (srv.server.served, srv.server.refused) == (1, 0), 5)
+    # The same client without the mount sees flanneld's files again.
     p = subprocess.run([str(cni_paths.served)], input=json.dumps(bed.conf()).encode(), env=env, capture_output=True,
-                       timeout=60)  # fmt: skip
+                       timeout=60, cwd=os.getcwd())  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     assert (bed.fake / "who").read_text() == "flanneld-view\n"
-    assert wait_for(lambda: srv.server.served == 1, 5)
+    assert wait_for(lambda: srv.server.served == 2, 5)
 
 
 def test_version_reads_no_stdin(srv: ServerThread, cni_paths: CniPaths) -> None:
@@ -847,9 +848,10 @@ def test_the_standalone_plugin_while_the_agent_is_down(scope: RunScope) -> None:
 
 
 @pytest.mark.integration
-def test_clients_in_another_namespace_or_directory_are_not_served(scope: RunScope) -> None:
-    """The agent's delegates would make links in its own namespace and read paths from its own directory: a
-    client elsewhere gets the standalone plugin, which works where the client is."""
+def test_clients_in_another_network_namespace_are_not_served_another_directory_is(scope: RunScope) -> None:
+    """The agent's delegates would make links in its own network namespace: a client in another gets the
+    standalone plugin, which works where the client is. A client in another working directory (or mount
+    namespace, or root) is served in its own view, so its relative paths lead where they lead for it."""
     a = Agent(scope)
     other = scope.add_ns("other")
     odir = scope.tmpdir / "other"
@@ -866,12 +868,23 @@ def test_clients_in_another_namespace_or_directory_are_not_served(scope: RunScop
     assert run(["ip", "-n", a.node.ns, "link", "show", "cni0"], check=False).strip() == ""
     assert "is in another network namespace" in a.log()
     assert a.calls()[0][1] != a.pid
-    # Another working directory (the agent runs from the test's).
-    env = {**a.env, "CNI_COMMAND": "VERSION"}
-    p = subprocess.run(["ip", "netns", "exec", a.node.ns, str(a.any_bin / "flannel")], input=b"", env=env,
-                       capture_output=True, cwd=scope.tmpdir, timeout=30)  # fmt: skip
-    assert p.returncode == 0 and json.loads(p.stdout)["supportedVersions"], p.stdout + p.stderr
-    assert "runs in another working directory" in a.log()
+    # Another working directory (the agent runs from the test's): served (the client's standalone plugin is a
+    # tripwire), with subnetFile and dataDir relative to the client's directory.
+    rel = a.pod("rel")
+    conf = Driver.build_config(conflist, conflist["plugins"][0], None, rel)
+    conf.update(subnetFile="subnet.env", dataDir="flannel")
+    env = {**a.env, "CNI_CONTAINERID": rel.container_id, "CNI_NETNS": rel.netns, "CNI_IFNAME": "eth0",
+           "CNI_PATH": f"{a.shim}:{REF_PLUGINS}"}  # fmt: skip
+    for command in ("ADD", "DEL"):
+        p = subprocess.run(["ip", "netns", "exec", a.node.ns, str(a.served_bin / "flannel")],
+                           input=json.dumps(conf).encode(), env={**env, "CNI_COMMAND": command}, capture_output=True,
+                           cwd=odir, timeout=30)  # fmt: skip
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert a.calls()[-1] == (command, a.pid)
+        if command == "ADD":  # stored where the client's relative dataDir leads, from its subnet.env
+            assert b'"10.99.1.0/24"' in (odir / "flannel" / rel.container_id).read_bytes()
+    assert not (odir / "flannel" / rel.container_id).exists()
+    assert "not serving a client" not in a.log().split("is in another network namespace", 1)[1]
 
 
 @pytest.mark.integration
