@@ -18,6 +18,7 @@ import yaml
 
 from pyflannel.cli import parse_args
 from pyflannel.config import parse_net_config
+from pyflannel.daemon import agent_config_from_options
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "deploy" / "kube-flannel.yml"
@@ -97,7 +98,14 @@ def test_daemonset_runs_flanneld_in_kube_mode_with_health_probes() -> None:
     (c,) = pod["containers"]
     opts = parse_args(c["args"], {})
     assert opts["kube-subnet-mgr"] and opts["ip-masq"]
-    assert set(c["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
+    # The CNI fast path: the socket on (its default, /run/flannel/cni.sock, on the host through the "run"
+    # volume), the runtime's pid visible, and what entering its view of the files takes (pyflannel/cniserver.py).
+    sock = agent_config_from_options(opts).cni_socket
+    assert sock == "/run/flannel/cni.sock" and pod["hostPID"] is True
+    sec = c["securityContext"]
+    assert sec["privileged"] is False
+    assert set(sec["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"}
+    assert sec["appArmorProfile"] == {"type": "Unconfined"}
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
     assert env == {"NODE_NAME": "spec.nodeName", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     live, ready = c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]
