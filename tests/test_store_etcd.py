@@ -617,6 +617,73 @@ def test_watch_relists_after_compaction(etcd: Etcd) -> None:
     etcd.run(body)
 
 
+def _paged_store(c: Ctl, between_pages: Callable[[int], Awaitable[None]]) -> tuple[Any, list[str]]:
+    """A store listing in pages of 2 that runs `between_pages(n)` before the list's n-th page is asked for;
+    the list of calls it made ("list leases" or others) is returned beside it."""
+    import pyflannel.store.etcd as etcd_store
+
+    etcd_store.LIST_PAGE = 2  # this forked child's copy only
+    store = _store(c.endpoint)
+    real, calls = store._rpc, []
+
+    async def rpc(what: str, call: Any) -> Any:
+        calls.append(what)
+        if what == "list leases":
+            await between_pages(calls.count(what))
+        return await real(what, call)
+
+    store._rpc = rpc
+    return store, calls
+
+
+def test_a_list_in_pages_is_one_view(etcd: Etcd) -> None:
+    """Changes between the pages of a list are not in it: every page is read at the first one's revision."""
+
+    async def body(c: Ctl) -> None:
+        for i in range(1, 6):
+            await c.put(f"{PREFIX}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"192.0.2.{i}"}}')
+        first_rev = await c.revision()
+
+        async def meanwhile(n: int) -> None:
+            if n == 2:
+                await c.etcdctl("del", f"{PREFIX}/subnets/10.5.5.0-24")
+                await c.put(f"{PREFIX}/subnets/10.5.6.0-24", '{"PublicIP":"192.0.2.6"}')
+
+        store, calls = _paged_store(c, meanwhile)
+        try:
+            entries, revision = await store._list()
+            assert [e.key.rsplit("/", 1)[1] for e in entries] == [f"10.5.{i}.0-24" for i in range(1, 6)]
+            assert revision == first_rev
+            assert calls == ["list leases"] * 3
+        finally:
+            await store.close()
+
+    etcd.run(body)
+
+
+def test_a_list_compacted_between_its_pages_starts_again(etcd: Etcd) -> None:
+    async def body(c: Ctl) -> None:
+        for i in range(1, 6):
+            await c.put(f"{PREFIX}/subnets/10.5.{i}.0-24", f'{{"PublicIP":"192.0.2.{i}"}}')
+
+        async def meanwhile(n: int) -> None:
+            if n == 2:  # once: the first list's second page
+                await c.put(f"{PREFIX}/subnets/10.5.6.0-24", '{"PublicIP":"192.0.2.6"}')
+                await c.etcdctl("compact", str(await c.revision()))
+
+        store, calls = _paged_store(c, meanwhile)
+        try:
+            entries, revision = await store._list()
+            # The second list: 3 pages of the 6 leases, at the revision after the compaction.
+            assert [e.key.rsplit("/", 1)[1] for e in entries] == [f"10.5.{i}.0-24" for i in range(1, 7)]
+            assert revision == await c.revision()
+            assert calls == ["list leases"] * 5
+        finally:
+            await store.close()
+
+    etcd.run(body)
+
+
 def test_first_watch_goes_on_from_the_acquires_list_and_loses_nothing(etcd: Etcd) -> None:
     """The first watch takes the acquire's list (with our write) as its snapshot and watches from the revision
     after it: every change made meanwhile, before our write or after it, arrives as an event."""

@@ -50,6 +50,7 @@ CODE_NAMES = {
     16: "UNAUTHENTICATED",
 }
 UNAVAILABLE = 14
+OUT_OF_RANGE = 11  # also "required revision has been compacted"
 PERMISSION_DENIED = 7
 UNAUTHENTICATED = 16
 # Codes that mean "try again later (perhaps elsewhere)" rather than "this request is wrong".
@@ -90,12 +91,13 @@ class KeyValue:
 
 
 class Range:
-    __slots__ = ("count", "kvs", "revision")
+    __slots__ = ("count", "kvs", "more", "revision")
 
-    def __init__(self, kvs: list[KeyValue], count: int, revision: int) -> None:
+    def __init__(self, kvs: list[KeyValue], count: int, revision: int, more: bool = False) -> None:
         self.kvs = kvs
         self.count = count
         self.revision = revision
+        self.more = more  # a `limit` left keys out
 
 
 class Event:
@@ -210,17 +212,30 @@ class EtcdClient:
 
     # --- kv ---
     async def range(
-        self, key: bytes, range_end: bytes = b"", *, count_only: bool = False, what: str, timeout: float
+        self,
+        key: bytes,
+        range_end: bytes = b"",
+        *,
+        count_only: bool = False,
+        limit: int = 0,
+        revision: int = 0,
+        what: str,
+        timeout: float,
     ) -> Range:
+        """Keys in [key, range_end), in key order; at most `limit` of them (0: all), as of `revision` (0: now)."""
         req: dict[str, Any] = {"key": _b64(key)}
         if range_end:
             req["range_end"] = _b64(range_end)
         if count_only:
             req["count_only"] = True
+        if limit:
+            req["limit"] = str(limit)
+        if revision:
+            req["revision"] = str(revision)
         resp = await self._call("/v3/kv/range", req, what=what, timeout=timeout)
         try:
             kvs = [_kv(kv) for kv in resp.get("kvs") or ()]
-            return Range(kvs, int(resp.get("count", 0)), _revision(resp))
+            return Range(kvs, int(resp.get("count", 0)), _revision(resp), resp.get("more") is True)
         except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as e:
             raise EtcdUnavailableError(f"{what}: a malformed answer ({type(e).__name__}: {str(e)[:80]})") from None
 
