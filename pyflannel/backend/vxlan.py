@@ -267,11 +267,12 @@ class VxlanBackend(Backend):
         return {s for s in (own.subnet, own.ipv6_subnet) if s is not None} if own else set()
 
     def _entries(
-        self, dev: _Dev, lease: Lease, warn: bool = True
+        self, dev: _Dev, lease: Lease, warn: bool = True, own: set[IPNetwork] | None = None
     ) -> tuple[IPNetwork | None, list[Route | Neigh | Fdb]]:
-        """The peer's subnet of dev's family and the kernel entries for it ([] when the lease is skipped)."""
+        """The peer's subnet of dev's family and the kernel entries for it ([] when the lease is skipped).
+        `own`: _own_subnets(), when the caller has it (a pass over thousands of peers)."""
         sn = lease.subnet if dev.version == 4 else lease.ipv6_subnet
-        if sn is None or sn in self._own_subnets():
+        if sn is None or sn in (self._own_subnets() if own is None else own):
             return None, []
         if lease.attrs.backend_type != BACKEND_TYPE:
             if warn:
@@ -380,18 +381,28 @@ class VxlanBackend(Backend):
         return bool(obj.state & NUD_PERMANENT)
 
     async def _reconcile_dev(self, dev: _Dev, peers: Sequence[Lease]) -> None:
+        # One pass over the peers, and no hashing of addresses for lookups in empty sets: with 5000 peers this
+        # is most of a cold start's own work before the kernel's (ipaddress hashes in Python).
+        own = self._own_subnets()
         desired: dict[IPNetwork, list[Route | Neigh | Fdb]] = {}
+        want_routes: list[Route] = []
+        want_neigh: dict[IPAddress, Neigh] = {}
+        want_fdb_objs: list[Fdb] = []
         for lease in peers:
-            sn, entries = self._entries(dev, lease)
-            if sn is not None and entries:
-                desired[sn] = entries
-        want_routes = [o for es in desired.values() for o in es if isinstance(o, Route)]
-        want_neigh = {(o.dst): o for es in desired.values() for o in es if isinstance(o, Neigh)}
-        want_fdb = {(o.lladdr, o.dst) for es in desired.values() for o in es if isinstance(o, Fdb)}
-        want_fdb_objs = [o for es in desired.values() for o in es if isinstance(o, Fdb)]
+            sn, entries = self._entries(dev, lease, own=own)
+            if sn is None or not entries:
+                continue
+            desired[sn] = entries
+            for o in entries:
+                if isinstance(o, Route):
+                    want_routes.append(o)
+                elif isinstance(o, Neigh):
+                    want_neigh[o.dst] = o
+                else:
+                    want_fdb_objs.append(o)
 
         state = await self.nl.snapshot(dev.family, neigh_ifindex=dev.index, fdb_ifindex=dev.index)
-        own = self._own_subnets()
+        want_fdb = {(o.lladdr, o.dst) for o in want_fdb_objs} if state.fdb else set()
         route_ops = diff_routes(state.routes, want_routes, lambda r: self._ours_route(dev, r, own))
         neigh_del: list[Op] = []
         neigh_add: list[Op] = []
@@ -405,7 +416,7 @@ class VxlanBackend(Backend):
                     neigh_del.append(Op.delete(n))
             elif n.lladdr == w.lladdr and n.state & NUD_PERMANENT:
                 seen_neigh.add(n.dst)
-        neigh_add = [Op.replace(w) for d, w in want_neigh.items() if d not in seen_neigh]
+        neigh_add = [Op.replace(w) for d, w in want_neigh.items() if not seen_neigh or d not in seen_neigh]
 
         fdb_del: list[Op] = []
         seen_fdb: set[tuple[str, IPAddress | None]] = set()
@@ -416,14 +427,13 @@ class VxlanBackend(Backend):
                 seen_fdb.add((f.lladdr, f.dst))
             elif f.state & NUD_PERMANENT:
                 fdb_del.append(Op.delete(Fdb(ifindex=dev.index, lladdr=f.lladdr, dst=f.dst)))
-        fdb_add = [Op.replace(o) for o in want_fdb_objs if (o.lladdr, o.dst) not in seen_fdb]
+        fdb_add = [Op.replace(o) for o in want_fdb_objs if not seen_fdb or (o.lladdr, o.dst) not in seen_fdb]
 
         route_del = [op for op in route_ops if op.action == "delete"]
         route_add = [op for op in route_ops if op.action != "delete"]
         # Stale entries go first; then upstream's order per peer: neighbour and FDB before the route, so the
         # kernel never has to resolve the onlink gateway by ARP over the overlay.
         ops = route_del + neigh_del + fdb_del + neigh_add + fdb_add + route_add
-        dev.owned.reset(desired)
         if ops:
             log.info(
                 "vxlan reconcile %s: %d peers; removing %d routes, %d neighbours, %d fdb; adding %d/%d/%d",
@@ -436,7 +446,12 @@ class VxlanBackend(Backend):
                 len(neigh_add),
                 len(fdb_add),
             )
-        await apply_ops(self.nl, f"vxlan reconcile {dev.name}", ops)
+        try:
+            await apply_ops(self.nl, f"vxlan reconcile {dev.name}", ops)
+        finally:
+            # After the write, off the way of the kernel's first entries; still before any notification of the
+            # batch is judged (a bulk write holds the monitors, and this runs before the loop gets to them).
+            dev.owned.reset(desired)
 
     async def inspect(self, peers: Sequence[Lease]) -> KernelView:
         want: dict[str, list[Entry]] = {lease.key: [] for lease in peers}
