@@ -292,28 +292,30 @@ class Agent:
         await backend.start(own)
         await self._ensure_blackholes()
         self.ready_reason = "waiting for the traffic rules"
-        await self._traffic_rules(net, own, prev)
-        write_subnet_env(
-            self.cfg.subnet_file,
-            SubnetEnv(
-                networks=(net.network,) if net.network else (),
-                subnet=own.subnet,
-                ipv6_networks=(net.ipv6_network,) if net.ipv6_network else (),
-                ipv6_subnet=own.ipv6_subnet,
-                mtu=battrs.mtu,
-                ipmasq=self.cfg.ip_masq,
-            ),
-        )
-        log.info("wrote %s", self.cfg.subnet_file)
-        self.ready_reason = ""
         # Subscribed before the first snapshot's pass, so no change after that pass's reads goes unnoticed.
         monitor = await self.netlink.monitor()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._kernel_monitor_loop(monitor), name="kernel-monitor")
+            # The peers' sync does not wait for the traffic rules: their iptables/nft runs are other processes
+            # (the other core), and the first pass's kernel work happens in the netlink worker meanwhile.
             tg.create_task(self._watch_loop(), name="watch")
             tg.create_task(self._renew_loop(), name="renew")
             tg.create_task(self._reconcile_loop(), name="reconcile")
             tg.create_task(backend.run(), name="backend")
+            await self._traffic_rules(net, own, prev)
+            write_subnet_env(
+                self.cfg.subnet_file,
+                SubnetEnv(
+                    networks=(net.network,) if net.network else (),
+                    subnet=own.subnet,
+                    ipv6_networks=(net.ipv6_network,) if net.ipv6_network else (),
+                    ipv6_subnet=own.ipv6_subnet,
+                    mtu=battrs.mtu,
+                    ipmasq=self.cfg.ip_masq,
+                ),
+            )
+            log.info("wrote %s", self.cfg.subnet_file)
+            self.ready_reason = ""
             if self.traffic is not None:
                 tg.create_task(self.traffic.run_resync(self.cfg.iptables_resync), name="traffic-resync")
             if self.cfg.cni_socket:  # after subnet.env: until then the plugin answers "try again later" anyway
