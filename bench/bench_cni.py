@@ -5,6 +5,9 @@ In one run, inside a node namespace, each iteration does ADD then DEL of the sam
   fast        the `flannel` client (pyflannel/cni/launcher.c) served by a CNI server in the node namespace
               (`python -m pyflannel.cniserver`: the code flanneld runs for it, without the rest of an agent,
               which a bench's idle agent would not add to), with the kube-flannel plugin config
+  container   the same client served by a CNI server shaped as kube-flannel's DaemonSet runs it: in a mount
+              namespace of its own where the plugin's state directories are empty tmpfs, from another working
+              directory, so every call runs switched into the client's view (pyflannel/cniserver.py)
   fallback    the same client with no server at its socket: it execs the standalone plugin below
   flannel-py  the standalone plugin: the Python launcher the client falls back to (what `flannel` was before)
   flannel-bin the host-installable build (scripts/build-cni.sh: the client, serving off, execing its bundled
@@ -88,6 +91,35 @@ def bin_dir(work: Path, name: str, exe: Path) -> Path:
     return d
 
 
+# The container's start: its own mounts over the node's CNI state (COVER); its working directory is another.
+CONTAINER = 'for d in $COVER; do mount -t tmpfs bench-cover "$d" || exit 1; done; exec "$@"'
+
+
+def start_server(work: Path, name: str, container: bool) -> subprocess.Popen[bytes]:
+    sock = work / name / "cni.sock"
+    log = work / f"{name}.log"
+    cmd = [sys.executable, "-m", "pyflannel.cniserver", "--socket", str(sock), "-v", "1"]  # a line per call
+    env, cwd = clean_env(""), None
+    if container:
+        cover = [work / "flannel", work / "ipam"]
+        for d in cover:
+            d.mkdir(exist_ok=True)
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", CONTAINER, "-", *cmd]
+        env["COVER"] = " ".join(map(str, cover))
+        cwd = work / f"{name}-cwd"
+        cwd.mkdir(exist_ok=True)
+    with open(log, "wb") as logf:
+        server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                  cwd=cwd)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"no CNI server: {log.read_text()}")
+        time.sleep(0.05)
+    return server
+
+
 def inner(args: argparse.Namespace) -> dict[str, Any]:
     """Runs inside the node namespace."""
     work = Path(args.workdir)
@@ -95,24 +127,15 @@ def inner(args: argparse.Namespace) -> dict[str, Any]:
     client.parent.mkdir(exist_ok=True)
     install(client)  # the client and, beside it, the standalone plugin's launcher it falls back to
     launcher = client.with_name("flannel" + STANDALONE_SUFFIX)
-    sock = work / "srv" / "cni.sock"
     none = str(work / "no-agent.sock")
-    log = work / "server.log"
-    with open(log, "wb") as logf:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "pyflannel.cniserver", "--socket", str(sock), "-v", "1"],  # a line per call
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=clean_env(""),
-        )  # fmt: skip
+    servers = [start_server(work, "srv", container=False)]
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"no CNI server: {log.read_text()}")
-            time.sleep(0.05)
-        return _measure(args, work, client, launcher, str(sock), none)
+        servers.append(start_server(work, "ctr", container=True))
+        return _measure(args, work, client, launcher, str(work / "srv" / "cni.sock"), none)
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
 
 
 def _measure(
@@ -130,6 +153,7 @@ def _measure(
     client_dir = bin_dir(work, "client", client)
     drivers = {
         "fast": Driver([client_dir, REF], cache, env=clean_env(sock)),
+        "container": Driver([client_dir, REF], cache, env=clean_env(str(work / "ctr" / "cni.sock"))),
         "fallback": Driver([client_dir, REF], cache, env=clean_env(none)),
         "flannel-py": Driver([bin_dir(work, "py", launcher), REF], cache, env=clean_env(none)),
     }
@@ -151,6 +175,7 @@ def _measure(
     variants: dict[str, tuple[Driver, dict[str, Any]]] = {
         "bridge": (drivers["fast"], bridge_net),
         "fast": (drivers["fast"], only_flannel),
+        "container": (drivers["container"], only_flannel),
         "fallback": (drivers["fallback"], only_flannel),
         "flannel-py": (drivers["flannel-py"], only_flannel),
         "conflist": (drivers["fast"], conflist),
@@ -176,17 +201,23 @@ def _measure(
     leftover = sorted(p.name for p in (work / "ipam" / conflist["name"]).iterdir() if p.name[0].isdigit())
     starts = {
         "flannel client, served": start_time(client, sock, 30),
+        "flannel client, served from a container": start_time(client, str(work / "ctr" / "cni.sock"), 30),
         "flannel client, no agent (falls back)": start_time(client, none, 30),
         "flannel-py (standalone plugin)": start_time(launcher, none, 30),
     }
     if args.built:
         starts["flannel-bin (standalone build)"] = start_time(Path(args.built), "", 30)
-    # Every fast and conflist ADD and DEL (and the warm-up's) must have been served, not fallen back.
-    log = (work / "server.log").read_text()
-    served = sum(log.count(f"CNI server: {c} {rt.container_id}: exit 0") for c in ("ADD", "DEL"))
+    # Every fast and conflist ADD and DEL (and the warm-up's) must have been served, not fallen back; and every
+    # container one, by the container's server.
+    served = {}
+    for name in ("srv", "ctr"):
+        log = (work / f"{name}.log").read_text()
+        served[name] = sum(log.count(f"CNI server: {c} {rt.container_id}: exit 0") for c in ("ADD", "DEL"))
     return {"times": times, "leftover_ips": leftover, "delegate": delegate.decode(), "starts": starts,
-            "served": served,
-            "expected_served": 2 + 2 * args.iterations * len({"fast", "conflist"} & variants.keys())}  # fmt: skip
+            "served": served["srv"],
+            "expected_served": 2 + 2 * args.iterations * len({"fast", "conflist"} & variants.keys()),
+            "served_container": served["ctr"],
+            "expected_served_container": 2 + 2 * args.iterations * ("container" in variants)}  # fmt: skip
 
 
 def stale_build(built: Path) -> bool:
@@ -274,11 +305,14 @@ def outer(args: argparse.Namespace) -> int:
     if "fast" in v:
         met = "met" if v["fast"] <= GOAL_MS else "NOT met"
         print(f"goal <= {GOAL_MS:g} ms added median (fast path): {met} ({v['fast']:.2f} ms)")
-    words = {"fast": "the fast path", "flannel-py": "the standalone plugin", "fallback": "the client falling back",
+    words = {"fast": "the fast path", "container": "the fast path from a container (switched)",
+             "flannel-py": "the standalone plugin", "fallback": "the client falling back",
              "py-floor": "an interpreter in front of the bridge and nothing else"}  # fmt: skip
     print("  added: " + "; ".join(f"{words[k]} {v[k]:.2f} ms" for k in words if k in v))
     print(f"  served by the CNI server: {res['served']} of the {res['expected_served']} fast and conflist calls")
-    if res["served"] != res["expected_served"]:
+    print(f"  served by the container's CNI server: {res['served_container']} of the "
+          f"{res['expected_served_container']} container calls")  # fmt: skip
+    if (res["served"], res["served_container"]) != (res["expected_served"], res["expected_served_container"]):
         print("WARNING: some fast-path calls fell back to the standalone plugin")
     if res["leftover_ips"]:
         print(f"WARNING: host-local kept {res['leftover_ips']}")
