@@ -442,12 +442,13 @@ printf '{"cniVersion":"1.0.0","ips":[{"address":"10.1.17.9/24","gateway":"10.1.1
 
 
 def outcomes(root: Path, mode: str, paths: CniPaths, steps: list[tuple[str, dict[str, str], bytes]],
-             setup: Callable[[Bed], None]) -> list[Any]:  # fmt: skip
-    """Run `steps` in a fresh Bed at `root` (the same paths for every mode): each step's exit status, stdout
-    and stderr, and then every file under the bed but the fake delegates."""
+             setup: Callable[[Bed], None],
+             make_bed: Callable[[Path, str, CniPaths], Bed] = Bed) -> list[Any]:  # fmt: skip
+    """Run `steps` in a fresh bed (`make_bed`) at `root` (the same paths for every mode): each step's exit
+    status, stdout and stderr, and then every file under the bed but the fake delegates."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    bed = Bed(root, mode, paths)
+    bed = make_bed(root, mode, paths)
     (bed.bin / "envdump").write_text(ENV_DELEGATE)
     (bed.bin / "envdump").chmod(0o755)
     bed.write_env(IPV4_ENV)

@@ -31,7 +31,7 @@ from needs import need
 from test_cni_netns import flannel_bin_dir
 from test_cni_plugin import IPV4_ENV, TRIPWIRE, Bed, CniPaths, wait_socket
 from test_cni_plugin import cni_paths as cni_paths  # the session's fixture
-from test_cni_server import ENV_DELEGATE, REF_PLUGINS, VECTORS, ServerThread, _same_socket, _with_root
+from test_cni_server import REF_PLUGINS, VECTORS, ServerThread, _same_socket, _with_root, outcomes
 
 from pyflannel import cniserver
 from pyflannel.cni.driver import Driver, RuntimeConf, kube_flannel_conflist
@@ -117,25 +117,8 @@ Steps = list[tuple[str, dict[str, str], bytes]]
 
 def node_outcomes(root: Path, mode: str, paths: CniPaths, ns: str, sock: Path, steps: Steps,
                   setup: Callable[[Bed], None]) -> list[Any]:  # fmt: skip
-    """test_cni_server.outcomes for a NodeBed: each step's (rc, stdout, stderr), then every file under `root`
-    but the fake delegates."""
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    bed = NodeBed(root, mode, paths, ns, sock)
-    (bed.bin / "envdump").write_text(ENV_DELEGATE)
-    (bed.bin / "envdump").chmod(0o755)
-    bed.write_env(IPV4_ENV)
-    setup(bed)
-    got: list[Any] = []
-    for command, over, stdin in steps:
-        env = {k: v for k, v in {**bed.env(command), **over}.items() if v != "<unset>"}
-        got.append(bed.exec(env, stdin))
-    files = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.is_relative_to(bed.bin):
-            files[str(p.relative_to(root))] = p.read_bytes()
-    got.append(files)
-    return _same_socket(got)
+    """test_cni_server.outcomes for a NodeBed (the client in the node's namespace), the socket path masked."""
+    return _same_socket(outcomes(root, mode, paths, steps, setup, lambda r, m, p: NodeBed(r, m, p, ns, sock)))
 
 
 def test_served_in_the_clients_view_as_the_standalone_plugin_answers(scope: RunScope, cni_paths: CniPaths) -> None:
