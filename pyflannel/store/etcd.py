@@ -434,13 +434,23 @@ class EtcdStore(Store):
 
         resp = await page(self._subnets.encode(), 0)
         revision = resp.revision
+        # Bounded by what the first page says the list holds: an endpoint that keeps answering "more" (or with
+        # keys past the range) must not make the list grow without end.
+        counted = resp.count
+        pages_left = counted // LIST_PAGE + 1
         now = time.time()
         out: list[_Entry] = []
         while True:
             following: asyncio.Task[Range] | None = None
             if resp.more and resp.kvs:
+                start = resp.kvs[-1].key + b"\0"
+                pages_left -= 1
+                if pages_left < 0 or not start < end:
+                    raise EtcdUnavailableError(
+                        f"etcd list leases: more pages than {counted} leases make, or keys past the range"
+                    )
                 # Sent before the decoding below: the task runs up to its wait for the answer at the sleep.
-                following = asyncio.ensure_future(page(resp.kvs[-1].key + b"\0", revision))
+                following = asyncio.ensure_future(page(start, revision))
                 await asyncio.sleep(0)
             try:
                 for kv in resp.kvs:
