@@ -317,6 +317,7 @@ def outer(args: argparse.Namespace) -> int:
     if res["leftover_ips"]:
         print(f"WARNING: host-local kept {res['leftover_ips']}")
     report["leftover_ips"] = res["leftover_ips"]
+    report["times_ms"] = times  # every iteration's ADD and DEL, per variant, for a closer look
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -528,6 +528,55 @@ def test_delegate_missing(bed: Bed) -> None:
     assert res["msg"] == f'failed to delegate add: failed to find plugin "nosuch" in path [/nonexistent {bed.bin}]'
 
 
+def _fsync_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def test_add_syncs_the_stored_config_while_the_delegate_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored config is made durable (file, then dataDir) while the delegate starts, and the delegate gets
+    its config only after both: held 0.3 s in each fsync, the fake delegate has started (its shell has opened
+    ADD.in) but has read nothing."""
+    bed = Bed(tmp_path)
+    bed.write_env(IPV4_ENV)
+    seen: list[tuple[str, bytes | None]] = []
+    real_fsync = plugin.posix.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        time.sleep(0.3)
+        got = bed.fake / "ADD.in"
+        seen.append((_fsync_path(fd), got.read_bytes() if got.exists() else None))
+
+    monkeypatch.setattr(plugin.posix, "fsync", fsync)
+    rc, res, _ = bed.run("ADD", bed.conf())
+    assert (rc, res["ips"][0]["address"]) == (0, "10.1.17.2/24")
+    assert seen == [(str(bed.stored()), b""), (str(bed.data_dir), b"")]
+    assert bed.delegate_in("ADD") == EXPECTED_IPV4 == bed.stored().read_bytes()
+
+
+@pytest.mark.parametrize("delegate", ["bridge", "nosuch"])
+def test_add_sync_failure_stores_nothing_and_the_delegate_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delegate: str
+) -> None:
+    """An fsync that fails (EIO) is ADD's error, before a missing delegate's; the delegate, started and given
+    nothing, is killed; nothing is stored and no temporary file is left."""
+    bed = Bed(tmp_path)
+    bed.write_env(IPV4_ENV)
+
+    def fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(plugin.posix, "fsync", fsync)
+    rc, res, _ = bed.run("ADD", bed.conf(delegate={"type": delegate}))
+    assert (rc, res["code"], res["msg"]) == (1, 999, f"sync {bed.stored()}: input/output error")
+    assert list(bed.data_dir.iterdir()) == []
+    time.sleep(0.3)  # a delegate that had been given its config would have recorded the call by now
+    assert bed.calls() == []
+    assert not (bed.fake / "ADD.in").exists() or bed.delegate_in("ADD") == b""
+
+
 # ---- DEL ----------------------------------------------------------------------------------------------------
 
 

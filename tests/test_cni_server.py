@@ -333,22 +333,27 @@ def test_big_number_flag_is_per_thread() -> None:
 
 
 def test_stored_configs_written_at_once_from_two_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thread A is held inside its write (at fsync) while thread B writes another container's config to the same
-    dataDir: with one temporary name per process, B would truncate and rename A's file."""
+    """Thread A is held between writing its temporary file and renaming it while thread B writes and syncs
+    another container's config in the same dataDir: with one temporary name per process, B would truncate A's
+    file and A would rename B's."""
     data_dir = str(tmp_path / "data")
     holder = threading.get_ident()
     b_done = threading.Event()
-    real_fsync = plugin.posix.fsync
+    real_rename = plugin.posix.rename
 
-    def fsync(fd: int) -> None:
+    def b() -> None:
+        plugin.save_scratch(data_dir, "b", b"B" * 10)()
+        b_done.set()
+
+    def rename(src: str, dst: str) -> None:
         if threading.get_ident() == holder and not b_done.is_set():
-            t = threading.Thread(target=lambda: (plugin.save_scratch(data_dir, "b", b"B" * 10), b_done.set()))
+            t = threading.Thread(target=b)
             t.start()
             t.join(10)
-        real_fsync(fd)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(plugin.posix, "fsync", fsync)
-    plugin.save_scratch(data_dir, "a", b"A" * 10)
+    monkeypatch.setattr(plugin.posix, "rename", rename)
+    plugin.save_scratch(data_dir, "a", b"A" * 10)()
     assert b_done.is_set()
     assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == {"a": b"A" * 10, "b": b"B" * 10}
 

@@ -64,6 +64,7 @@ from pyflannel.cni.conf import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, BinaryIO, NoReturn
 
 # Quoted annotations instead of `from __future__ import annotations`: see conf.py.
@@ -228,8 +229,19 @@ def find_in_path(plugin: str, cni_path: str) -> str:
     raise CNIError(ERR_INTERNAL, f'failed to find plugin "{plugin}" in path [{" ".join(dirs)}]')
 
 
-def exec_plugin(path: str, stdin: bytes, env: dict[str, str], stderr: "int | None" = None) -> tuple[int, bytes]:
-    """Run a plugin with `stdin`; its stderr is `stderr` (default: ours). Returns (exit status, stdout)."""
+def exec_plugin(
+    path: str,
+    stdin: bytes,
+    env: dict[str, str],
+    stderr: "int | None" = None,
+    before_input: "Callable[[], None] | None" = None,
+) -> tuple[int, bytes]:
+    """Run a plugin with `stdin`; its stderr is `stderr` (default: ours). Returns (exit status, stdout).
+
+    `before_input` runs once the plugin has started and before it has its stdin (or, when it cannot start,
+    before that error): a plugin reads its whole config before it acts, so what runs there is done before
+    the plugin does anything, in the time its runtime takes to start. When it raises, the plugin, which has
+    read nothing, is killed and reaped, and its error is the one raised."""
     rin, win = posix.pipe()
     rout, wout = posix.pipe()
     actions = [(posix.POSIX_SPAWN_DUP2, rin, 0), (posix.POSIX_SPAWN_DUP2, wout, 1)]
@@ -240,11 +252,21 @@ def exec_plugin(path: str, stdin: bytes, env: dict[str, str], stderr: "int | Non
     except (OSError, ValueError) as e:
         for fd in (rin, win, rout, wout):
             posix.close(fd)
-        raise CNIError(
-            ERR_INTERNAL, f"netplugin failed with no error message: fork/exec {path}: {_go_err(e)}"
-        ) from None
+        msg = f"netplugin failed with no error message: fork/exec {path}: {_go_err(e)}"
+        if before_input is not None:
+            before_input()
+        raise CNIError(ERR_INTERNAL, msg) from None
     posix.close(rin)
     posix.close(wout)
+    if before_input is not None:
+        try:
+            before_input()
+        except BaseException:
+            posix.close(win)
+            posix.close(rout)
+            posix.kill(pid, 9)  # SIGKILL; `signal` is an import the plugin does without
+            posix.waitpid(pid, 0)
+            raise
     try:
         # Configs are a few KiB, far below the pipe buffer, and plugins read all of stdin before writing.
         view = memoryview(stdin)
@@ -359,10 +381,19 @@ def _to_delegate_version(conf: bytes, version: str) -> bytes:
     return go_json(d)
 
 
-def call_delegate(c: Call, command: str, dtype: str, conf: bytes, version: str) -> bytes:
-    path = find_in_path(dtype, c.env.get("CNI_PATH", ""))
-    stdin = _to_delegate_version(conf, version)
-    rc, out = exec_plugin(path, stdin, _delegate_env(c.env, command), c.delegate_stderr)
+def call_delegate(
+    c: Call, command: str, dtype: str, conf: bytes, version: str, before_input: "Callable[[], None] | None" = None
+) -> bytes:
+    """The delegate's stdout. `before_input`: see exec_plugin; it also runs before an error finding the
+    delegate, so that it always runs first."""
+    try:
+        path = find_in_path(dtype, c.env.get("CNI_PATH", ""))
+        stdin = _to_delegate_version(conf, version)
+    except BaseException:
+        if before_input is not None:
+            before_input()
+        raise
+    rc, out = exec_plugin(path, stdin, _delegate_env(c.env, command), c.delegate_stderr, before_input)
     if rc != 0:
         raise _plugin_error(rc, out)
     return out
@@ -421,13 +452,22 @@ def _mkdir_all(path: str, mode: int) -> None:
             raise CNIError(ERR_INTERNAL, _path_error("mkdir", path, e)) from None
 
 
-def save_scratch(data_dir: str, cid: str, data: bytes) -> None:
-    """Write `<dataDir>/<cid>` durably (0600 in a 0700 dir) before the delegate creates anything.
+class ScratchError(CNIError):
+    """The stored config could not be written: ADD's own error, never wrapped as the delegate's."""
 
-    Through a temporary file and rename, so a crash never leaves half a config for DEL. Its name starts with a
-    dot, which no container ID does (so GC leaves it alone), and stays short (a long ID still fits).
-    Errors name the stored file, as upstream's (which writes it in place) do. The pid and thread make the
-    temporary name unique among concurrent calls (flanneld's CNI server runs several in one process)."""
+
+def save_scratch(data_dir: str, cid: str, data: bytes) -> "Callable[[], None]":
+    """Write `<dataDir>/<cid>` (0600 in a 0700 dir) and return what makes it durable (ScratchError when that
+    fails, and then nothing is stored).
+
+    ADD runs that sync while the delegate starts and before it is given its config (exec_plugin's
+    before_input), so the delegate still creates nothing before its config is on disk, and the ~1 ms of two
+    fsyncs hides behind the delegate's start. A crash before the sync leaves nothing to undo: no file, or an
+    empty or partial one, which DEL removes. Through a temporary file and rename all the same, so that no
+    reader ever sees half a config. Its name starts with a dot, which no container ID does (so GC leaves it
+    alone), and stays short (a long ID still fits). Errors name the stored file, as upstream's (which writes
+    it in place) do. The pid and thread make the temporary name unique among concurrent calls (flanneld's CNI
+    server runs several in one process)."""
     _mkdir_all(data_dir, 0o700)
     path = _stored_path(data_dir, cid)
     tmp = _join(data_dir, f".tmp{posix.getpid()}.{_thread.get_ident()}")
@@ -439,20 +479,32 @@ def save_scratch(data_dir: str, cid: str, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[posix.write(fd, view) :]
-            op = "sync"
-            posix.fsync(fd)
         finally:
             posix.close(fd)
         op = "open"  # the rename is where upstream's open of the final name would fail (ENAMETOOLONG, ...)
         posix.rename(tmp, path)
-        dfd = posix.open(data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
-        try:
-            posix.fsync(dfd)
-        finally:
-            posix.close(dfd)
     except (OSError, ValueError) as e:
         _unlink_quiet(tmp)
-        raise CNIError(ERR_INTERNAL, _path_error(op, path, e)) from None
+        raise ScratchError(ERR_INTERNAL, _path_error(op, path, e)) from None
+    done = False
+
+    def sync() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        try:
+            for p, flags in ((path, posix.O_RDONLY), (data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY)):
+                fd = posix.open(p, flags | posix.O_CLOEXEC)
+                try:
+                    posix.fsync(fd)
+                finally:
+                    posix.close(fd)
+        except (OSError, ValueError) as e:
+            _unlink_quiet(path)
+            raise ScratchError(ERR_INTERNAL, _path_error("sync", path, e)) from None
+
+    return sync
 
 
 def _unlink_quiet(path: str) -> None:
@@ -511,12 +563,12 @@ def cmd_add(c: Call, n: FlannelNetConf, version: str) -> None:
     fenv = _load_fenv(n, version, "loadFlannelSubnetEnv failed: ")
     d = build_delegate(n, fenv)
     data = delegate_bytes(d)
-    save_scratch(n.data_dir, c.env["CNI_CONTAINERID"], data)
+    sync = save_scratch(n.data_dir, c.env["CNI_CONTAINERID"], data)
     # A failed delegate ADD keeps the stored file: the runtime's following DEL needs it to clean up.
     try:
-        result = call_delegate(c, "ADD", d["type"], data, version)
+        result = call_delegate(c, "ADD", d["type"], data, version, sync)
     except CNIError as e:
-        if getattr(e, "passed_on", False):
+        if isinstance(e, ScratchError) or getattr(e, "passed_on", False):
             raise
         raise CNIError(e.code, f"failed to delegate add: {e.msg}", e.details) from None
     if version == "1.1.0":
