@@ -162,6 +162,48 @@ def test_an_endless_watch_line_and_an_endless_body_are_errors_at_their_bounds(en
     against(ens, handler, body, max_line=1 << 20, max_body=2 << 20)
 
 
+@pytest.mark.parametrize("hostile", ["more forever", "keys past the range"])
+def test_a_lease_list_that_never_ends_is_an_error_at_its_bound(ens: str, hostile: str) -> None:
+    """An endpoint whose range answers always say "more" (or go on past the subnets' range) cannot make the
+    store's paged list grow without end: it stops at the pages the first answer's count allows."""
+    ranges: list[dict[str, Any]] = []
+    prefix = "/coreos.com/network/subnets/"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                _, _, raw = await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            ranges.append(json.loads(raw))
+            n = len(ranges)
+            key = f"{prefix}10.5.{n}.0-24" if hostile == "more forever" or n == 1 else "/coreos.com/network/z"
+            data = json.dumps({
+                "header": {"revision": "7"}, "count": "2", "more": True,
+                "kvs": [{"key": b64(key), "value": b64('{"PublicIP":"192.0.2.9"}'), "mod_revision": "5"}],
+            }).encode()  # fmt: skip
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            await writer.drain()
+
+    async def main() -> None:
+        from pyflannel.store.etcd import EtcdOptions, EtcdStore
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        store = EtcdStore(EtcdOptions(endpoints=[f"http://127.0.0.1:{port}"], call_timeout=5))
+        try:
+            with pytest.raises(EtcdUnavailableError, match="more pages than 2 leases make, or keys past the range"):
+                await asyncio.wait_for(store._list(), 30)
+        finally:
+            await store.close()
+            server.close()
+
+    run_in_netns(ens, lambda: asyncio.run(main()))
+    # The first page, then one more (two leases make at most two pages), at the first page's revision; the next
+    # would start past the second page's key: the page count is spent, or that key is past the range.
+    assert [r.get("revision") for r in ranges] == [None, "7"], ranges
+
+
 def test_watch_answers_a_stream_error_line_and_a_stream_cut_mid_event(ens: str) -> None:
     created = json.dumps({"result": {"header": {"revision": "2"}, "created": True}}).encode()
     put = json.dumps({"result": {"events": [{"kv": {"key": b64("/a/1"), "value": b64("x"), "mod_revision": "3"}}]}})
