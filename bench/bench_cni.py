@@ -20,9 +20,13 @@ pause (--settle-ms) after each: the reference bridge's DEL takes ~7 ms longer on
 up for more than ~10 ms (kernel link work that follows ADD; the same with IPv6 off), and without the pause
 the baseline's DEL, started ~1 ms after its ADD, would dodge that cost while the plugin's, which starts an
 interpreter first, pays it: ~7 ms of "added" time that is not the plugin's. A real pod lives longer than
-that. Reported: median and p95 of ADD+DEL (per iteration, pauses excluded), the median added over the
-baseline, ADD and DEL medians apart; also each executable's time for `CNI_COMMAND=VERSION` (in the node
-namespace, where the server serves) and the interpreter's own floor.
+that. Reported: median and p95 of ADD+DEL (per iteration, pauses excluded); the added time, the median
+over iterations of the variant's ADD+DEL minus the bridge's in the same iteration, with a 90% bootstrap
+interval; ADD and DEL added apart (paired the same way); also each executable's time for
+`CNI_COMMAND=VERSION` (in the node namespace, where the server serves) and the interpreter's own floor.
+Paired, because the bridge's DEL alone spreads over ~16 ms (22-38 ms): the difference of two variants'
+medians then swings by several ms from run to run (a 90% interval of -0.4..5 ms at 150 iterations), while
+the pairs, taken ~0.3 s apart, share the drift and pin the added time to about a millisecond.
 
 usage (root): python bench/bench_cni.py [--iterations 60] [--settle-ms 50] [--variants fast,flannel-py]
              [--json out.json]
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -57,6 +62,14 @@ import posix
 pid = posix.posix_spawn("{bridge}", ["{bridge}"], posix.environ)
 posix._exit(posix.waitstatus_to_exitcode(posix.waitpid(pid, 0)[1]))
 """
+
+
+def paired(xs: list[float], base: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of xs[i] - base[i] and its 90% bootstrap interval (fixed seed: a run reports the same)."""
+    diffs = [x - b for x, b in zip(xs, base, strict=True)]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.median(diffs), meds[resamples // 20], meds[resamples - 1 - resamples // 20]
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -279,25 +292,24 @@ def outer(args: argparse.Namespace) -> int:
 
     times: dict[str, dict[str, list[float]]] = res["times"]
     sums = {k: [a + d for a, d in zip(v["ADD"], v["DEL"], strict=True)] for k, v in times.items()}
-    base = statistics.median(sums["bridge"])
-    base_add, base_del = statistics.median(times["bridge"]["ADD"]), statistics.median(times["bridge"]["DEL"])
     report: dict[str, Any] = {
         "iterations": args.iterations, "settle_ms": args.settle_ms, "variants": {}, "start_ms": starts,
     }  # fmt: skip
     print(f"ADD+DEL of one pod, {args.iterations} iterations each, interleaved, same run, {args.settle_ms} ms pauses")
-    head = ("variant", "median ms", "p95 ms", "added median ms", "ADD (added)", "DEL (added)")
-    print(f"{head[0]:<12} {head[1]:>10} {head[2]:>8} {head[3]:>16} {head[4]:>16} {head[5]:>16}")
+    print("added: the median of (variant - bridge) over the iterations' pairs [90% bootstrap interval]")
+    head = ("variant", "median ms", "p95 ms", "added ms", "[90%]", "ADD added", "DEL added")
+    print(f"{head[0]:<12} {head[1]:>10} {head[2]:>8} {head[3]:>9} {head[4]:>15} {head[5]:>10} {head[6]:>10}")
     for name, xs in sums.items():
         med, p95 = statistics.median(xs), pct(xs, 95)
-        added = med - base
-        add, dele = statistics.median(times[name]["ADD"]), statistics.median(times[name]["DEL"])
+        added, lo, hi = paired(xs, sums["bridge"])
+        add = paired(times[name]["ADD"], times["bridge"]["ADD"])[0]
+        dele = paired(times[name]["DEL"], times["bridge"]["DEL"])[0]
         report["variants"][name] = {
-            "median_ms": med, "p95_ms": p95, "added_median_ms": added, "add_median_ms": add, "del_median_ms": dele,
+            "median_ms": med, "p95_ms": p95, "added_median_ms": added, "added_90_ms": [lo, hi],
+            "add_added_ms": add, "del_added_ms": dele,
         }  # fmt: skip
-        print(
-            f"{name:<12} {med:>10.2f} {p95:>8.2f} {added:>16.2f} "
-            f"{add:>7.2f} ({add - base_add:>+6.2f}) {dele:>7.2f} ({dele - base_del:>+6.2f})"
-        )
+        span = f"[{lo:.2f}, {hi:.2f}]"
+        print(f"{name:<12} {med:>10.2f} {p95:>8.2f} {added:>9.2f} {span:>15} {add:>+10.2f} {dele:>+10.2f}")
     print("CNI_COMMAND=VERSION, median of 30:")
     for k, v in starts.items():
         print(f"  {k:<40} {v:7.2f} ms")
