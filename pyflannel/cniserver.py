@@ -87,6 +87,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .backoff import Backoff
 from .log import setup_logging
 
 # The plugin's modules (~0.7 MB) are imported by the first request read, not with the agent: an agent that never
@@ -503,7 +504,7 @@ class CniServer:
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
 
     def _worker(self, listener: socket.socket) -> None:
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping.is_set():
             try:
                 conn, _ = listener.accept()
@@ -511,11 +512,11 @@ class CniServer:
                 if self._stopping.is_set():
                     return  # close() shut the listener down
                 # Out of descriptors, ...: the connection waits in the backlog.
+                delay = backoff.next()
                 log.warning("CNI server: accept failed, retrying in %.1fs: %s", delay, e)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
-            delay = 0.1
+            backoff.reset()
             try:
                 served = self._serve_one(conn)
             except Exception as e:  # never the agent's end, nor this worker's: this one client falls back

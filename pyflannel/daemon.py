@@ -29,6 +29,7 @@ from . import VERSION
 from .backend.base import Backend, BackendError, Entries, ExternalInterface, KernelView, kernel_view
 from .backend.entries import OwnedEntries, describe
 from .backend.registry import backend_class
+from .backoff import Backoff
 from .cniserver import serve_cni
 from .config import ConfigError, NetConfig, parse_ip
 from .flags import Options
@@ -335,7 +336,7 @@ class Agent:
         return external_interface(req, links, default_index, reach_index)
 
     async def _acquire(self, net: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while True:
             try:
                 return await self.store.acquire_lease(net, attrs, prev)
@@ -345,9 +346,9 @@ class Agent:
             except StoreError as e:
                 self.metrics.lease_operation("acquire", "error")
                 self.ready_reason = f"cannot acquire a lease: {e}"
+                delay = backoff.next()
                 log.warning("failed to acquire a lease, retrying in %.0fs: %s", delay, e)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
 
     async def _traffic_rules(self, net: NetConfig, own: Lease, prev: SubnetEnv | None) -> None:
         """ip-masq and forward rules. A failure leaves /readyz at 503 with the reason and is retried by the
@@ -482,7 +483,7 @@ class Agent:
             if own.expiration is None:
                 return  # a reservation or a store without TTLs: nothing to renew
             await asyncio.sleep(max(own.expiration - margin - time.time(), 1.0))
-            delay = 1.0
+            backoff = Backoff(1.0, 30.0)
             while True:
                 try:
                     self.own = await self.store.renew_lease(own)
@@ -494,9 +495,9 @@ class Agent:
                     raise
                 except StoreError as e:
                     self.metrics.lease_operation("renew", "error")
+                    delay = backoff.next()
                     log.warning("failed to renew lease %s, retrying in %.0fs: %s", own.key, delay, e)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30)
 
     async def _reconcile(self) -> bool:
         """One full pass; whether the backend's part succeeded."""

@@ -40,6 +40,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..backoff import Backoff
 from ..config import NetConfig
 from ..lease import Lease
 from ..netlink import IPNetwork, Netlink, NetlinkError
@@ -370,7 +371,7 @@ class IpsecBackend(Backend):
     async def run(self) -> None:
         """Supervise charon (restart it, and give it every key and connection, when it exits) and restore the
         policies and charon's configuration, which announce no change."""
-        pause = RESTART_PAUSE_MIN
+        restarts = Backoff(RESTART_PAUSE_MIN, RESTART_PAUSE_MAX)
         while True:
             c = self._charon
             exited = False
@@ -386,10 +387,9 @@ class IpsecBackend(Backend):
             if exited:
                 # A charon that dies again right after each restart is restarted with growing pauses.
                 log.warning("ipsec: charon (pid %d) has exited; restarting it", c.pid if c else 0)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, RESTART_PAUSE_MAX)
+                await asyncio.sleep(restarts.next())
             else:
-                pause = RESTART_PAUSE_MIN
+                restarts.reset()
             await self._check()
 
     async def _check(self) -> None:

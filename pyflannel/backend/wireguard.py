@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
 
+from ..backoff import Backoff
 from ..config import ConfigError, NetConfig, ci_get, read_config_file
 from ..lease import Lease
 from ..netlink import (
@@ -630,7 +631,7 @@ class WireguardBackend(Backend):
     async def run(self) -> None:
         """Supervise wireguard-go (restart it with every peer when it dies) and restore WireGuard settings changed
         by hand, which the kernel does not announce."""
-        pause = RESTART_PAUSE_MIN
+        restarts = Backoff(RESTART_PAUSE_MIN, RESTART_PAUSE_MAX)
         while True:
             waits = [
                 asyncio.ensure_future(d.wg.wait_exit()) for d in self.devs if d.impl == "userspace" and d.wg is not None
@@ -648,10 +649,9 @@ class WireguardBackend(Backend):
             if exited:
                 # A wireguard-go that dies again right after each restart (a cause that persists) is restarted
                 # with growing pauses, never in a tight loop.
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, RESTART_PAUSE_MAX)
+                await asyncio.sleep(restarts.next())
             else:
-                pause = RESTART_PAUSE_MIN
+                restarts.reset()
             await self._check()
 
     async def _check(self) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from ..backoff import Backoff
 from ..config import ConfigError, NetConfig, parse_net_config, read_config_file
 from ..lease import (
     EventType,
@@ -137,22 +138,6 @@ def _read(path: str | None, what: str) -> bytes | None:
         return read_config_file(path, f"etcd {what}")
     except ConfigError as e:
         raise StoreError(str(e)) from None
-
-
-class _Backoff:
-    def __init__(self, first: float, cap: float) -> None:
-        self.first = first
-        self.cap = cap
-        self.cur = first
-
-    def next(self) -> float:
-        d = self.cur
-        self.cur = min(self.cur * 2, self.cap)
-        # A little jitter keeps a cluster of nodes from hammering a restarted etcd in lockstep.
-        return d * random.uniform(0.9, 1.1)
-
-    def reset(self) -> None:
-        self.cur = self.first
 
 
 @dataclass(frozen=True)
@@ -357,7 +342,7 @@ class EtcdStore(Store):
     # --- config -------------------------------------------------------------------------------------
 
     async def get_network_config(self) -> NetConfig:
-        backoff = _Backoff(1.0, self._opts.max_backoff)
+        backoff = Backoff(1.0, self._opts.max_backoff, jitter=0.1)
         absent = 0
         while True:
             try:
@@ -469,7 +454,7 @@ class EtcdStore(Store):
     # --- leases -------------------------------------------------------------------------------------
 
     async def acquire_lease(self, cfg: NetConfig, attrs: LeaseAttrs, prev: SubnetEnv | None) -> Lease:
-        backoff = _Backoff(1.0, self._opts.max_backoff)
+        backoff = Backoff(1.0, self._opts.max_backoff, jitter=0.1)
         races = 0
         while True:
             try:
@@ -643,7 +628,7 @@ class EtcdStore(Store):
     # --- watch -------------------------------------------------------------------------------------
 
     async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
-        backoff = _Backoff(0.5, self._opts.max_backoff)
+        backoff = Backoff(0.5, self._opts.max_backoff, jitter=0.1)
         listing, self._listing = self._listing, None
         while True:
             if listing is not None:
@@ -666,7 +651,7 @@ class EtcdStore(Store):
                     yield update
 
     async def _stream(
-        self, start: int, known: dict[str, Lease], backoff: _Backoff
+        self, start: int, known: dict[str, Lease], backoff: Backoff
     ) -> AsyncGenerator[list[LeaseEvent], None]:
         """Follow one watch stream until it breaks, is cancelled or its member goes silent; the caller then
         re-lists.

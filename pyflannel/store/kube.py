@@ -27,6 +27,7 @@ from datetime import UTC
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from ..backoff import Backoff
 from ..config import ConfigError, NetConfig, loads_json, parse_cidr, parse_ip, parse_net_config, read_config_file
 from ..lease import EventType, Lease, LeaseAttrs, LeaseEvent, LeaseSnapshot, WatchUpdate
 from ..subnetenv import SubnetEnv
@@ -328,22 +329,27 @@ class KubeStore(Store):
         return await self._call(f"node {self.node_name}", self._kube().get(self._node_path()))
 
     async def _patch_status(self, body: dict[str, Any], what: str) -> dict[str, Any]:
-        delay = self.opts.retry_delay
+        backoff = self._backoff()
         for attempt in range(1, self.opts.patch_attempts + 1):
+            err: Exception
             try:
                 return await self._call(what, self._kube().patch(self._node_path("/status"), body, STRATEGIC))
             except _ApiError as e:
                 # 4xx other than conflicts and throttling will not get better by retrying.
                 if (e.status < 500 and e.status not in (409, 429)) or attempt == self.opts.patch_attempts:
                     raise
-                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, e)
+                err = e
             except StoreError as e:
                 if attempt == self.opts.patch_attempts:
                     raise
-                log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, e)
+                err = e
+            delay = backoff.next()
+            log.warning("%s failed (attempt %d), retrying in %.1fs: %s", what, attempt, delay, err)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.opts.retry_delay * 16)
         raise AssertionError("unreachable")
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.opts.retry_delay, self.opts.retry_delay * 16)
 
     # --- Store ---------------------------------------------------------------------------------------
     async def get_network_config(self) -> NetConfig:
@@ -616,15 +622,15 @@ class KubeStore(Store):
     async def watch_leases(self) -> AsyncIterator[WatchUpdate]:
         await self.start()
         net = await self._network()
-        delay = self.opts.retry_delay
+        backoff = self._backoff()
         current: dict[str, Lease] = {}
         while True:
             try:
                 listing = await self._call("list nodes", self._kube().list("/api/v1/nodes"))
             except StoreError as e:
+                delay = backoff.next()
                 log.warning("listing nodes failed, retrying in %.1fs: %s", delay, e)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opts.retry_delay * 16)
                 continue
             meta = listing.get("metadata")
             rv = str(meta.get("resourceVersion", "")) if isinstance(meta, dict) else ""
@@ -636,7 +642,7 @@ class KubeStore(Store):
                         await self._reannotate()
                     async for batch, new_rv in self._watch_once(rv, current, net):
                         rv = new_rv
-                        delay = self.opts.retry_delay
+                        backoff.reset()
                         if batch:
                             yield batch
                         if self._reannotate_due:
@@ -648,11 +654,11 @@ class KubeStore(Store):
                 log.info("watch of nodes expired (%s): listing again", e)
                 self.observer.watch_restart("gone")
             except StoreError as e:
+                delay = backoff.next()
                 log.warning("watch of nodes lost, listing again in %.1fs: %s", delay, e)
                 self.observer.store_error()
                 self.observer.watch_restart("reconnect")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.opts.retry_delay * 16)
 
     async def _watch_once(
         self, rv: str, current: dict[str, Lease], net: NetConfig
