@@ -851,7 +851,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-key", default="", help="and this key")
     ap.add_argument("--client-ca", default="", help="accept client certificates this CA signed")
     ap.add_argument("--token", action="append", default=[], help="accept this bearer token (repeatable)")
+    # A file keeps the token off the command line (and a token starting with "-" from reading as an option).
+    ap.add_argument("--token-file", action="append", default=[], help="accept the token in this file (repeatable)")
     args = ap.parse_args(argv)
+    tokens = set(args.token)
+    for path in args.token_file:
+        with open(path, encoding="utf-8") as f:
+            tokens.add(f.read(4096).strip())
     host, _, port = args.listen.rpartition(":")
     fk = FakeKube(
         host.strip("[]"),
@@ -863,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         client_ca=args.client_ca,
-        tokens=set(args.token),
+        tokens=tokens,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -88,7 +88,7 @@ def start_api(scope: RunScope, ns: str, ip: str, st: LabState) -> int:
         ns,
         [sys.executable, "-m", "pyflannel.lab.fakekube", "--listen", f"{url_host(ip)}:{API_PORT}",
          "--unix", st.kube_sock, "--state", str(d / "objects.json"), "--tls-cert", str(d / "apiserver.crt"),
-         "--tls-key", str(d / "apiserver.key"), "--token", token.read_text().strip()],
+         "--tls-key", str(d / "apiserver.key"), "--token-file", str(token)],
         log=d / "apiserver.log",
     )  # fmt: skip
 
