@@ -535,35 +535,47 @@ def _fsync_path(fd: int) -> str:
 def test_add_syncs_the_stored_config_while_the_delegate_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stored config is made durable (file, then dataDir) while the delegate starts, and the delegate gets
-    its config only after both: held 0.3 s in each fsync, the fake delegate has started (its shell has opened
-    ADD.in) but has read nothing."""
+    """The stored config is made durable (the temporary file, the rename, then dataDir) while the delegate
+    starts, and the delegate gets its config only after both fsyncs: in each, the fake delegate has started
+    (its shell has opened ADD.in) but has read nothing."""
     bed = Bed(tmp_path)
     bed.write_env(IPV4_ENV)
-    seen: list[tuple[str, bytes | None]] = []
+    seen: list[tuple[str, bool, bytes | None]] = []
     real_fsync = plugin.posix.fsync
+    got = bed.fake / "ADD.in"
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
-        time.sleep(0.3)
-        got = bed.fake / "ADD.in"
-        seen.append((_fsync_path(fd), got.read_bytes() if got.exists() else None))
+        deadline = time.monotonic() + 10
+        while not got.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a delegate that had its config would have copied it by now
+        seen.append((_fsync_path(fd), bed.stored().exists(), got.read_bytes() if got.exists() else None))
 
     monkeypatch.setattr(plugin.posix, "fsync", fsync)
     rc, res, _ = bed.run("ADD", bed.conf())
     assert (rc, res["ips"][0]["address"]) == (0, "10.1.17.2/24")
-    assert seen == [(str(bed.stored()), b""), (str(bed.data_dir), b"")]
+    assert len(seen) == 2, seen
+    (tmp, stored_then, read_then), last = seen
+    assert os.path.dirname(tmp) == str(bed.data_dir) and os.path.basename(tmp).startswith(".tmp")
+    assert (stored_then, read_then) == (False, b"")  # renamed only once the data is on disk
+    assert last == (str(bed.data_dir), True, b"")
     assert bed.delegate_in("ADD") == EXPECTED_IPV4 == bed.stored().read_bytes()
 
 
 @pytest.mark.parametrize("delegate", ["bridge", "nosuch"])
-def test_add_sync_failure_stores_nothing_and_the_delegate_does_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delegate: str
+@pytest.mark.parametrize("earlier", [None, b'{"type":"bridge","name":"an earlier ADD"}'])
+def test_add_sync_failure_keeps_the_stored_file_and_the_delegate_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delegate: str, earlier: bytes | None
 ) -> None:
     """An fsync that fails (EIO) is ADD's error, before a missing delegate's; the delegate, started and given
-    nothing, is killed; nothing is stored and no temporary file is left."""
+    nothing, is killed; the stored file is as it was (none, or an earlier ADD's, which its DEL needs) and no
+    temporary file is left."""
     bed = Bed(tmp_path)
     bed.write_env(IPV4_ENV)
+    if earlier is not None:
+        bed.data_dir.mkdir(mode=0o700)
+        bed.stored().write_bytes(earlier)
 
     def fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
@@ -571,7 +583,9 @@ def test_add_sync_failure_stores_nothing_and_the_delegate_does_nothing(
     monkeypatch.setattr(plugin.posix, "fsync", fsync)
     rc, res, _ = bed.run("ADD", bed.conf(delegate={"type": delegate}))
     assert (rc, res["code"], res["msg"]) == (1, 999, f"sync {bed.stored()}: input/output error")
-    assert list(bed.data_dir.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in bed.data_dir.iterdir()} == (
+        {} if earlier is None else {"some-container-id": earlier}
+    )
     time.sleep(0.3)  # a delegate that had been given its config would have recorded the call by now
     assert bed.calls() == []
     assert not (bed.fake / "ADD.in").exists() or bed.delegate_in("ADD") == b""

@@ -262,10 +262,11 @@ def exec_plugin(
         try:
             before_input()
         except BaseException:
-            posix.close(win)
-            posix.close(rout)
+            # Killed before its stdin closes: it never reads an (empty) config and acts on it.
             posix.kill(pid, 9)  # SIGKILL; `signal` is an import the plugin does without
             posix.waitpid(pid, 0)
+            posix.close(win)
+            posix.close(rout)
             raise
     try:
         # Configs are a few KiB, far below the pipe buffer, and plugins read all of stdin before writing.
@@ -457,17 +458,17 @@ class ScratchError(CNIError):
 
 
 def save_scratch(data_dir: str, cid: str, data: bytes) -> "Callable[[], None]":
-    """Write `<dataDir>/<cid>` (0600 in a 0700 dir) and return what makes it durable (ScratchError when that
-    fails, and then nothing is stored).
+    """Write `<dataDir>/<cid>` (0600 in a 0700 dir) to a temporary file and return the rest, which makes it
+    the stored config, durably: fsync, rename over `<cid>`, fsync of the dir (ScratchError when that fails,
+    and then `<cid>` is as it was).
 
-    ADD runs that sync while the delegate starts and before it is given its config (exec_plugin's
-    before_input), so the delegate still creates nothing before its config is on disk, and the ~1 ms of two
-    fsyncs hides behind the delegate's start. A crash before the sync leaves nothing to undo: no file, or an
-    empty or partial one, which DEL removes. Through a temporary file and rename all the same, so that no
-    reader ever sees half a config. Its name starts with a dot, which no container ID does (so GC leaves it
-    alone), and stays short (a long ID still fits). Errors name the stored file, as upstream's (which writes
-    it in place) do. The pid and thread make the temporary name unique among concurrent calls (flanneld's CNI
-    server runs several in one process)."""
+    ADD runs the rest while the delegate starts and before it is given its config (exec_plugin's
+    before_input), so the delegate still creates nothing before its config is on disk, and the ~0.5 ms of the
+    two fsyncs hides behind the delegate's start. A crash leaves either the old `<cid>` (an earlier ADD's, which
+    its DEL needs) or the whole new one, never half a config. The temporary name starts with a dot, which no
+    container ID does (so GC leaves it alone), and stays short (a long ID still fits). Errors name the stored
+    file, as upstream's (which writes it in place) do. The pid and thread make the temporary name unique among
+    concurrent calls (flanneld's CNI server runs several in one process)."""
     _mkdir_all(data_dir, 0o700)
     path = _stored_path(data_dir, cid)
     tmp = _join(data_dir, f".tmp{posix.getpid()}.{_thread.get_ident()}")
@@ -481,30 +482,36 @@ def save_scratch(data_dir: str, cid: str, data: bytes) -> "Callable[[], None]":
                 view = view[posix.write(fd, view) :]
         finally:
             posix.close(fd)
-        op = "open"  # the rename is where upstream's open of the final name would fail (ENAMETOOLONG, ...)
-        posix.rename(tmp, path)
     except (OSError, ValueError) as e:
         _unlink_quiet(tmp)
         raise ScratchError(ERR_INTERNAL, _path_error(op, path, e)) from None
     done = False
 
-    def sync() -> None:
+    def store() -> None:
         nonlocal done
         if done:
             return
         done = True
+        op = "sync"
         try:
-            for p, flags in ((path, posix.O_RDONLY), (data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY)):
-                fd = posix.open(p, flags | posix.O_CLOEXEC)
-                try:
-                    posix.fsync(fd)
-                finally:
-                    posix.close(fd)
+            _fsync(tmp, posix.O_RDONLY)
+            op = "open"  # the rename is where upstream's open of the final name would fail (ENAMETOOLONG, ...)
+            posix.rename(tmp, path)
+            op = "sync"
+            _fsync(data_dir or ".", posix.O_RDONLY | posix.O_DIRECTORY)
         except (OSError, ValueError) as e:
-            _unlink_quiet(path)
-            raise ScratchError(ERR_INTERNAL, _path_error("sync", path, e)) from None
+            _unlink_quiet(tmp)
+            raise ScratchError(ERR_INTERNAL, _path_error(op, path, e)) from None
 
-    return sync
+    return store
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = posix.open(path, flags | posix.O_CLOEXEC)
+    try:
+        posix.fsync(fd)
+    finally:
+        posix.close(fd)
 
 
 def _unlink_quiet(path: str) -> None:
@@ -563,10 +570,10 @@ def cmd_add(c: Call, n: FlannelNetConf, version: str) -> None:
     fenv = _load_fenv(n, version, "loadFlannelSubnetEnv failed: ")
     d = build_delegate(n, fenv)
     data = delegate_bytes(d)
-    sync = save_scratch(n.data_dir, c.env["CNI_CONTAINERID"], data)
+    store = save_scratch(n.data_dir, c.env["CNI_CONTAINERID"], data)
     # A failed delegate ADD keeps the stored file: the runtime's following DEL needs it to clean up.
     try:
-        result = call_delegate(c, "ADD", d["type"], data, version, sync)
+        result = call_delegate(c, "ADD", d["type"], data, version, store)
     except CNIError as e:
         if isinstance(e, ScratchError) or getattr(e, "passed_on", False):
             raise

@@ -857,7 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = set(args.token)
     for path in args.token_file:
         with open(path, encoding="utf-8") as f:
-            tokens.add(f.read(4096).strip())
+            token = f.read(4096).strip()
+        if not token:
+            ap.error(f"--token-file {path}: the file holds no token")
+        tokens.add(token)
     host, _, port = args.listen.rpartition(":")
     fk = FakeKube(
         host.strip("[]"),
