@@ -26,7 +26,7 @@ interval; ADD and DEL added apart (paired the same way); also each executable's 
 `CNI_COMMAND=VERSION` (in the node namespace, where the server serves) and the interpreter's own floor.
 Paired, because the bridge's DEL alone spreads over ~16 ms (22-38 ms): the difference of two variants'
 medians then swings by several ms from run to run (a 90% interval of -0.4..5 ms at 150 iterations), while
-the pairs, taken ~0.3 s apart, share the drift and pin the added time to about a millisecond.
+the pairs, taken in the same iteration, share the drift: the interval narrows to about 2 ms.
 
 usage (root): python bench/bench_cni.py [--iterations 60] [--settle-ms 50] [--variants fast,flannel-py]
              [--json out.json]
@@ -64,8 +64,13 @@ posix._exit(posix.waitstatus_to_exitcode(posix.waitpid(pid, 0)[1]))
 """
 
 
+def paired_median(xs: list[float], base: list[float]) -> float:
+    """The median of xs[i] - base[i]: each variant against the bridge of the same iteration."""
+    return statistics.median(x - b for x, b in zip(xs, base, strict=True))
+
+
 def paired(xs: list[float], base: list[float], resamples: int = 2000) -> tuple[float, float, float]:
-    """The median of xs[i] - base[i] and its 90% bootstrap interval (fixed seed: a run reports the same)."""
+    """paired_median and its 90% bootstrap interval (fixed seed: a run reports the same)."""
     diffs = [x - b for x, b in zip(xs, base, strict=True)]
     rng = random.Random(0)
     meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
@@ -302,8 +307,8 @@ def outer(args: argparse.Namespace) -> int:
     for name, xs in sums.items():
         med, p95 = statistics.median(xs), pct(xs, 95)
         added, lo, hi = paired(xs, sums["bridge"])
-        add = paired(times[name]["ADD"], times["bridge"]["ADD"])[0]
-        dele = paired(times[name]["DEL"], times["bridge"]["DEL"])[0]
+        add = paired_median(times[name]["ADD"], times["bridge"]["ADD"])
+        dele = paired_median(times[name]["DEL"], times["bridge"]["DEL"])
         report["variants"][name] = {
             "median_ms": med, "p95_ms": p95, "added_median_ms": added, "added_90_ms": [lo, hi],
             "add_added_ms": add, "del_added_ms": dele,

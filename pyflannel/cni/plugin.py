@@ -485,13 +485,8 @@ def save_scratch(data_dir: str, cid: str, data: bytes) -> "Callable[[], None]":
     except (OSError, ValueError) as e:
         _unlink_quiet(tmp)
         raise ScratchError(ERR_INTERNAL, _path_error(op, path, e)) from None
-    done = False
 
-    def store() -> None:
-        nonlocal done
-        if done:
-            return
-        done = True
+    def store() -> None:  # run exactly once, by exec_plugin or call_delegate (before_input)
         op = "sync"
         try:
             _fsync(tmp, posix.O_RDONLY)
