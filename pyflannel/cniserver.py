@@ -644,6 +644,9 @@ class CniServer:
         if self._views is not None and not late:  # a late call may still need the way back
             self._views.close()
             self._views = None
+        with self._lock:
+            served, refused = self.served, self.refused
+        log.info("CNI server: stopped; served %d calls, refused %d", served, refused)
 
 
 async def serve_cni(path: str) -> None:

@@ -532,15 +532,20 @@ def _fsync_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
+@pytest.mark.parametrize("earlier", [None, b'{"type":"bridge","name":"an earlier ADD"}'])
 def test_add_syncs_the_stored_config_while_the_delegate_waits_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, earlier: bytes | None
 ) -> None:
-    """The stored config is made durable (the temporary file, the rename, then dataDir) while the delegate
-    starts, and the delegate gets its config only after both fsyncs: in each, the fake delegate has started
-    (its shell has opened ADD.in) but has read nothing."""
+    """The stored config is made durable while the delegate starts, and the delegate gets its config only
+    after every fsync: in each, the fake delegate has started (its shell has opened ADD.in) but has read
+    nothing. A new container's file is written in place and synced once; over an earlier ADD's file, a
+    temporary file is synced, renamed over it, then dataDir is synced."""
     bed = Bed(tmp_path)
     bed.write_env(IPV4_ENV)
-    seen: list[tuple[str, bool, bytes | None]] = []
+    if earlier is not None:
+        bed.data_dir.mkdir(mode=0o700)
+        bed.stored().write_bytes(earlier)
+    seen: list[tuple[str, bytes | None, bytes | None]] = []
     real_fsync = plugin.posix.fsync
     got = bed.fake / "ADD.in"
 
@@ -550,17 +555,50 @@ def test_add_syncs_the_stored_config_while_the_delegate_waits_for_it(
         while not got.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # a delegate that had its config would have copied it by now
-        seen.append((_fsync_path(fd), bed.stored().exists(), got.read_bytes() if got.exists() else None))
+        stored = bed.stored().read_bytes() if bed.stored().exists() else None
+        seen.append((_fsync_path(fd), stored, got.read_bytes() if got.exists() else None))
 
     monkeypatch.setattr(plugin.posix, "fsync", fsync)
     rc, res, _ = bed.run("ADD", bed.conf())
     assert (rc, res["ips"][0]["address"]) == (0, "10.1.17.2/24")
-    assert len(seen) == 2, seen
-    (tmp, stored_then, read_then), last = seen
-    assert os.path.dirname(tmp) == str(bed.data_dir) and os.path.basename(tmp).startswith(".tmp")
-    assert (stored_then, read_then) == (False, b"")  # renamed only once the data is on disk
-    assert last == (str(bed.data_dir), True, b"")
+    if earlier is None:
+        assert seen == [(str(bed.stored()), EXPECTED_IPV4, b"")]
+    else:
+        assert len(seen) == 2, seen
+        (tmp, stored_then, read_then), last = seen
+        assert os.path.dirname(tmp) == str(bed.data_dir) and os.path.basename(tmp).startswith(".tmp")
+        assert (stored_then, read_then) == (earlier, b"")  # renamed only once the data is on disk
+        assert last == (str(bed.data_dir), EXPECTED_IPV4, b"")
     assert bed.delegate_in("ADD") == EXPECTED_IPV4 == bed.stored().read_bytes()
+    assert [p.name for p in bed.data_dir.iterdir()] == [bed.stored().name]
+
+
+@pytest.mark.parametrize("earlier", [None, b'{"type":"bridge","name":"an earlier ADD"}'])
+def test_add_write_failure_leaves_the_stored_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, earlier: bytes | None
+) -> None:
+    """A full disk while the config is written: ADD's error names the stored file, the delegate is never
+    run, and dataDir holds what it held (a new container's half-written file is removed)."""
+    bed = Bed(tmp_path)
+    bed.write_env(IPV4_ENV)
+    if earlier is not None:
+        bed.data_dir.mkdir(mode=0o700)
+        bed.stored().write_bytes(earlier)
+    real_write = plugin.posix.write
+
+    def write(fd: int, data: bytes) -> int:
+        if os.path.dirname(_fsync_path(fd)) == str(bed.data_dir):
+            real_write(fd, bytes(data[:3]))
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(plugin.posix, "write", write)
+    rc, res, _ = bed.run("ADD", bed.conf())
+    assert (rc, res["code"], res["msg"]) == (1, 999, f"write {bed.stored()}: no space left on device")
+    assert {p.name: p.read_bytes() for p in bed.data_dir.iterdir()} == (
+        {} if earlier is None else {"some-container-id": earlier}
+    )
+    assert bed.calls() == []
 
 
 @pytest.mark.parametrize("delegate", ["bridge", "nosuch"])

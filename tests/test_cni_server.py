@@ -335,8 +335,11 @@ def test_big_number_flag_is_per_thread() -> None:
 def test_stored_configs_written_at_once_from_two_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Thread A is held between writing its temporary file and renaming it while thread B writes and syncs
     another container's config in the same dataDir: with one temporary name per process, B would truncate A's
-    file and A would rename B's."""
+    file and A would rename B's. Both replace an earlier ADD's file (a new container's is written in place)."""
     data_dir = str(tmp_path / "data")
+    (tmp_path / "data").mkdir(mode=0o700)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).write_bytes(b"earlier")
     holder = threading.get_ident()
     b_done = threading.Event()
     real_rename = plugin.posix.rename
