@@ -233,11 +233,11 @@ def _measure(
     starts = {
         "flannel client, served": start_time(client, sock, VERSION_CALLS),
         "flannel client, served from a container": start_time(client, str(work / "ctr" / "cni.sock"), VERSION_CALLS),
-        "flannel client, no agent (falls back)": start_time(client, none, 30),
-        "flannel-py (standalone plugin)": start_time(launcher, none, 30),
+        "flannel client, no agent (falls back)": start_time(client, none, VERSION_CALLS),
+        "flannel-py (standalone plugin)": start_time(launcher, none, VERSION_CALLS),
     }
     if args.built:
-        starts["flannel-bin (standalone build)"] = start_time(Path(args.built), "", 30)
+        starts["flannel-bin (standalone build)"] = start_time(Path(args.built), "", VERSION_CALLS)
     return {"times": times, "leftover_ips": leftover, "delegate": delegate.decode(), "starts": starts,
             "expected_srv": 2 + VERSION_CALLS + 2 * args.iterations * len({"fast", "conflist"} & variants.keys()),
             "expected_ctr": 2 + VERSION_CALLS + 2 * args.iterations * ("container" in variants)}  # fmt: skip
@@ -320,7 +320,7 @@ def outer(args: argparse.Namespace) -> int:
         }  # fmt: skip
         span = f"[{lo:.2f}, {hi:.2f}]"
         print(f"{name:<12} {med:>10.2f} {p95:>8.2f} {added:>9.2f} {span:>15} {add:>+10.2f} {dele:>+10.2f}")
-    print("CNI_COMMAND=VERSION, median of 30:")
+    print(f"CNI_COMMAND=VERSION, median of {VERSION_CALLS}:")
     for k, v in starts.items():
         print(f"  {k:<40} {v:7.2f} ms")
     v = {k: x["added_median_ms"] for k, x in report["variants"].items()}

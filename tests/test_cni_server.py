@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -197,6 +198,21 @@ def test_requests_it_cannot_read_are_refused_with_a_reason(srv: ServerThread) ->
     assert parse_reply(exchange(path, version))[:2] == (0, 0)
     assert wait_for(lambda: own_fds() == fds_before, 5), (own_fds(), fds_before)
     assert wait_for(lambda: (srv.server.served, srv.server.refused) == (1, len(cases)), 5)
+
+
+def test_the_server_logs_its_counts_as_it_stops(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """bench/bench_cni.py counts the calls served (not fallen back) from this line."""
+    s = ServerThread(tmp_path / "run" / "cni.sock")
+    try:
+        path = Path(s.server.path)
+        for _ in range(3):
+            assert parse_reply(exchange(path, request_bytes({b"CNI_COMMAND": b"VERSION"}, b"")))[:2] == (0, 0)
+        assert parse_reply(exchange(path, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", (2,)))[0] == 1
+        assert wait_for(lambda: (s.server.served, s.server.refused) == (3, 1), 5)
+    finally:
+        with caplog.at_level(logging.INFO, logger="pyflannel.cniserver"):
+            s.stop()
+    assert "CNI server: stopped; served 3 calls, refused 1" in caplog.messages
 
 
 def test_a_client_that_goes_away_is_no_concern(srv: ServerThread) -> None:
